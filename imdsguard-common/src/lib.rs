@@ -1,0 +1,212 @@
+//! Wire types shared by the kernel programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so the byte layout is
+//! the same on both sides of the map boundary: flags are `u32`, never `bool`.
+#![no_std]
+
+/// Map names. The daemon pins each map under `<pin-dir>/maps/<name>`.
+pub mod map_names {
+    pub const ALLOWED: &str = "IMDSG_ALLOWED";
+    pub const PROTECTED: &str = "IMDSG_PROTECTED";
+    pub const PREFILTER: &str = "IMDSG_PREFILTER";
+    pub const CONFIG: &str = "IMDSG_CONFIG";
+    pub const COUNTERS: &str = "IMDSG_COUNTERS";
+    pub const EVENTS: &str = "IMDSG_EVENTS";
+}
+
+/// Bumped whenever a map's key or value layout changes. Pinned maps of
+/// another layout are refused instead of being reused with the wrong shape.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Capacity of the allowed-cgroup map. A node runs at most a few hundred pods;
+/// 65536 leaves room for 10,000-pod soak tests and per-container entries.
+pub const MAX_ALLOWED: u32 = 65_536;
+/// Capacity of the protected-destination trie.
+pub const MAX_PROTECTED: u32 = 1_024;
+/// Ring buffer size in bytes (power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// The prefilter holds one bit per top-16-bit address prefix, per family:
+/// 65536 bits = 1024 u64 words per family.
+pub const PREFILTER_WORDS_PER_FAMILY: u32 = 1024;
+pub const PREFILTER_WORDS: u32 = 2 * PREFILTER_WORDS_PER_FAMILY;
+/// Word offset of the IPv6 half of the prefilter.
+pub const PREFILTER_V6_OFFSET: u32 = PREFILTER_WORDS_PER_FAMILY;
+
+/// Index of a 16-bit address prefix (host byte order) in the prefilter:
+/// `(word index, bit)`. IPv4 uses the top 16 bits of the address, IPv6
+/// (non-IPv4-embedding) the top 16 bits of its first word.
+#[inline(always)]
+pub const fn prefilter_slot(is_v6: bool, hi16: u32) -> (u32, u64) {
+    let base = if is_v6 { PREFILTER_V6_OFFSET } else { 0 };
+    (base + ((hi16 & 0xffff) >> 6), 1u64 << (hi16 & 63))
+}
+
+/// How far the kernel walks up the cgroup tree looking for an allow entry.
+/// The daemon refuses allow entries whose levels span more than this.
+pub const MAX_LEVEL_SPAN: u32 = 32;
+
+/// Protocol bits in [`PortRange::proto_mask`].
+pub const PROTO_TCP: u16 = 1;
+pub const PROTO_UDP: u16 = 2;
+pub const PROTO_ANY: u16 = PROTO_TCP | PROTO_UDP;
+
+/// One protected port range on one destination prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    /// `PROTO_*` bits. Zero marks an unused slot.
+    pub proto_mask: u16,
+    /// First protected port, host byte order, inclusive.
+    pub lo: u16,
+    /// Last protected port, host byte order, inclusive.
+    pub hi: u16,
+    pub _pad: u16,
+}
+
+/// Number of port ranges one protected prefix can carry.
+pub const MAX_PORT_RANGES: usize = 8;
+
+/// Value of the protected-destination trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protected {
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+/// Key data of the protected-destination trie: an IPv6 address as four
+/// 32-bit words, each in network byte order (the layout of `user_ip6`).
+/// IPv4 prefixes are stored in their IPv4-mapped form (`::ffff:a.b.c.d`,
+/// prefix length + 96) so one lookup serves both families.
+pub type AddrKey = [u32; 4];
+
+/// Prefix length of a full address in the trie.
+pub const FULL_PREFIX: u32 = 128;
+/// Prefix length that the IPv4-mapped form adds in front of an IPv4 prefix.
+pub const V4_MAPPED_PREFIX: u32 = 96;
+
+/// Decision of an allow entry, and the global default.
+pub mod action {
+    /// Reach the destination, report nothing.
+    pub const ALLOW: u32 = 1;
+    /// Would be denied: allow it, but report it as an audit hit.
+    pub const AUDIT: u32 = 2;
+    /// Deny with EPERM and report it.
+    pub const ENFORCE: u32 = 3;
+}
+
+/// Value of the allowed-cgroup map (key: cgroup id, u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowEntry {
+    /// One of [`action`].
+    pub action: u32,
+    pub _pad: u32,
+}
+
+/// Single entry (index 0) of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Action for cgroups without an allow entry: `action::ENFORCE` or `action::AUDIT`.
+    pub default_action: u32,
+    /// Shallowest and deepest absolute cgroup level that holds an allow entry.
+    /// The kernel only walks these levels. `max_level < min_level` means "none".
+    pub min_level: u32,
+    pub max_level: u32,
+    /// Must equal [`LAYOUT_VERSION`]; zero means "not configured yet" and
+    /// makes the programs enforce (fail closed).
+    pub layout_version: u32,
+}
+
+/// Indices into the per-CPU counter array.
+pub mod counter {
+    /// Protected destination, allowed by an allow entry.
+    pub const ALLOWED: u32 = 0;
+    /// Protected destination, denied.
+    pub const DENIED: u32 = 1;
+    /// Protected destination, audit hit (allowed, reported).
+    pub const AUDITED: u32 = 2;
+    /// Events lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Hook that produced an event.
+pub mod hook {
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+}
+
+/// Verdict recorded in an event.
+pub mod verdict {
+    pub const DENIED: u32 = 1;
+    pub const AUDITED: u32 = 2;
+}
+
+/// How the destination was written by the caller, when it embeds IPv4.
+pub mod addr_form {
+    pub const PLAIN: u32 = 0;
+    /// `::ffff:a.b.c.d`
+    pub const V4_MAPPED: u32 = 1;
+    /// `::a.b.c.d`
+    pub const V4_COMPAT: u32 = 2;
+    /// `64:ff9b::a.b.c.d`
+    pub const NAT64: u32 = 3;
+}
+
+/// Ring-buffer record for every denial and audit hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the high half, pid (tid) in the low.
+    pub pid_tgid: u64,
+    /// Destination in the trie's form: IPv4 is IPv4-mapped. Network byte order.
+    pub addr: AddrKey,
+    pub comm: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u32,
+    /// `PROTO_TCP` or `PROTO_UDP` (or both when the socket type is neither).
+    pub proto: u32,
+    pub hook: u32,
+    pub verdict: u32,
+    pub addr_form: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are repr(C), contain only integers, and have no
+    // implicit padding (checked by the layout tests in the daemon).
+    unsafe impl aya::Pod for super::PortRange {}
+    unsafe impl aya::Pod for super::Protected {}
+    unsafe impl aya::Pod for super::AllowEntry {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PortRange>(), 8);
+        assert_eq!(size_of::<Protected>(), 8 * MAX_PORT_RANGES);
+        assert_eq!(size_of::<AllowEntry>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 6 * 4);
+    }
+
+    #[test]
+    fn prefilter_slots_split_families_and_words() {
+        assert_eq!(prefilter_slot(false, 0xa9fe), (0xa9fe >> 6, 1 << (0xa9fe & 63)));
+        let (w6, _) = prefilter_slot(true, 0xa9fe);
+        assert_eq!(w6, PREFILTER_V6_OFFSET + (0xa9fe >> 6));
+        assert!(prefilter_slot(true, 0xffff).0 < PREFILTER_WORDS);
+    }
+}

@@ -1,0 +1,90 @@
+//! Command-line interface. The standalone flags are a stable interface:
+//! systemd units and external acceptance checks drive them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{enforcer::Mode, pins::DEFAULT_PIN_DIR, telemetry::LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "imdsguard", version, about = "Keeps pods away from the cloud metadata service with cgroup eBPF hooks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `imdsguard=debug` (RUST_LOG overrides it).
+    #[arg(long, global = true, env = "IMDSGUARD_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach (or re-adopt) enforcement and run in the foreground, logging decisions.
+    Run(RunArgs),
+    /// Show what is attached, protected and allowed, from the pins.
+    Status(StatusArgs),
+    /// Detach every program and remove all pins.
+    Uninstall(UninstallArgs),
+    /// Print the built-in protected destinations.
+    Destinations,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory to attach to; every process below it is judged.
+    /// On a node, the kubepods cgroup.
+    #[arg(long)]
+    pub cgroup_root: PathBuf,
+    /// cgroup whose processes (and descendants) may reach protected destinations.
+    #[arg(long = "allow-cgroup", value_name = "PATH")]
+    pub allow_cgroup: Vec<PathBuf>,
+    /// cgroup whose processes are allowed but reported (per-entry audit).
+    #[arg(long = "audit-cgroup", value_name = "PATH")]
+    pub audit_cgroup: Vec<PathBuf>,
+    /// cgroup that is enforced even when the global mode is audit.
+    #[arg(long = "enforce-cgroup", value_name = "PATH")]
+    pub enforce_cgroup: Vec<PathBuf>,
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// What happens to cgroups without an entry.
+    #[arg(long, value_enum, default_value_t)]
+    pub mode: Mode,
+    /// Also enforce unconnected UDP sends (attaches sendmsg4/sendmsg6, which
+    /// makes every UDP send on the machine take the socket lock for a check).
+    #[arg(long)]
+    pub udp: bool,
+    /// Extra protected destination: `CIDR [tcp|udp|any] [ports=..] [except=..] [name=..]`.
+    #[arg(long = "protect", value_name = "SPEC")]
+    pub protect: Vec<String>,
+    /// Protect only the `--protect` destinations, not the built-in set.
+    #[arg(long)]
+    pub no_default_destinations: bool,
+    /// Seconds between checks that our links are still attached.
+    #[arg(long, default_value_t = 2)]
+    pub check_interval_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}

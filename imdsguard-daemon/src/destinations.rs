@@ -1,0 +1,442 @@
+//! Protected destinations: the default set, the `--protect` spec syntax, and
+//! compilation into the kernel's trie entries and prefilter bitmap.
+//!
+//! Spec syntax (one destination, whitespace-separated):
+//!
+//! ```text
+//! CIDR [tcp|udp|any] [ports=all|P|P-Q,...] [except=P|P-Q,...] [name=LABEL]
+//! 169.254.169.254/32 any except=53 name=aws-imds
+//! 168.63.129.16 tcp ports=80,32526 name=azure-wireserver
+//! ```
+//!
+//! A bare address means a single host; protocol defaults to `any` and ports
+//! to `all`.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use imdsguard_common::{
+    AddrKey, MAX_PORT_RANGES, PREFILTER_WORDS, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortRange,
+    Protected, V4_MAPPED_PREFIX, prefilter_slot,
+};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// An address prefix, normalised: host bits cleared, and IPv6 forms that
+/// embed IPv4 (mapped, compatible, NAT64) turned into the IPv4 prefix, the
+/// same way the kernel side judges them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn new(addr: IpAddr, len: u8) -> std::result::Result<Self, String> {
+        match addr {
+            IpAddr::V4(a) => {
+                if len > 32 {
+                    return Err(format!("prefix length {len} is longer than 32"));
+                }
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                Ok(Self { addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len })
+            }
+            IpAddr::V6(a) => {
+                if len > 128 {
+                    return Err(format!("prefix length {len} is longer than 128"));
+                }
+                let bits = u128::from(a);
+                let hi96 = bits >> 32;
+                let embedded = hi96 == 0xffff || hi96 == 0 || hi96 == 0x0064_ff9b_u128 << 64;
+                if embedded && len >= 96 && !(hi96 == 0 && bits <= 1) {
+                    return Self::new(IpAddr::V4(Ipv4Addr::from(bits as u32)), len - 96);
+                }
+                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                // The kernel judges IPv4-embedding forms as IPv4, so a shorter
+                // IPv6 prefix could never match them: say so instead.
+                let embedding = [0xffff_u128 << 32, 0, 0x0064_ff9b_u128 << 96];
+                if len < 96 && embedding.iter().any(|e| e & mask == bits & mask) {
+                    return Err(format!(
+                        "IPv6 prefix /{len} covers IPv4-mapped, -compatible or NAT64 addresses; protect the IPv4 prefix instead"
+                    ));
+                }
+                Ok(Self { addr: IpAddr::V6(Ipv6Addr::from(bits & mask)), len })
+            }
+        }
+    }
+
+    /// The trie key: the IPv6 (or IPv4-mapped) address as network-order
+    /// words, and the prefix length in that 128-bit space.
+    pub fn trie_key(&self) -> (u32, AddrKey) {
+        let (v6, len) = match self.addr {
+            IpAddr::V4(a) => (a.to_ipv6_mapped(), u32::from(self.len) + V4_MAPPED_PREFIX),
+            IpAddr::V6(a) => (a, u32::from(self.len)),
+        };
+        (len, words_of(&v6))
+    }
+
+    pub fn from_trie_key(len: u32, key: AddrKey) -> Self {
+        let v6 = addr_of_words(key);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if len >= V4_MAPPED_PREFIX => Self { addr: IpAddr::V4(v4), len: (len - V4_MAPPED_PREFIX) as u8 },
+            _ => Self { addr: IpAddr::V6(v6), len: len as u8 },
+        }
+    }
+}
+
+/// The kernel's `user_ip6` layout: four words, each in network byte order.
+pub fn words_of(a: &Ipv6Addr) -> AddrKey {
+    let o = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+pub fn addr_of_words(w: AddrKey) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.parse::<u8>().map_err(|_| format!("{l:?} is not a prefix length"))?,
+            None => max,
+        };
+        Self::new(addr, len)
+    }
+}
+
+/// A protected destination as configured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Destination {
+    pub name: String,
+    pub prefix: Prefix,
+    /// `PROTO_*` bits.
+    pub protocols: u16,
+    /// Protected port ranges (inclusive) before exceptions.
+    pub ports: Vec<(u16, u16)>,
+    /// Ports carved out of `ports`, e.g. DNS on 53.
+    pub except: Vec<(u16, u16)>,
+}
+
+fn parse_ports(list: &str) -> std::result::Result<Vec<(u16, u16)>, String> {
+    if list == "all" {
+        return Ok(vec![(0, u16::MAX)]);
+    }
+    list.split(',')
+        .map(|item| {
+            let p = |s: &str| s.parse::<u16>().map_err(|_| format!("{s:?} is not a port"));
+            let (lo, hi) = match item.split_once('-') {
+                Some((a, b)) => (p(a)?, p(b)?),
+                None => (p(item)?, p(item)?),
+            };
+            if lo > hi {
+                return Err(format!("port range {item:?} is backwards"));
+            }
+            Ok((lo, hi))
+        })
+        .collect()
+}
+
+impl FromStr for Destination {
+    type Err = Error;
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = |reason: String| Error::InvalidDestination { spec: spec.into(), reason };
+        let mut tokens = spec.split_whitespace();
+        let prefix: Prefix = tokens
+            .next()
+            .ok_or_else(|| bad("empty".into()))?
+            .parse()
+            .map_err(bad)?;
+        let mut d = Destination {
+            name: prefix.to_string(),
+            prefix,
+            protocols: PROTO_ANY,
+            ports: vec![(0, u16::MAX)],
+            except: Vec::new(),
+        };
+        for t in tokens {
+            match t.split_once('=') {
+                None => {
+                    d.protocols = match t {
+                        "tcp" => PROTO_TCP,
+                        "udp" => PROTO_UDP,
+                        "any" => PROTO_ANY,
+                        other => return Err(bad(format!("unknown protocol {other:?} (tcp, udp or any)"))),
+                    }
+                }
+                Some(("ports", v)) => d.ports = parse_ports(v).map_err(bad)?,
+                Some(("except", v)) => d.except = parse_ports(v).map_err(bad)?,
+                Some(("name", v)) if !v.is_empty() => d.name = v.into(),
+                Some((k, _)) => return Err(bad(format!("unknown key {k:?} (ports, except, name)"))),
+            }
+        }
+        Ok(d)
+    }
+}
+
+impl Destination {
+    /// The protected ranges after removing the exceptions.
+    pub fn effective_ranges(&self) -> Vec<(u16, u16)> {
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ports {
+            let mut pieces = vec![(u32::from(lo), u32::from(hi))];
+            for &(elo, ehi) in &self.except {
+                let (elo, ehi) = (u32::from(elo), u32::from(ehi));
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(a, b)| {
+                        let mut keep = Vec::new();
+                        if ehi < a || elo > b {
+                            keep.push((a, b));
+                        } else {
+                            if a < elo {
+                                keep.push((a, elo - 1));
+                            }
+                            if ehi < b {
+                                keep.push((ehi + 1, b));
+                            }
+                        }
+                        keep
+                    })
+                    .collect();
+            }
+            out.extend(pieces.into_iter().map(|(a, b)| (a as u16, b as u16)));
+        }
+        out
+    }
+}
+
+/// The set that ships with imdsguard. Every entry covers TCP and UDP: no
+/// metadata service answers over UDP, but denying it costs nothing and UDP
+/// is only checked on sendmsg with `--udp` anyway. DNS (53) stays open where
+/// a resolver shares the address.
+pub fn defaults() -> Vec<Destination> {
+    [
+        "169.254.169.254/32 any except=53 name=aws-gcp-azure-oci-imds",
+        "fd00:ec2::254/128 any except=53 name=aws-imds-v6",
+        "169.254.170.2/32 any name=aws-ecs-task-metadata",
+        "169.254.170.23/32 any name=aws-eks-pod-identity",
+        "fd00:ec2::23/128 any name=aws-eks-pod-identity-v6",
+        "169.254.169.252/32 any name=gke-metadata-server",
+        "100.100.100.200/32 any name=alibaba-metadata",
+        "168.63.129.16/32 any ports=80,32526 name=azure-wireserver",
+        "fd00:c1::a9fe:a9fe/128 any name=oci-metadata-v6",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("built-in destination spec is valid"))
+    .collect()
+}
+
+/// What the kernel maps hold for a destination set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    /// Trie entries: (prefix length, key) → port ranges.
+    pub entries: BTreeMap<(u32, AddrKey), Protected>,
+    /// Prefilter words, `PREFILTER_WORDS` of them.
+    pub prefilter: Vec<u64>,
+}
+
+pub fn compile(destinations: &[Destination]) -> Result<Compiled> {
+    let mut by_prefix: BTreeMap<Prefix, Vec<PortRange>> = BTreeMap::new();
+    for d in destinations {
+        let ranges = by_prefix.entry(d.prefix).or_default();
+        for (lo, hi) in d.effective_ranges() {
+            ranges.push(PortRange { proto_mask: d.protocols, lo, hi, _pad: 0 });
+        }
+    }
+    let mut entries = BTreeMap::new();
+    let mut prefilter = vec![0u64; PREFILTER_WORDS as usize];
+    for (prefix, mut ranges) in by_prefix {
+        ranges.sort();
+        ranges.dedup();
+        if ranges.is_empty() {
+            // Every port excepted: nothing to protect, nothing to look up.
+            continue;
+        }
+        if ranges.len() > MAX_PORT_RANGES {
+            return Err(Error::TooManyPortRanges {
+                prefix: prefix.to_string(),
+                count: ranges.len(),
+                max: MAX_PORT_RANGES,
+            });
+        }
+        let mut value = Protected::default();
+        value.ranges[..ranges.len()].copy_from_slice(&ranges);
+        entries.insert(prefix.trie_key(), value);
+        set_prefilter_bits(&mut prefilter, &prefix);
+    }
+    if entries.len() > imdsguard_common::MAX_PROTECTED as usize {
+        return Err(Error::MapFull {
+            what: "protected prefixes",
+            count: entries.len(),
+            max: imdsguard_common::MAX_PROTECTED,
+        });
+    }
+    Ok(Compiled { entries, prefilter })
+}
+
+/// Sets the bit of every top-16-bit value the prefix covers.
+fn set_prefilter_bits(words: &mut [u64], prefix: &Prefix) {
+    let (is_v6, hi16) = match prefix.addr {
+        IpAddr::V4(a) => (false, u32::from(a) >> 16),
+        IpAddr::V6(a) => (true, (u128::from(a) >> 112) as u32),
+    };
+    let span = if prefix.len >= 16 { 1 } else { 1u32 << (16 - prefix.len) };
+    for v in hi16..hi16 + span {
+        let (w, bit) = prefilter_slot(is_v6, v);
+        words[w as usize] |= bit;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Destination {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bare_address_is_a_host_with_all_ports_and_protocols() {
+        let x = d("169.254.169.254");
+        assert_eq!(x.prefix.to_string(), "169.254.169.254/32");
+        assert_eq!(x.protocols, PROTO_ANY);
+        assert_eq!(x.effective_ranges(), vec![(0, 65535)]);
+    }
+
+    #[test]
+    fn except_splits_the_range() {
+        let x = d("169.254.169.254/32 tcp except=53");
+        assert_eq!(x.effective_ranges(), vec![(0, 52), (54, 65535)]);
+        let y = d("10.0.0.1 ports=80-90 except=80,85-86,90");
+        assert_eq!(y.effective_ranges(), vec![(81, 84), (87, 89)]);
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        for (spec, needle) in [
+            ("", "empty"),
+            ("not-an-ip", "not an IP address"),
+            ("10.0.0.0/33", "longer than 32"),
+            ("10.0.0.1 sctp", "unknown protocol"),
+            ("10.0.0.1 ports=90-80", "backwards"),
+            ("10.0.0.1 ports=http", "not a port"),
+            ("10.0.0.1 colour=red", "unknown key"),
+            ("::/0", "covers IPv4-mapped"),
+            ("64:ff9b::/64", "covers IPv4-mapped"),
+        ] {
+            let err = spec.parse::<Destination>().unwrap_err().to_string();
+            assert!(err.contains(needle), "{spec:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_of_ipv4_normalise_to_ipv4() {
+        for s in ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "::a9fe:a9fe"] {
+            assert_eq!(d(s).prefix, d("169.254.169.254").prefix, "{s}");
+        }
+        // :: and ::1 are not IPv4-compatible addresses.
+        assert!(d("::1").prefix.addr.is_ipv6());
+    }
+
+    #[test]
+    fn host_bits_are_cleared() {
+        assert_eq!(d("169.254.169.254/16").prefix.to_string(), "169.254.0.0/16");
+        assert_eq!(d("fd00:ec2::254/32").prefix.to_string(), "fd00:ec2::/32");
+    }
+
+    #[test]
+    fn trie_keys_round_trip() {
+        for s in ["169.254.169.254/32", "fd00:ec2::254/128", "10.0.0.0/8"] {
+            let p = d(s).prefix;
+            let (len, key) = p.trie_key();
+            assert_eq!(Prefix::from_trie_key(len, key), p);
+        }
+        let (len, key) = d("169.254.169.254").prefix.trie_key();
+        assert_eq!(len, 128);
+        assert_eq!(addr_of_words(key), "::ffff:169.254.169.254".parse::<Ipv6Addr>().unwrap());
+    }
+
+    #[test]
+    fn defaults_keep_dns_and_ntp_open() {
+        let c = compile(&defaults()).unwrap();
+        let covered = |addr: &str, proto: u16, port: u16| {
+            let (len, key) = d(addr).prefix.trie_key();
+            assert_eq!(len, 128);
+            c.entries.get(&(len, key)).is_some_and(|p| {
+                p.ranges.iter().any(|r| r.proto_mask & proto != 0 && r.lo <= port && port <= r.hi)
+            })
+        };
+        assert!(covered("169.254.169.254", PROTO_TCP, 80));
+        assert!(covered("fd00:ec2::254", PROTO_TCP, 80));
+        assert!(covered("168.63.129.16", PROTO_TCP, 80));
+        assert!(covered("168.63.129.16", PROTO_TCP, 32526));
+        for (addr, port) in [
+            ("169.254.169.254", 53),
+            ("169.254.169.253", 53),
+            ("168.63.129.16", 53),
+            ("169.254.20.10", 53),
+            ("169.254.169.123", 123),
+            ("fd00:ec2::123", 123),
+        ] {
+            assert!(!covered(addr, PROTO_UDP, port), "{addr}:{port}/udp");
+            assert!(!covered(addr, PROTO_TCP, port), "{addr}:{port}/tcp");
+        }
+        assert!(!covered("168.63.129.16", PROTO_TCP, 443));
+    }
+
+    #[test]
+    fn same_prefix_merges_ranges() {
+        let c = compile(&[d("10.1.2.3 tcp ports=80"), d("10.1.2.3 udp ports=53")]).unwrap();
+        assert_eq!(c.entries.len(), 1);
+        let v = c.entries.values().next().unwrap();
+        assert_eq!(v.ranges.iter().filter(|r| r.proto_mask != 0).count(), 2);
+    }
+
+    #[test]
+    fn too_many_ranges_is_an_error() {
+        let spec = "10.1.2.3 ports=1,3,5,7,9,11,13,15,17";
+        assert!(matches!(compile(&[d(spec)]), Err(Error::TooManyPortRanges { count: 9, .. })));
+    }
+
+    #[test]
+    fn prefilter_marks_exactly_the_covered_slices() {
+        let c = compile(&[d("169.254.169.254")]).unwrap();
+        let ones: u32 = c.prefilter.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(ones, 1);
+        let (w, bit) = prefilter_slot(false, 0xa9fe);
+        assert_ne!(c.prefilter[w as usize] & bit, 0);
+        let wide = compile(&[d("10.0.0.0/8")]).unwrap();
+        assert_eq!(wide.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(), 256);
+        let v6 = compile(&[d("fd00:ec2::254")]).unwrap();
+        let (w, bit) = prefilter_slot(true, 0xfd00);
+        assert_ne!(v6.prefilter[w as usize] & bit, 0);
+        let all_v4 = compile(&[d("0.0.0.0/0")]).unwrap();
+        assert_eq!(all_v4.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(), 65536);
+    }
+}

@@ -1,0 +1,234 @@
+//! Decision events from the kernel: decoding, and logging that stays
+//! readable under a flood.
+//!
+//! The first event of each (cgroup, destination, verdict) in a window is
+//! logged at once; repeats are counted and summarised when the window
+//! closes. Memory is bounded by `MAX_KEYS`; past it, repeats are counted in
+//! one overflow bucket.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, hook, verdict};
+use serde::Serialize;
+
+use crate::destinations::addr_of_words;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Denied,
+    Audited,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Denied => "denied",
+            Verdict::Audited => "audited",
+        })
+    }
+}
+
+/// A decoded ring-buffer event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub destination: SocketAddr,
+    pub protocol: &'static str,
+    pub hook: &'static str,
+    pub verdict: Verdict,
+    /// How the caller wrote an IPv4 destination on an IPv6 socket, if it did.
+    pub address_form: &'static str,
+}
+
+impl Decision {
+    /// Decodes one ring-buffer record; None for a record of the wrong size
+    /// or with values this build does not know.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: Event is repr(C) plain integers; any bit pattern is valid,
+        // and read_unaligned copes with the ring buffer's 8-byte alignment.
+        let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let v6 = addr_of_words(e.addr);
+        let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+        let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+        Some(Self {
+            cgroup_id: e.cgroup_id,
+            tgid: (e.pid_tgid >> 32) as u32,
+            pid: e.pid_tgid as u32,
+            comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            destination: SocketAddr::new(ip, e.port as u16),
+            protocol: match e.proto as u16 {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                _ => "other",
+            },
+            hook: match e.hook {
+                hook::CONNECT4 => "connect4",
+                hook::CONNECT6 => "connect6",
+                hook::SENDMSG4 => "sendmsg4",
+                hook::SENDMSG6 => "sendmsg6",
+                _ => return None,
+            },
+            verdict: match e.verdict {
+                verdict::DENIED => Verdict::Denied,
+                verdict::AUDITED => Verdict::Audited,
+                _ => return None,
+            },
+            address_form: match e.addr_form {
+                addr_form::PLAIN => "plain",
+                addr_form::V4_MAPPED => "ipv4-mapped",
+                addr_form::V4_COMPAT => "ipv4-compatible",
+                addr_form::NAT64 => "nat64",
+                _ => "unknown",
+            },
+        })
+    }
+}
+
+/// Rate limiter for decision logs.
+#[derive(Debug)]
+pub struct Summarizer {
+    window: Duration,
+    window_start: Instant,
+    repeats: HashMap<SummaryKey, u64>,
+    overflow: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SummaryKey {
+    pub cgroup_id: u64,
+    pub destination: SocketAddr,
+    pub verdict: Verdict,
+}
+
+/// A closed window's repeats for one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub key: Option<SummaryKey>,
+    pub suppressed: u64,
+}
+
+const MAX_KEYS: usize = 4096;
+
+impl Summarizer {
+    pub fn new(window: Duration, now: Instant) -> Self {
+        Self { window, window_start: now, repeats: HashMap::new(), overflow: 0 }
+    }
+
+    /// Whether to log this decision now (the first of its key in the window).
+    pub fn observe(&mut self, d: &Decision) -> bool {
+        let key = SummaryKey { cgroup_id: d.cgroup_id, destination: d.destination, verdict: d.verdict };
+        if let Some(n) = self.repeats.get_mut(&key) {
+            *n += 1;
+            return false;
+        }
+        if self.repeats.len() >= MAX_KEYS {
+            self.overflow += 1;
+            return false;
+        }
+        self.repeats.insert(key, 0);
+        true
+    }
+
+    /// Closes the window if it has elapsed and returns the suppressed counts.
+    pub fn flush(&mut self, now: Instant) -> Vec<Summary> {
+        if now.duration_since(self.window_start) < self.window {
+            return Vec::new();
+        }
+        self.window_start = now;
+        let mut out: Vec<Summary> = self
+            .repeats
+            .drain()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| Summary { key: Some(k), suppressed: n })
+            .collect();
+        if self.overflow > 0 {
+            out.push(Summary { key: None, suppressed: std::mem::take(&mut self.overflow) });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destinations::words_of;
+
+    fn event(port: u32) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            cgroup_id: 42,
+            pid_tgid: (7u64 << 32) | 8,
+            addr: words_of(&"169.254.169.254".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped()),
+            comm,
+            port,
+            proto: PROTO_TCP as u32,
+            hook: hook::CONNECT6,
+            verdict: verdict::DENIED,
+            addr_form: addr_form::V4_MAPPED,
+            _pad: 0,
+        }
+    }
+
+    fn bytes(e: &Event) -> Vec<u8> {
+        // SAFETY: Event is repr(C) plain data.
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_every_field() {
+        let d = Decision::decode(&bytes(&event(80))).unwrap();
+        assert_eq!(d.cgroup_id, 42);
+        assert_eq!((d.tgid, d.pid), (7, 8));
+        assert_eq!(d.comm, "curl");
+        assert_eq!(d.destination, "169.254.169.254:80".parse().unwrap());
+        assert_eq!((d.protocol, d.hook, d.verdict, d.address_form), ("tcp", "connect6", Verdict::Denied, "ipv4-mapped"));
+        assert!(Decision::decode(&bytes(&event(80))[..10]).is_none());
+    }
+
+    #[test]
+    fn repeats_are_summarised_per_window() {
+        let t0 = Instant::now();
+        let mut s = Summarizer::new(Duration::from_secs(10), t0);
+        let a = Decision::decode(&bytes(&event(80))).unwrap();
+        let b = Decision::decode(&bytes(&event(81))).unwrap();
+        assert!(s.observe(&a));
+        for _ in 0..1000 {
+            assert!(!s.observe(&a));
+        }
+        assert!(s.observe(&b));
+        assert!(s.flush(t0 + Duration::from_secs(1)).is_empty(), "window not over yet");
+        let out = s.flush(t0 + Duration::from_secs(10));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].suppressed, 1000);
+        // A new window logs the first event again.
+        assert!(s.observe(&a));
+    }
+
+    #[test]
+    fn distinct_keys_are_bounded() {
+        let t0 = Instant::now();
+        let mut s = Summarizer::new(Duration::from_secs(1), t0);
+        let mut logged = 0;
+        for port in 0..(MAX_KEYS as u32 + 100) {
+            if s.observe(&Decision::decode(&bytes(&event(port))).unwrap()) {
+                logged += 1;
+            }
+        }
+        assert_eq!(logged, MAX_KEYS);
+        let out = s.flush(t0 + Duration::from_secs(1));
+        assert_eq!(out, vec![Summary { key: None, suppressed: 100 }]);
+    }
+}

@@ -1,0 +1,44 @@
+use anyhow::Context as _;
+use clap::Parser as _;
+use imdsguard::{
+    cli::{Cli, Command, Output},
+    destinations, enforcer,
+    pins::PinLayout,
+    standalone, status, telemetry,
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, &cli.log_level).context("invalid --log-level")?;
+    match cli.command {
+        Command::Run(args) => standalone::run(args).await?,
+        Command::Status(args) => {
+            let s = status::read(&PinLayout::new(&args.pin_dir))?;
+            match args.output {
+                Output::Table => print!("{}", status::render(&s)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+            }
+        }
+        Command::Uninstall(args) => {
+            let report = enforcer::uninstall(&PinLayout::new(&args.pin_dir))?;
+            if report.links.is_empty() && report.maps.is_empty() {
+                println!("no imdsguard installation at {}", args.pin_dir.display());
+            } else {
+                println!(
+                    "detached {} and removed {} pinned maps from {}",
+                    if report.links.is_empty() { "nothing".to_string() } else { report.links.join(", ") },
+                    report.maps.len(),
+                    args.pin_dir.display()
+                );
+            }
+        }
+        Command::Destinations => {
+            for d in destinations::defaults() {
+                let ranges: Vec<String> = d.effective_ranges().iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                println!("{:<24} {:<26} ports {}", d.prefix.to_string(), d.name, ranges.join(","));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Where the installation lives on bpffs.
+//!
+//! ```text
+//! <pin-dir>/maps/IMDSG_*        every map (state survives the daemon)
+//! <pin-dir>/links/<hook>        one cgroup link per attached hook
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::sys::attach_type;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imdsguard";
+
+/// A sock_addr hook we attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6];
+
+    /// Program name in the object, and file name of its link pin.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
+            Hook::Sendmsg4 => "sendmsg4",
+            Hook::Sendmsg6 => "sendmsg6",
+        }
+    }
+
+    pub const fn attach_type(self) -> u32 {
+        match self {
+            Hook::Connect4 => attach_type::INET4_CONNECT,
+            Hook::Connect6 => attach_type::INET6_CONNECT,
+            Hook::Sendmsg4 => attach_type::UDP4_SENDMSG,
+            Hook::Sendmsg6 => attach_type::UDP6_SENDMSG,
+        }
+    }
+
+    /// The hooks attached for a configuration: connect always, sendmsg only
+    /// with UDP enforcement, because any attached sendmsg program makes
+    /// every UDP send on the machine take the socket lock for the check.
+    pub fn wanted(udp: bool) -> Vec<Hook> {
+        if udp {
+            Self::ALL.to_vec()
+        } else {
+            vec![Hook::Connect4, Hook::Connect6]
+        }
+    }
+
+    pub fn from_attach_type(t: u32) -> Option<Hook> {
+        Self::ALL.into_iter().find(|h| h.attach_type() == t)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    pub fn link(&self, hook: Hook) -> PathBuf {
+        self.links_dir().join(hook.name())
+    }
+    pub fn exists(&self) -> bool {
+        Path::new(&self.maps_dir()).is_dir()
+    }
+}

@@ -1,0 +1,215 @@
+//! `imdsguard status`: a read-only view of an installation, from its pins
+//! alone, so it works while no daemon runs.
+
+use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, action, map_names};
+use serde::Serialize;
+
+use crate::{
+    Error, Result,
+    cgroup::{paths_of_ids, primary_cgroup2_mount},
+    destinations::Prefix,
+    enforcer::{Counters, read_counters},
+    pins::{Hook, PinLayout},
+    sys,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    pub hook: &'static str,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub cgroup_id: u64,
+    pub cgroup: Option<PathBuf>,
+    /// Every program attached directly to that cgroup on this hook (ours
+    /// included). More than one of ours would be a leftover.
+    pub programs_on_hook: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProtectedStatus {
+    pub prefix: String,
+    pub ranges: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AllowedStatus {
+    pub cgroup_id: u64,
+    pub action: &'static str,
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub default_action: &'static str,
+    pub links: Vec<LinkStatus>,
+    pub protected: Vec<ProtectedStatus>,
+    pub allowed: Vec<AllowedStatus>,
+    pub counters: Counters,
+}
+
+fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(pins.map(name)).map_err(|source| Error::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+}
+
+pub fn action_name(a: u32) -> &'static str {
+    match a {
+        action::ALLOW => "allow",
+        action::AUDIT => "audit",
+        action::ENFORCE => "enforce",
+        _ => "unknown(enforce)",
+    }
+}
+
+fn proto_name(mask: u16) -> &'static str {
+    match mask {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "tcp+udp",
+    }
+}
+
+/// Reads the installation under `pins`.
+pub fn read(pins: &PinLayout) -> Result<Status> {
+    if !pins.exists() {
+        return Err(Error::NotInstalled { path: pins.dir.clone() });
+    }
+    let mut links = Vec::new();
+    for hook in Hook::ALL {
+        let pin = pins.link(hook);
+        if !pin.exists() {
+            continue;
+        }
+        let info = sys::link_info(sys::obj_get(&pin)?.as_fd())?;
+        links.push(LinkStatus {
+            hook: hook.name(),
+            link_id: info.id,
+            program_id: info.prog_id,
+            cgroup_id: info.cgroup_id,
+            cgroup: None,
+            programs_on_hook: Vec::new(),
+        });
+    }
+
+    let name = map_names::CONFIG;
+    let config: Config = Array::<_, Config>::try_from(open_pinned(pins, name)?)
+        .and_then(|a| a.get(&0, 0))
+        .map_err(|source| Error::Map { name, source })?;
+    let default_action = if config.layout_version == LAYOUT_VERSION {
+        action_name(config.default_action)
+    } else {
+        "unconfigured(enforce)"
+    };
+
+    let name = map_names::PROTECTED;
+    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(open_pinned(pins, name)?)
+        .map_err(|source| Error::Map { name, source })?;
+    let mut protected: Vec<(Prefix, ProtectedStatus)> = trie
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| {
+            let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
+            let ranges = v
+                .ranges
+                .iter()
+                .filter(|r| r.proto_mask != 0)
+                .map(|r| {
+                    let ports = if r.lo == r.hi { r.lo.to_string() } else { format!("{}-{}", r.lo, r.hi) };
+                    format!("{}:{ports}", proto_name(r.proto_mask))
+                })
+                .collect();
+            (prefix, ProtectedStatus { prefix: prefix.to_string(), ranges })
+        })
+        .collect();
+    protected.sort_by_key(|(p, _)| *p);
+
+    let name = map_names::ALLOWED;
+    let map = HashMap::<_, u64, AllowEntry>::try_from(open_pinned(pins, name)?)
+        .map_err(|source| Error::Map { name, source })?;
+    let mut allowed: Vec<AllowedStatus> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(id, e)| AllowedStatus { cgroup_id: id, action: action_name(e.action), cgroup: None })
+        .collect();
+    allowed.sort_by_key(|a| a.cgroup_id);
+
+    let counters = read_counters(&open_pinned(pins, map_names::COUNTERS)?)?;
+
+    // Resolve cgroup ids to paths in one walk of the hierarchy.
+    if let Ok(mount) = primary_cgroup2_mount() {
+        let ids: Vec<u64> = links.iter().map(|l| l.cgroup_id).chain(allowed.iter().map(|a| a.cgroup_id)).collect();
+        let paths = paths_of_ids(&mount.mount_point, &ids);
+        for l in &mut links {
+            l.cgroup = paths.get(&l.cgroup_id).cloned();
+            if let Some(dir) = &l.cgroup {
+                if let Ok(f) = fs::File::open(dir) {
+                    let attach = Hook::ALL.iter().find(|h| h.name() == l.hook).map(|h| h.attach_type());
+                    if let Some(t) = attach {
+                        l.programs_on_hook = sys::query_cgroup_programs(f.as_fd(), t).unwrap_or_default();
+                    }
+                }
+            }
+        }
+        for a in &mut allowed {
+            a.cgroup = paths.get(&a.cgroup_id).cloned();
+        }
+    }
+
+    Ok(Status {
+        pin_dir: pins.dir.clone(),
+        default_action,
+        links,
+        protected: protected.into_iter().map(|(_, s)| s).collect(),
+        allowed,
+        counters,
+    })
+}
+
+fn path_or_unknown(p: &Option<PathBuf>) -> String {
+    p.as_ref().map_or_else(|| "(not found)".into(), |p| p.display().to_string())
+}
+
+/// Human-readable rendering.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "imdsguard installation at {}", s.pin_dir.display());
+    let _ = writeln!(o, "default for cgroups without an entry: {}\n", s.default_action);
+    let _ = writeln!(o, "{:<10} {:>6} {:>6}  {:<9} CGROUP", "HOOK", "LINK", "PROG", "ON-HOOK");
+    if s.links.is_empty() {
+        let _ = writeln!(o, "(no program attached: NOT ENFORCING)");
+    }
+    for l in &s.links {
+        let _ = writeln!(
+            o,
+            "{:<10} {:>6} {:>6}  {:<9} {} (id {})",
+            l.hook,
+            l.link_id,
+            l.program_id,
+            l.programs_on_hook.len(),
+            path_or_unknown(&l.cgroup),
+            l.cgroup_id
+        );
+    }
+    let _ = writeln!(o, "\n{:<28} PROTECTED PORTS", "DESTINATION");
+    for p in &s.protected {
+        let _ = writeln!(o, "{:<28} {}", p.prefix, p.ranges.join(" "));
+    }
+    let _ = writeln!(o, "\n{:>12}  {:<8} CGROUP", "CGROUP-ID", "ACTION");
+    if s.allowed.is_empty() {
+        let _ = writeln!(o, "(no allow entries: every cgroup gets the default)");
+    }
+    for a in &s.allowed {
+        let _ = writeln!(o, "{:>12}  {:<8} {}", a.cgroup_id, a.action, path_or_unknown(&a.cgroup));
+    }
+    let c = &s.counters;
+    let _ = writeln!(
+        o,
+        "\ncounters: allowed={} denied={} audited={} events_dropped={}",
+        c.allowed, c.denied, c.audited, c.events_dropped
+    );
+    o
+}
