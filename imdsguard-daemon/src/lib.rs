@@ -13,6 +13,7 @@ pub mod ebpf_object;
 pub mod enforcer;
 pub mod error;
 pub mod events;
+pub mod k8s;
 pub mod pins;
 pub mod standalone;
 pub mod status;

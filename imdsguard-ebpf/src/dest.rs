@@ -65,9 +65,10 @@ pub fn inet6(ctx: &SockAddrContext, hook: u32) -> i32 {
     let (h0, h1, h2) = (u32::from_be(w0), u32::from_be(w1), u32::from_be(w2));
     let form = if h0 == 0 && h1 == 0 && h2 == V4_MAPPED_WORD2 {
         addr_form::V4_MAPPED
-    } else if h0 == 0 && h1 == 0 && h2 == 0 {
-        // Deprecated IPv4-compatible form `::a.b.c.d` (also `::` and `::1`,
-        // which map to 0.0.0.0/0.0.0.1 and are never protected).
+    } else if h0 == 0 && h1 == 0 && h2 == 0 && u32::from_be(w3) > 1 {
+        // Deprecated IPv4-compatible form `::a.b.c.d`. `::` and `::1` are
+        // IPv6's own unspecified and loopback addresses, not IPv4: the
+        // daemon's prefix normalisation draws the same line.
         addr_form::V4_COMPAT
     } else if h0 == NAT64_WORD0 && h1 == 0 && h2 == 0 {
         addr_form::NAT64

@@ -1,0 +1,39 @@
+//! A lab for testing imdsguard against the real kernel without touching the
+//! machine's network or its own cgroups.
+//!
+//! Safety rules it enforces:
+//! - every "pod" runs in a network namespace the lab created, holding only
+//!   `lo`; the fake metadata addresses live on that `lo`, and the lab checks
+//!   `ip route get` says `local` for each before any probe runs;
+//! - programs are only attached to cgroups the lab created;
+//! - everything is a Drop guard: processes, cgroups, the namespace and the
+//!   private bpffs mount go away even when a test panics.
+
+pub mod bpffs;
+pub mod cgroups;
+pub mod daemon;
+pub mod fake_imds;
+pub mod lab;
+pub mod netns;
+pub mod probe;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name unique to this process and call, for cgroups and mounts.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{}-{nanos:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Fails unless we are root: the lab needs CAP_SYS_ADMIN and CAP_BPF.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the imdsguard lab needs root (cgroups, network namespaces, bpf)");
+    }
+    Ok(())
+}

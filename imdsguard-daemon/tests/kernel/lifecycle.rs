@@ -1,0 +1,119 @@
+//! Enforcement outlives the daemon: SIGKILL, restart and re-adoption
+//! without a gap, counters under a flood, and the explicit uninstall.
+
+use std::time::Duration;
+
+use imdsguard_testlab::probe::{self, LoopReport};
+use libtest_mimic::Trial;
+use serde_json::Value;
+
+use crate::{support::*, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("enforcement_survives_sigkill", enforcement_survives_sigkill),
+        trial("restart_readopts_pins_without_a_gap", restart_readopts_pins_without_a_gap),
+        trial("a_denial_flood_is_counted_exactly", a_denial_flood_is_counted_exactly),
+        trial("uninstall_removes_everything", uninstall_removes_everything),
+    ]
+}
+
+fn enforcement_survives_sigkill() {
+    let lab = lab("sigkill");
+    let prod = lab.cgroup("prod").unwrap();
+    let test = lab.cgroup("test").unwrap();
+    let d = start(&lab, &flag("allow-cgroup", &prod));
+    d.kill();
+    assert_eperm(&lab, Some(&test), "http", "169.254.169.254:80");
+    assert_reached(&lab, Some(&prod), "http", "169.254.169.254:80");
+    assert_eq!(hooks(&status(&lab)), ["connect4", "connect6"]);
+}
+
+fn link_ids(st: &Value) -> Vec<(u64, u64, usize)> {
+    st["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["link_id"].as_u64().unwrap(),
+                l["program_id"].as_u64().unwrap(),
+                l["programs_on_hook"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+fn restart_readopts_pins_without_a_gap() {
+    let lab = lab("restart");
+    let prod = lab.cgroup("imds/prod").unwrap();
+    let test = lab.cgroup("imds/test").unwrap();
+    let late = lab.cgroup("imds/late").unwrap();
+    let a = start(&lab, &flag("allow-cgroup", &prod));
+    let before = link_ids(&status(&lab));
+
+    // Both pods hammer the metadata service while the daemon is killed and a
+    // new one (with one more allowed cgroup) re-adopts the pins.
+    let loop_ms = "4000";
+    let p = lab.spawn_probe(Some(&prod), &["tcp-loop", "169.254.169.254:80", loop_ms]).unwrap();
+    let t = lab.spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", loop_ms]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    a.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let _b = start(&lab, &args([&flag("allow-cgroup", &prod), &flag("allow-cgroup", &late)]));
+    let prod_loop: LoopReport = probe::wait(p, Duration::from_secs(20)).unwrap();
+    let test_loop: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
+    assert!(prod_loop.reached > 0 && prod_loop.eperm == 0, "allowed pod was denied during restart: {prod_loop:?}");
+    assert!(test_loop.eperm > 0 && test_loop.reached == 0, "denied pod got through during restart: {test_loop:?}");
+
+    let after = link_ids(&status(&lab));
+    assert_eq!(before.len(), 2);
+    for ((l0, p0, _), (l1, p1, on_hook)) in before.iter().zip(&after) {
+        assert_eq!(l0, l1, "the pinned link is re-adopted, not re-created");
+        assert_ne!(p0, p1, "the new program is swapped in with BPF_LINK_UPDATE");
+        assert_eq!(*on_hook, 1, "no leftover program on the hook");
+    }
+    assert_reached(&lab, Some(&late), "tcp", "169.254.169.254:80");
+}
+
+fn a_denial_flood_is_counted_exactly() {
+    let lab = lab("flood");
+    let test = lab.cgroup("test").unwrap();
+    // Nobody reads the ring buffer once the daemon is gone: it fills up, and
+    // every lost event must show in the drop counter.
+    start(&lab, &[]).kill();
+    let before = status(&lab);
+    let t = lab.spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", "1500"]).unwrap();
+    let flood: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
+    let after = status(&lab);
+    let denied = counter(&after, "denied") - counter(&before, "denied");
+    let dropped = counter(&after, "events_dropped") - counter(&before, "events_dropped");
+    assert_eq!(flood.reached, 0);
+    assert_eq!(denied, flood.eperm, "every EPERM is counted");
+    // 256 KiB of 72-byte records (+8-byte headers) hold 3276 events.
+    assert!(flood.eperm > 5_000, "flood too small to overflow: {flood:?}");
+    assert_eq!(dropped, denied - 3276, "drops = denials that did not fit the ring buffer");
+}
+
+fn uninstall_removes_everything() {
+    let lab = lab("uninstall");
+    let test = lab.cgroup("test").unwrap();
+    start(&lab, &[s("--udp")]).kill();
+    assert_eperm(&lab, Some(&test), "tcp", "169.254.169.254:80");
+    let out = imdsguard_testlab::daemon::command(bin(), &["uninstall", "--pin-dir", &lab.pin_dir().display().to_string()]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connect4, connect6, sendmsg4, sendmsg6"), "{text}");
+    assert!(!lab.pin_dir().exists(), "pin dir removed");
+    assert_reached(&lab, Some(&test), "tcp", "169.254.169.254:80");
+    assert_reached(&lab, Some(&test), "udp-sendto", "169.254.169.254:80");
+    // Nothing of ours is left on the cgroup.
+    let root = std::fs::File::open(lab.root().path()).unwrap();
+    for t in [10, 11, 14, 15] {
+        let progs = imdsguard::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&root), t).unwrap();
+        assert!(progs.is_empty(), "attach type {t} still has {progs:?}");
+    }
+    // A second uninstall is a no-op, not an error.
+    let again = imdsguard_testlab::daemon::command(bin(), &["uninstall", "--pin-dir", &lab.pin_dir().display().to_string()]).unwrap();
+    assert!(again.status.success());
+}

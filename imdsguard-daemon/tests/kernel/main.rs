@@ -1,0 +1,35 @@
+//! Root integration tests against the real kernel. Each test builds a lab
+//! (test cgroup root, isolated netns with a fake metadata service, private
+//! bpffs), runs the real `imdsguard` binary against it, and probes from
+//! processes placed in test cgroups. Nothing leaves the lab's namespace.
+
+mod support;
+
+mod enforcement;
+mod lifecycle;
+mod modes;
+mod refusals;
+
+use libtest_mimic::{Arguments, Trial};
+
+fn main() {
+    imdsguard_testlab::probe::run_if_probe();
+    let mut args = Arguments::from_args();
+    // The tests share the machine's cgroup hooks and are heavy on processes:
+    // run them one at a time.
+    args.test_threads = Some(1);
+    let mut trials = Vec::new();
+    trials.extend(enforcement::trials());
+    trials.extend(modes::trials());
+    trials.extend(lifecycle::trials());
+    trials.extend(refusals::trials());
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// Wraps a test body that panics on failure.
+pub fn trial(name: &'static str, body: fn()) -> Trial {
+    Trial::test(name, move || {
+        body();
+        Ok(())
+    })
+}

@@ -1,0 +1,84 @@
+//! Shared pieces of the kernel tests.
+
+use std::{path::Path, time::Duration};
+
+use imdsguard_testlab::{
+    cgroups::TestCgroup,
+    daemon::{self, Daemon},
+    lab::Lab,
+    probe::Outcome,
+};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_imdsguard");
+
+pub fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+pub fn lab(name: &str) -> Lab {
+    Lab::new(name).expect("build the lab (needs root, cgroup v2, iproute2)")
+}
+
+/// `run --cgroup-root <lab root> --pin-dir <lab pins>` plus `extra`.
+pub fn start(lab: &Lab, extra: &[String]) -> Daemon {
+    let mut args = vec![
+        "--cgroup-root".to_string(),
+        lab.root().path().display().to_string(),
+        "--pin-dir".to_string(),
+        lab.pin_dir().display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(bin(), &args).expect("start imdsguard")
+}
+
+pub fn flag(name: &str, cg: &TestCgroup) -> [String; 2] {
+    [format!("--{name}"), cg.path().display().to_string()]
+}
+
+pub fn args<const N: usize>(parts: [&[String]; N]) -> Vec<String> {
+    parts.concat()
+}
+
+pub fn s(x: &str) -> String {
+    x.to_string()
+}
+
+pub fn probe(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) -> Outcome {
+    lab.probe(cg, kind, target).unwrap_or_else(|e| panic!("probe {kind} {target}: {e:#}"))
+}
+
+#[track_caller]
+pub fn assert_reached(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) {
+    let o = probe(lab, cg, kind, target);
+    assert!(o.reached(), "{kind} {target} from {:?} should be reached, got {o:?}", cg.map(|c| c.path()));
+}
+
+#[track_caller]
+pub fn assert_eperm(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) {
+    let o = probe(lab, cg, kind, target);
+    assert!(o.eperm(), "{kind} {target} from {:?} should be denied with EPERM, got {o:?}", cg.map(|c| c.path()));
+}
+
+pub fn status(lab: &Lab) -> Value {
+    daemon::status(bin(), &lab.pin_dir()).expect("imdsguard status")
+}
+
+pub fn counter(status: &Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
+}
+
+/// Hook names with a pinned link.
+pub fn hooks(status: &Value) -> Vec<String> {
+    status["links"].as_array().expect("links").iter().map(|l| l["hook"].as_str().expect("hook").to_string()).collect()
+}
+
+/// Waits for a decision log line about `cgroup_id` and `destination`.
+pub fn wait_decision(d: &mut Daemon, cgroup_id: u64, destination: &str, verdict: &str) -> Value {
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["cgroup_id"].as_u64() == Some(cgroup_id)
+            && v["destination"].as_str() == Some(destination)
+            && v["verdict"].as_str() == Some(verdict)
+    })
+    .unwrap_or_else(|e| panic!("no {verdict} decision for cgroup {cgroup_id} -> {destination}: {e:#}"))
+}

@@ -1,0 +1,229 @@
+//! A fake metadata service inside a test network namespace.
+//!
+//! One thread enters the namespace, binds every listener, and serves them
+//! with poll(2): TCP listeners speak just enough IMDSv2 (token PUT, then
+//! GET meta-data/instance-id); UDP sockets echo. Requests are tiny and
+//! sequential, which is all the probes need.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::netns::NetNs;
+
+pub const INSTANCE_ID: &str = "i-0imdsguardlab0";
+const TOKEN: &str = "lab-token-AQAEA";
+
+/// What to listen on.
+#[derive(Clone, Debug, Default)]
+pub struct Listeners {
+    pub tcp: Vec<SocketAddr>,
+    pub udp: Vec<SocketAddr>,
+}
+
+pub struct FakeImds {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeImds {
+    pub fn start(ns: &NetNs, listeners: Listeners) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns_fd = ns.raw_fd();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let bound = (|| -> anyhow::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
+                // SAFETY: moves only this thread into the namespace; the fd
+                // outlives the thread because FakeImds joins it on drop and
+                // is dropped before the NetNs (Lab field order).
+                if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
+                    anyhow::bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                let tcp = listeners
+                    .tcp
+                    .iter()
+                    .map(|a| TcpListener::bind(a).with_context(|| format!("bind tcp {a}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let udp = listeners
+                    .udp
+                    .iter()
+                    .map(|a| UdpSocket::bind(a).with_context(|| format!("bind udp {a}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                for l in &tcp {
+                    l.set_nonblocking(true)?;
+                }
+                for u in &udp {
+                    u.set_nonblocking(true)?;
+                }
+                Ok((tcp, udp))
+            })();
+            match bound {
+                Ok((tcp, udp)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(&tcp, &udp, &stop2);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        ready_rx.recv().context("fake IMDS thread died")??;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for FakeImds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) {
+    let mut fds: Vec<libc::pollfd> = tcp
+        .iter()
+        .map(|l| l.as_raw_fd())
+        .chain(udp.iter().map(|u| u.as_raw_fd()))
+        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: fds is a valid array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+        if n <= 0 {
+            continue;
+        }
+        for (i, p) in fds.iter_mut().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            p.revents = 0;
+            if i < tcp.len() {
+                while let Ok((stream, _)) = tcp[i].accept() {
+                    handle_http(stream);
+                }
+            } else {
+                let sock = &udp[i - tcp.len()];
+                let mut buf = [0u8; 2048];
+                while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..len], from);
+                }
+            }
+        }
+    }
+}
+
+/// Minimal IMDSv2: `PUT /latest/api/token` returns a token;
+/// `GET /latest/meta-data/instance-id` with that token returns the id.
+fn handle_http(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 16 * 1024 {
+            break;
+        }
+    }
+    let req = String::from_utf8_lossy(&buf);
+    let first = req.lines().next().unwrap_or("");
+    let has_token = req.lines().any(|l| l.to_ascii_lowercase().starts_with("x-aws-ec2-metadata-token:") && l.contains(TOKEN));
+    let (status, body) = if first.starts_with("PUT /latest/api/token ") {
+        ("200 OK", TOKEN)
+    } else if first.starts_with("GET /latest/meta-data/instance-id ") {
+        if has_token { ("200 OK", INSTANCE_ID) } else { ("401 Unauthorized", "") }
+    } else {
+        ("200 OK", "fake-metadata")
+    };
+    let resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = stream.write_all(resp.as_bytes());
+}
+
+/// The addresses the lab puts on the namespace's `lo`.
+pub fn lab_addresses() -> Vec<IpAddr> {
+    [
+        "169.254.169.254",
+        "169.254.169.253",
+        "169.254.169.123",
+        "169.254.170.2",
+        "169.254.170.23",
+        "169.254.169.252",
+        "100.100.100.200",
+        "168.63.129.16",
+        "169.254.20.10",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+        "fd00:ec2::123",
+        "fd00:ec2::253",
+        "fd00:c1::a9fe:a9fe",
+        "64:ff9b::a9fe:a9fe",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("valid literal"))
+    .collect()
+}
+
+/// Listeners for every lab scenario: metadata ports, DNS and NTP
+/// neighbours, and unprotected loopback controls.
+pub fn lab_listeners() -> Listeners {
+    let s = |x: &str| -> SocketAddr { x.parse().expect("valid literal") };
+    Listeners {
+        tcp: [
+            "169.254.169.254:80",
+            "169.254.169.254:53",
+            "169.254.169.253:53",
+            "169.254.170.2:80",
+            "169.254.170.23:80",
+            "169.254.169.252:988",
+            "100.100.100.200:80",
+            "168.63.129.16:80",
+            "168.63.129.16:32526",
+            "168.63.129.16:53",
+            "168.63.129.16:443",
+            "169.254.20.10:53",
+            "127.0.0.1:8080",
+            "[fd00:ec2::254]:80",
+            "[fd00:ec2::254]:53",
+            "[fd00:ec2::23]:80",
+            "[fd00:c1::a9fe:a9fe]:80",
+            "[64:ff9b::a9fe:a9fe]:80",
+            "[::1]:8080",
+        ]
+        .iter()
+        .map(|x| s(x))
+        .collect(),
+        udp: [
+            "169.254.169.254:53",
+            "169.254.169.254:80",
+            "169.254.169.253:53",
+            "169.254.169.123:123",
+            "168.63.129.16:53",
+            "169.254.20.10:53",
+            "127.0.0.1:8080",
+            "[fd00:ec2::254]:53",
+            "[fd00:ec2::254]:80",
+            "[fd00:ec2::123]:123",
+            "[fd00:ec2::253]:53",
+            "[::1]:8080",
+        ]
+        .iter()
+        .map(|x| s(x))
+        .collect(),
+    }
+}
