@@ -24,7 +24,8 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .to_owned();
 
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
         std::fs::write(out.join("imdsguard-ebpf"), []).context("write stub object")?;

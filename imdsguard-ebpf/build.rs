@@ -6,6 +6,9 @@ fn main() {
     let bpf_linker = which("bpf-linker").expect(
         "bpf-linker not found: run `cargo xtask setup` (installs bpf-linker 0.10.0 and nightly rust-src)",
     );
-    println!("cargo:rerun-if-changed={}", bpf_linker.to_str().expect("utf-8 path"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        bpf_linker.to_str().expect("utf-8 path")
+    );
     aya_build::emit_bpf_target_arch_cfg().expect("emit bpf_target_arch cfg");
 }

@@ -204,7 +204,10 @@ mod tests {
 
     #[test]
     fn prefilter_slots_split_families_and_words() {
-        assert_eq!(prefilter_slot(false, 0xa9fe), (0xa9fe >> 6, 1 << (0xa9fe & 63)));
+        assert_eq!(
+            prefilter_slot(false, 0xa9fe),
+            (0xa9fe >> 6, 1 << (0xa9fe & 63))
+        );
         let (w6, _) = prefilter_slot(true, 0xa9fe);
         assert_eq!(w6, PREFILTER_V6_OFFSET + (0xa9fe >> 6));
         assert!(prefilter_slot(true, 0xffff).0 < PREFILTER_WORDS);

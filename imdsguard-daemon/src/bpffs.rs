@@ -18,7 +18,10 @@ pub fn ensure_on_bpffs(dir: &Path) -> Result<()> {
     if magic == BPF_FS_MAGIC {
         Ok(())
     } else {
-        Err(Error::NotBpffs { path: probe.into(), magic })
+        Err(Error::NotBpffs {
+            path: probe.into(),
+            magic,
+        })
     }
 }
 

@@ -53,7 +53,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -111,7 +114,10 @@ impl CgroupDir {
         };
         let magic = sys::statfs_magic(&canonical)?;
         if magic != CGROUP2_SUPER_MAGIC {
-            return Err(Error::NotCgroup2 { path: path.into(), magic });
+            return Err(Error::NotCgroup2 {
+                path: path.into(),
+                magic,
+            });
         }
         let meta = fs::metadata(&canonical).map_err(Error::io("stat", &canonical))?;
         let level = level_of(&canonical, &cgroup2_mounts()?)?;
@@ -139,7 +145,11 @@ pub fn level_of(path: &Path, mounts: &[Cgroup2Mount]) -> Result<u32> {
     let below = path
         .strip_prefix(&mount.mount_point)
         .expect("filtered on starts_with");
-    let count = |p: &Path| p.components().filter(|c| matches!(c, Component::Normal(_))).count();
+    let count = |p: &Path| {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .count()
+    };
     Ok((count(&mount.root) + count(below)) as u32)
 }
 
@@ -153,11 +163,15 @@ pub fn paths_of_ids(root: &Path, ids: &[u64]) -> std::collections::HashMap<u64, 
         if found.len() == ids.len() {
             break;
         }
-        let Ok(meta) = fs::metadata(&dir) else { continue };
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
         if ids.contains(&meta.ino()) {
             found.insert(meta.ino(), dir.clone());
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(entry.path());
@@ -200,7 +214,10 @@ mod tests {
         let mounts = parse_cgroup2_mounts(HYBRID);
         let p = Path::new("/sys/fs/cgroup/unified/kubepods.slice/kubepods-burstable.slice/pod");
         assert_eq!(level_of(p, &mounts).unwrap(), 3);
-        assert_eq!(level_of(Path::new("/sys/fs/cgroup/unified"), &mounts).unwrap(), 0);
+        assert_eq!(
+            level_of(Path::new("/sys/fs/cgroup/unified"), &mounts).unwrap(),
+            0
+        );
         assert!(level_of(Path::new("/tmp/x"), &mounts).is_err());
     }
 
@@ -209,7 +226,10 @@ mod tests {
         // A container whose cgroup namespace root is /kubepods/pod1/ctr.
         let text = "50 40 0:38 /kubepods/pod1/ctr /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         let mounts = parse_cgroup2_mounts(text);
-        assert_eq!(level_of(Path::new("/sys/fs/cgroup/child"), &mounts).unwrap(), 4);
+        assert_eq!(
+            level_of(Path::new("/sys/fs/cgroup/child"), &mounts).unwrap(),
+            4
+        );
     }
 
     #[test]
@@ -219,12 +239,18 @@ mod tests {
 2 1 0:1 /a/b /sys/fs/cgroup/x rw - cgroup2 cgroup2 rw
 ";
         let mounts = parse_cgroup2_mounts(text);
-        assert_eq!(level_of(Path::new("/sys/fs/cgroup/x/c"), &mounts).unwrap(), 3);
+        assert_eq!(
+            level_of(Path::new("/sys/fs/cgroup/x/c"), &mounts).unwrap(),
+            3
+        );
     }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
         let text = "1 0 0:1 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mounts(text)[0].mount_point, Path::new("/mnt/with space"));
+        assert_eq!(
+            parse_cgroup2_mounts(text)[0].mount_point,
+            Path::new("/mnt/with space")
+        );
     }
 }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{enforcer::Mode, pins::DEFAULT_PIN_DIR, telemetry::LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "imdsguard", version, about = "Keeps pods away from the cloud metadata service with cgroup eBPF hooks")]
+#[command(
+    name = "imdsguard",
+    version,
+    about = "Keeps pods away from the cloud metadata service with cgroup eBPF hooks"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

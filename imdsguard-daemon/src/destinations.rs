@@ -44,7 +44,10 @@ impl Prefix {
                     return Err(format!("prefix length {len} is longer than 32"));
                 }
                 let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                Ok(Self { addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len })
+                Ok(Self {
+                    addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)),
+                    len,
+                })
             }
             IpAddr::V6(a) => {
                 if len > 128 {
@@ -56,7 +59,11 @@ impl Prefix {
                 if embedded && len >= 96 && !(hi96 == 0 && bits <= 1) {
                     return Self::new(IpAddr::V4(Ipv4Addr::from(bits as u32)), len - 96);
                 }
-                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
                 // The kernel judges IPv4-embedding forms as IPv4, so a shorter
                 // IPv6 prefix could never match them: say so instead.
                 let embedding = [0xffff_u128 << 32, 0, 0x0064_ff9b_u128 << 96];
@@ -65,7 +72,10 @@ impl Prefix {
                         "IPv6 prefix /{len} covers IPv4-mapped, -compatible or NAT64 addresses; protect the IPv4 prefix instead"
                     ));
                 }
-                Ok(Self { addr: IpAddr::V6(Ipv6Addr::from(bits & mask)), len })
+                Ok(Self {
+                    addr: IpAddr::V6(Ipv6Addr::from(bits & mask)),
+                    len,
+                })
             }
         }
     }
@@ -83,8 +93,14 @@ impl Prefix {
     pub fn from_trie_key(len: u32, key: AddrKey) -> Self {
         let v6 = addr_of_words(key);
         match v6.to_ipv4_mapped() {
-            Some(v4) if len >= V4_MAPPED_PREFIX => Self { addr: IpAddr::V4(v4), len: (len - V4_MAPPED_PREFIX) as u8 },
-            _ => Self { addr: IpAddr::V6(v6), len: len as u8 },
+            Some(v4) if len >= V4_MAPPED_PREFIX => Self {
+                addr: IpAddr::V4(v4),
+                len: (len - V4_MAPPED_PREFIX) as u8,
+            },
+            _ => Self {
+                addr: IpAddr::V6(v6),
+                len: len as u8,
+            },
         }
     }
 }
@@ -92,7 +108,9 @@ impl Prefix {
 /// The kernel's `user_ip6` layout: four words, each in network byte order.
 pub fn words_of(a: &Ipv6Addr) -> AddrKey {
     let o = a.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 pub fn addr_of_words(w: AddrKey) -> Ipv6Addr {
@@ -123,7 +141,9 @@ impl FromStr for Prefix {
             .map_err(|_| format!("{addr:?} is not an IP address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(l) => l.parse::<u8>().map_err(|_| format!("{l:?} is not a prefix length"))?,
+            Some(l) => l
+                .parse::<u8>()
+                .map_err(|_| format!("{l:?} is not a prefix length"))?,
             None => max,
         };
         Self::new(addr, len)
@@ -165,7 +185,10 @@ fn parse_ports(list: &str) -> std::result::Result<Vec<(u16, u16)>, String> {
 impl FromStr for Destination {
     type Err = Error;
     fn from_str(spec: &str) -> Result<Self> {
-        let bad = |reason: String| Error::InvalidDestination { spec: spec.into(), reason };
+        let bad = |reason: String| Error::InvalidDestination {
+            spec: spec.into(),
+            reason,
+        };
         let mut tokens = spec.split_whitespace();
         let prefix: Prefix = tokens
             .next()
@@ -186,13 +209,19 @@ impl FromStr for Destination {
                         "tcp" => PROTO_TCP,
                         "udp" => PROTO_UDP,
                         "any" => PROTO_ANY,
-                        other => return Err(bad(format!("unknown protocol {other:?} (tcp, udp or any)"))),
+                        other => {
+                            return Err(bad(format!(
+                                "unknown protocol {other:?} (tcp, udp or any)"
+                            )));
+                        }
                     }
                 }
                 Some(("ports", v)) => d.ports = parse_ports(v).map_err(bad)?,
                 Some(("except", v)) => d.except = parse_ports(v).map_err(bad)?,
                 Some(("name", v)) if !v.is_empty() => d.name = v.into(),
-                Some((k, _)) => return Err(bad(format!("unknown key {k:?} (ports, except, name)"))),
+                Some((k, _)) => {
+                    return Err(bad(format!("unknown key {k:?} (ports, except, name)")));
+                }
             }
         }
         Ok(d)
@@ -266,7 +295,12 @@ pub fn compile(destinations: &[Destination]) -> Result<Compiled> {
     for d in destinations {
         let ranges = by_prefix.entry(d.prefix).or_default();
         for (lo, hi) in d.effective_ranges() {
-            ranges.push(PortRange { proto_mask: d.protocols, lo, hi, _pad: 0 });
+            ranges.push(PortRange {
+                proto_mask: d.protocols,
+                lo,
+                hi,
+                _pad: 0,
+            });
         }
     }
     let mut entries = BTreeMap::new();
@@ -306,7 +340,11 @@ fn set_prefilter_bits(words: &mut [u64], prefix: &Prefix) {
         IpAddr::V4(a) => (false, u32::from(a) >> 16),
         IpAddr::V6(a) => (true, (u128::from(a) >> 112) as u32),
     };
-    let span = if prefix.len >= 16 { 1 } else { 1u32 << (16 - prefix.len) };
+    let span = if prefix.len >= 16 {
+        1
+    } else {
+        1u32 << (16 - prefix.len)
+    };
     for v in hi16..hi16 + span {
         let (w, bit) = prefilter_slot(is_v6, v);
         words[w as usize] |= bit;
@@ -357,7 +395,11 @@ mod tests {
 
     #[test]
     fn ipv6_forms_of_ipv4_normalise_to_ipv4() {
-        for s in ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "::a9fe:a9fe"] {
+        for s in [
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::a9fe:a9fe",
+        ] {
             assert_eq!(d(s).prefix, d("169.254.169.254").prefix, "{s}");
         }
         // :: and ::1 are not IPv4-compatible addresses.
@@ -379,7 +421,10 @@ mod tests {
         }
         let (len, key) = d("169.254.169.254").prefix.trie_key();
         assert_eq!(len, 128);
-        assert_eq!(addr_of_words(key), "::ffff:169.254.169.254".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            addr_of_words(key),
+            "::ffff:169.254.169.254".parse::<Ipv6Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -389,7 +434,9 @@ mod tests {
             let (len, key) = d(addr).prefix.trie_key();
             assert_eq!(len, 128);
             c.entries.get(&(len, key)).is_some_and(|p| {
-                p.ranges.iter().any(|r| r.proto_mask & proto != 0 && r.lo <= port && port <= r.hi)
+                p.ranges
+                    .iter()
+                    .any(|r| r.proto_mask & proto != 0 && r.lo <= port && port <= r.hi)
             })
         };
         assert!(covered("169.254.169.254", PROTO_TCP, 80));
@@ -421,7 +468,10 @@ mod tests {
     #[test]
     fn too_many_ranges_is_an_error() {
         let spec = "10.1.2.3 ports=1,3,5,7,9,11,13,15,17";
-        assert!(matches!(compile(&[d(spec)]), Err(Error::TooManyPortRanges { count: 9, .. })));
+        assert!(matches!(
+            compile(&[d(spec)]),
+            Err(Error::TooManyPortRanges { count: 9, .. })
+        ));
     }
 
     #[test]
@@ -432,11 +482,17 @@ mod tests {
         let (w, bit) = prefilter_slot(false, 0xa9fe);
         assert_ne!(c.prefilter[w as usize] & bit, 0);
         let wide = compile(&[d("10.0.0.0/8")]).unwrap();
-        assert_eq!(wide.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(), 256);
+        assert_eq!(
+            wide.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(),
+            256
+        );
         let v6 = compile(&[d("fd00:ec2::254")]).unwrap();
         let (w, bit) = prefilter_slot(true, 0xfd00);
         assert_ne!(v6.prefilter[w as usize] & bit, 0);
         let all_v4 = compile(&[d("0.0.0.0/0")]).unwrap();
-        assert_eq!(all_v4.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(), 65536);
+        assert_eq!(
+            all_v4.prefilter.iter().map(|w| w.count_ones()).sum::<u32>(),
+            65536
+        );
     }
 }

@@ -138,7 +138,9 @@ impl Enforcer {
         let root = &attachment.cgroup_root;
         if root.level == 0 {
             // Attaching at the hierarchy root would judge every host process.
-            return Err(Error::RootIsHierarchyRoot { path: root.path.clone() });
+            return Err(Error::RootIsHierarchyRoot {
+                path: root.path.clone(),
+            });
         }
         bpffs::ensure_on_bpffs(&pins.dir)?;
         for dir in [pins.maps_dir(), pins.links_dir()] {
@@ -174,10 +176,18 @@ impl Enforcer {
             let existing = if pin.exists() {
                 let fd = sys::obj_get(&pin)?;
                 let raw = sys::link_info(fd.as_fd())?;
-                debug!(hook = hook.name(), link_id = raw.id, cgroup_id = raw.cgroup_id, "found pinned link");
+                debug!(
+                    hook = hook.name(),
+                    link_id = raw.id,
+                    cgroup_id = raw.cgroup_id,
+                    "found pinned link"
+                );
                 if raw.cgroup_id == 0 {
                     // The cgroup was removed; the link is defunct. Drop it.
-                    warn!(hook = hook.name(), "pinned link's cgroup is gone; re-attaching");
+                    warn!(
+                        hook = hook.name(),
+                        "pinned link's cgroup is gone; re-attaching"
+                    );
                     fs::remove_file(&pin).map_err(Error::io("unpin", &pin))?;
                     None
                 } else if raw.cgroup_id != root.id {
@@ -209,9 +219,18 @@ impl Enforcer {
                 .program_mut(hook.name())
                 .ok_or(Error::ProgramMissing { name: hook.name() })?
                 .try_into()
-                .map_err(|source| Error::Program { name: hook.name(), source })?;
-            program.load().map_err(|source| Error::Program { name: hook.name(), source })?;
-            let prog_fd = program.fd().map_err(|source| Error::Program { name: hook.name(), source })?;
+                .map_err(|source| Error::Program {
+                    name: hook.name(),
+                    source,
+                })?;
+            program.load().map_err(|source| Error::Program {
+                name: hook.name(),
+                source,
+            })?;
+            let prog_fd = program.fd().map_err(|source| Error::Program {
+                name: hook.name(),
+                source,
+            })?;
 
             match existing {
                 Some(link) => {
@@ -219,24 +238,35 @@ impl Enforcer {
                     report.replaced.push(hook);
                 }
                 None => {
-                    let cgroup = fs::File::open(&root.path).map_err(Error::io("open", &root.path))?;
+                    let cgroup =
+                        fs::File::open(&root.path).map_err(Error::io("open", &root.path))?;
                     // A cgroup bpf_link is always attached in multi mode (the
                     // kernel adds BPF_F_ALLOW_MULTI itself) and rejects that
                     // flag in link_create with EINVAL. aya's `Single` passes
                     // no flag, so it yields exactly a multi-attach link:
                     // other tools' programs on this cgroup stay in place and
                     // run alongside ours, and a deny from any program wins.
-                    let id = program
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| Error::Program { name: hook.name(), source })?;
-                    let link = program.take_link(id).map_err(|source| Error::Program { name: hook.name(), source })?;
+                    let id =
+                        program
+                            .attach(&cgroup, CgroupAttachMode::Single)
+                            .map_err(|source| Error::Program {
+                                name: hook.name(),
+                                source,
+                            })?;
+                    let link = program.take_link(id).map_err(|source| Error::Program {
+                        name: hook.name(),
+                        source,
+                    })?;
                     // Only bpf_link attachments (kernel >= 5.7) can be pinned
                     // and so outlive the daemon.
                     let fd = FdLink::try_from(link).map_err(|source| Error::KernelUnsupported {
                         what: "cgroup bpf_link (Linux 5.7+), needed to keep enforcement pinned",
                         source: std::io::Error::other(source),
                     })?;
-                    fd.pin(&pin).map_err(|source| Error::Pin { path: pin.clone(), source })?;
+                    fd.pin(&pin).map_err(|source| Error::Pin {
+                        path: pin.clone(),
+                        source,
+                    })?;
                     report.attached.push(hook);
                 }
             }
@@ -288,7 +318,8 @@ impl Enforcer {
         }
         let name = map_names::PREFILTER;
         let err = move |source| Error::Map { name, source };
-        let mut words: Array<&mut MapData, u64> = Array::try_from(self.map_mut(name)?).map_err(err)?;
+        let mut words: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(name)?).map_err(err)?;
         for i in 0..PREFILTER_WORDS {
             let want = compiled.prefilter[i as usize];
             if words.get(&i, 0).map_err(err)? != want {
@@ -309,7 +340,8 @@ impl Enforcer {
         let name = map_names::CONFIG;
         let mut cfg: Array<&mut MapData, Config> =
             Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        cfg.set(0, value, 0).map_err(|source| Error::Map { name, source })
+        cfg.set(0, value, 0)
+            .map_err(|source| Error::Map { name, source })
     }
 
     /// Makes the allow map equal `desired` without ever emptying it.
@@ -318,9 +350,17 @@ impl Enforcer {
     /// entries, then entries are inserted/updated/removed one by one, then
     /// the window is narrowed to the new entries. An entry is therefore
     /// visible to the kernel from the moment it is written.
-    pub fn sync_allowed(&mut self, mode: Mode, desired: &BTreeMap<u64, AllowTarget>) -> Result<SyncReport> {
+    pub fn sync_allowed(
+        &mut self,
+        mode: Mode,
+        desired: &BTreeMap<u64, AllowTarget>,
+    ) -> Result<SyncReport> {
         if desired.len() > MAX_ALLOWED as usize {
-            return Err(Error::MapFull { what: "allowed cgroups", count: desired.len(), max: MAX_ALLOWED });
+            return Err(Error::MapFull {
+                what: "allowed cgroups",
+                count: desired.len(),
+                max: MAX_ALLOWED,
+            });
         }
         let new_window = level_window(desired.values().map(|t| t.level))?;
         let old = self.read_config()?;
@@ -350,7 +390,10 @@ impl Enforcer {
                 HashMap::try_from(self.map_mut(name)?).map_err(err)?;
             let current: BTreeMap<u64, AllowEntry> = map.iter().filter_map(|r| r.ok()).collect();
             for (&id, target) in desired {
-                let entry = AllowEntry { action: target.action, _pad: 0 };
+                let entry = AllowEntry {
+                    action: target.action,
+                    _pad: 0,
+                };
                 match current.get(&id) {
                     Some(e) if *e == entry => continue,
                     Some(_) => report.updated += 1,
@@ -373,7 +416,13 @@ impl Enforcer {
     }
 
     pub fn counters(&self) -> Result<Counters> {
-        read_counters(self.ebpf.map(map_names::COUNTERS).ok_or(Error::MapMissing { name: map_names::COUNTERS })?)
+        read_counters(
+            self.ebpf
+                .map(map_names::COUNTERS)
+                .ok_or(Error::MapMissing {
+                    name: map_names::COUNTERS,
+                })?,
+        )
     }
 
     /// Hands the ring buffer to the event reader task. Call once.
@@ -426,10 +475,14 @@ pub fn level_window(levels: impl Iterator<Item = u32>) -> Result<Option<(u32, u3
     for l in levels {
         window = Some(window.map_or((l, l), |(a, b)| (a.min(l), b.max(l))));
     }
-    if let Some((min, max)) = window {
-        if max - min >= MAX_LEVEL_SPAN {
-            return Err(Error::LevelSpanTooWide { min, max, span: MAX_LEVEL_SPAN });
-        }
+    if let Some((min, max)) = window
+        && max - min >= MAX_LEVEL_SPAN
+    {
+        return Err(Error::LevelSpanTooWide {
+            min,
+            max,
+            span: MAX_LEVEL_SPAN,
+        });
     }
     Ok(window)
 }
@@ -438,7 +491,9 @@ pub fn level_window(levels: impl Iterator<Item = u32>) -> Result<Option<(u32, u3
 fn check_pinned_layouts(pins: &PinLayout) -> Result<()> {
     for name in MAP_NAMES {
         let path = pins.map(name);
-        let Some((want_key, want_value)) = expected_layout(name) else { continue };
+        let Some((want_key, want_value)) = expected_layout(name) else {
+            continue;
+        };
         if !path.exists() {
             continue;
         }

@@ -10,31 +10,45 @@ pub enum Error {
     #[error("cgroup path {path} does not exist")]
     CgroupMissing { path: PathBuf },
 
-    #[error("{path} is not a cgroup v2 directory (filesystem magic {magic:#x}); imdsguard needs the unified hierarchy")]
+    #[error(
+        "{path} is not a cgroup v2 directory (filesystem magic {magic:#x}); imdsguard needs the unified hierarchy"
+    )]
     NotCgroup2 { path: PathBuf, magic: u64 },
 
-    #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo); imdsguard needs the unified hierarchy")]
+    #[error(
+        "no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo); imdsguard needs the unified hierarchy"
+    )]
     NoCgroup2Mount,
 
     #[error("{path} is not below any cgroup v2 mount point")]
     NotBelowCgroup2Mount { path: PathBuf },
 
-    #[error("allowed cgroup {allowed} is not inside the cgroup root {root}; the programs never see its sockets")]
+    #[error(
+        "allowed cgroup {allowed} is not inside the cgroup root {root}; the programs never see its sockets"
+    )]
     AllowedOutsideRoot { allowed: PathBuf, root: PathBuf },
 
-    #[error("the cgroup root {path} is the root of the cgroup v2 hierarchy; attach to the pods' subtree (e.g. kubepods) so host processes stay untouched")]
+    #[error(
+        "the cgroup root {path} is the root of the cgroup v2 hierarchy; attach to the pods' subtree (e.g. kubepods) so host processes stay untouched"
+    )]
     RootIsHierarchyRoot { path: PathBuf },
 
-    #[error("allow entries span cgroup levels {min}..={max}, more than the {span} levels the kernel walks")]
+    #[error(
+        "allow entries span cgroup levels {min}..={max}, more than the {span} levels the kernel walks"
+    )]
     LevelSpanTooWide { min: u32, max: u32, span: u32 },
 
-    #[error("{path} is not on a bpf filesystem (magic {magic:#x}); mount bpffs there, e.g. `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{path} is not on a bpf filesystem (magic {magic:#x}); mount bpffs there, e.g. `mount -t bpf bpf /sys/fs/bpf`"
+    )]
     NotBpffs { path: PathBuf, magic: u64 },
 
     #[error("pin directory {path} does not hold an imdsguard installation")]
     NotInstalled { path: PathBuf },
 
-    #[error("pinned map {name} has key/value size {found_key}/{found_value}, this version expects {want_key}/{want_value}; run `imdsguard uninstall` before installing an incompatible version")]
+    #[error(
+        "pinned map {name} has key/value size {found_key}/{found_value}, this version expects {want_key}/{want_value}; run `imdsguard uninstall` before installing an incompatible version"
+    )]
     PinnedMapLayout {
         name: &'static str,
         found_key: u32,
@@ -43,7 +57,9 @@ pub enum Error {
         want_value: u32,
     },
 
-    #[error("pinned link {path} is attached to cgroup id {found}, not to the cgroup root {root} (id {want}); run `imdsguard uninstall --pin-dir` first to move the attach point")]
+    #[error(
+        "pinned link {path} is attached to cgroup id {found}, not to the cgroup root {root} (id {want}); run `imdsguard uninstall --pin-dir` first to move the attach point"
+    )]
     LinkOnOtherCgroup {
         path: PathBuf,
         found: u64,
@@ -51,7 +67,9 @@ pub enum Error {
         want: u64,
     },
 
-    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with bpf-linker installed")]
+    #[error(
+        "this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with bpf-linker installed"
+    )]
     EbpfObjectMissing,
 
     #[error("the kernel does not support {what}")]

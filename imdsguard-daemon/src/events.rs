@@ -110,6 +110,10 @@ pub struct SummaryKey {
     pub cgroup_id: u64,
     pub destination: SocketAddr,
     pub verdict: Verdict,
+    /// Kept apart so that a new way of writing the same destination (a
+    /// bypass attempt through an IPv6 socket, say) is logged, not folded.
+    pub hook: &'static str,
+    pub address_form: &'static str,
 }
 
 /// A closed window's repeats for one key.
@@ -123,12 +127,23 @@ const MAX_KEYS: usize = 4096;
 
 impl Summarizer {
     pub fn new(window: Duration, now: Instant) -> Self {
-        Self { window, window_start: now, repeats: HashMap::new(), overflow: 0 }
+        Self {
+            window,
+            window_start: now,
+            repeats: HashMap::new(),
+            overflow: 0,
+        }
     }
 
     /// Whether to log this decision now (the first of its key in the window).
     pub fn observe(&mut self, d: &Decision) -> bool {
-        let key = SummaryKey { cgroup_id: d.cgroup_id, destination: d.destination, verdict: d.verdict };
+        let key = SummaryKey {
+            cgroup_id: d.cgroup_id,
+            destination: d.destination,
+            verdict: d.verdict,
+            hook: d.hook,
+            address_form: d.address_form,
+        };
         if let Some(n) = self.repeats.get_mut(&key) {
             *n += 1;
             return false;
@@ -151,10 +166,16 @@ impl Summarizer {
             .repeats
             .drain()
             .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| Summary { key: Some(k), suppressed: n })
+            .map(|(k, n)| Summary {
+                key: Some(k),
+                suppressed: n,
+            })
             .collect();
         if self.overflow > 0 {
-            out.push(Summary { key: None, suppressed: std::mem::take(&mut self.overflow) });
+            out.push(Summary {
+                key: None,
+                suppressed: std::mem::take(&mut self.overflow),
+            });
         }
         out
     }
@@ -171,7 +192,12 @@ mod tests {
         Event {
             cgroup_id: 42,
             pid_tgid: (7u64 << 32) | 8,
-            addr: words_of(&"169.254.169.254".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped()),
+            addr: words_of(
+                &"169.254.169.254"
+                    .parse::<std::net::Ipv4Addr>()
+                    .unwrap()
+                    .to_ipv6_mapped(),
+            ),
             comm,
             port,
             proto: PROTO_TCP as u32,
@@ -184,7 +210,8 @@ mod tests {
 
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
-        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }.to_vec()
+        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
+            .to_vec()
     }
 
     #[test]
@@ -194,7 +221,10 @@ mod tests {
         assert_eq!((d.tgid, d.pid), (7, 8));
         assert_eq!(d.comm, "curl");
         assert_eq!(d.destination, "169.254.169.254:80".parse().unwrap());
-        assert_eq!((d.protocol, d.hook, d.verdict, d.address_form), ("tcp", "connect6", Verdict::Denied, "ipv4-mapped"));
+        assert_eq!(
+            (d.protocol, d.hook, d.verdict, d.address_form),
+            ("tcp", "connect6", Verdict::Denied, "ipv4-mapped")
+        );
         assert!(Decision::decode(&bytes(&event(80))[..10]).is_none());
     }
 
@@ -209,7 +239,10 @@ mod tests {
             assert!(!s.observe(&a));
         }
         assert!(s.observe(&b));
-        assert!(s.flush(t0 + Duration::from_secs(1)).is_empty(), "window not over yet");
+        assert!(
+            s.flush(t0 + Duration::from_secs(1)).is_empty(),
+            "window not over yet"
+        );
         let out = s.flush(t0 + Duration::from_secs(10));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].suppressed, 1000);
@@ -229,6 +262,12 @@ mod tests {
         }
         assert_eq!(logged, MAX_KEYS);
         let out = s.flush(t0 + Duration::from_secs(1));
-        assert_eq!(out, vec![Summary { key: None, suppressed: 100 }]);
+        assert_eq!(
+            out,
+            vec![Summary {
+                key: None,
+                suppressed: 100
+            }]
+        );
     }
 }

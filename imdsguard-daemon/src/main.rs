@@ -27,7 +27,11 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!(
                     "detached {} and removed {} pinned maps from {}",
-                    if report.links.is_empty() { "nothing".to_string() } else { report.links.join(", ") },
+                    if report.links.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        report.links.join(", ")
+                    },
                     report.maps.len(),
                     args.pin_dir.display()
                 );
@@ -35,8 +39,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Destinations => {
             for d in destinations::defaults() {
-                let ranges: Vec<String> = d.effective_ranges().iter().map(|(a, b)| format!("{a}-{b}")).collect();
-                println!("{:<24} {:<26} ports {}", d.prefix.to_string(), d.name, ranges.join(","));
+                let ranges: Vec<String> = d
+                    .effective_ranges()
+                    .iter()
+                    .map(|(a, b)| format!("{a}-{b}"))
+                    .collect();
+                println!(
+                    "{:<24} {:<26} ports {}",
+                    d.prefix.to_string(),
+                    d.name,
+                    ranges.join(",")
+                );
             }
         }
     }

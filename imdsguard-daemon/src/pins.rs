@@ -21,7 +21,12 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Sendmsg6];
+    pub const ALL: [Hook; 4] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+    ];
 
     /// Program name in the object, and file name of its link pin.
     pub const fn name(self) -> &'static str {

@@ -44,20 +44,41 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         for path in paths {
             let dir = CgroupDir::open(path)?;
             if !dir.is_within(&root) {
-                return Err(Error::AllowedOutsideRoot { allowed: path.clone(), root: args.cgroup_root.clone() });
+                return Err(Error::AllowedOutsideRoot {
+                    allowed: path.clone(),
+                    root: args.cgroup_root.clone(),
+                });
             }
-            allowed.insert(dir.id, AllowTarget { level: dir.level, action: act });
+            allowed.insert(
+                dir.id,
+                AllowTarget {
+                    level: dir.level,
+                    action: act,
+                },
+            );
             allowed_paths.insert(dir.id, dir.path);
         }
     }
     crate::enforcer::level_window(allowed.values().map(|t| t.level))?;
-    let mut list = if args.no_default_destinations { Vec::new() } else { destinations::defaults() };
+    let mut list = if args.no_default_destinations {
+        Vec::new()
+    } else {
+        destinations::defaults()
+    };
     for spec in &args.protect {
         list.push(spec.parse::<Destination>()?);
     }
     Ok(Plan {
-        attachment: Attachment { cgroup_root: root, pins: PinLayout::new(&args.pin_dir), udp: args.udp },
-        desired: Desired { mode: args.mode, allowed, destinations: destinations::compile(&list)? },
+        attachment: Attachment {
+            cgroup_root: root,
+            pins: PinLayout::new(&args.pin_dir),
+            udp: args.udp,
+        },
+        desired: Desired {
+            mode: args.mode,
+            allowed,
+            destinations: destinations::compile(&list)?,
+        },
         allowed_paths,
     })
 }
@@ -70,7 +91,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let root = plan.attachment.cgroup_root.clone();
     let (mut enforcer, _report) = Enforcer::start(plan.attachment.clone(), &plan.desired)?;
     let ring = enforcer.take_events()?;
-    let events = tokio::spawn(report_events(ring, root.path.clone(), plan.allowed_paths.clone()));
+    let events = tokio::spawn(report_events(
+        ring,
+        root.path.clone(),
+        plan.allowed_paths.clone(),
+    ));
 
     let hooks: Vec<&str> = Hook::wanted(args.udp).iter().map(|h| h.name()).collect();
     info!(
@@ -83,8 +108,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "ready"
     );
 
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
-        .map_err(|source| Error::Syscall { call: "sigaction(SIGTERM)", source })?;
+    let mut term =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| Error::Syscall {
+            call: "sigaction(SIGTERM)",
+            source,
+        })?;
     let mut check = tokio::time::interval(Duration::from_secs(args.check_interval_secs.max(1)));
     loop {
         tokio::select! {
@@ -147,6 +175,8 @@ async fn report_events(ring: RingBuf<MapData>, root: PathBuf, known: BTreeMap<u6
                             cgroup = %names.path_of(k.cgroup_id),
                             destination = %k.destination,
                             verdict = %k.verdict,
+                            hook = k.hook,
+                            address_form = k.address_form,
                             repeats = s.suppressed,
                             "repeated metadata access (summarised)"
                         ),
@@ -181,7 +211,10 @@ struct CgroupNames {
 
 impl CgroupNames {
     fn new(root: PathBuf, known: BTreeMap<u64, PathBuf>) -> Self {
-        let cache = known.into_iter().map(|(id, p)| (id, p.display().to_string())).collect();
+        let cache = known
+            .into_iter()
+            .map(|(id, p)| (id, p.display().to_string()))
+            .collect();
         Self { root, cache }
     }
 
@@ -190,7 +223,9 @@ impl CgroupNames {
             return p.clone();
         }
         let found = paths_of_ids(Path::new(&self.root), &[id]);
-        let name = found.get(&id).map_or_else(|| format!("(cgroup id {id})"), |p| p.display().to_string());
+        let name = found
+            .get(&id)
+            .map_or_else(|| format!("(cgroup id {id})"), |p| p.display().to_string());
         if self.cache.len() < 10_000 {
             self.cache.insert(id, name.clone());
         }

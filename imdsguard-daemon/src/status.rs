@@ -4,7 +4,9 @@
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
-use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, action, map_names};
+use imdsguard_common::{
+    AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, action, map_names,
+};
 use serde::Serialize;
 
 use crate::{
@@ -76,7 +78,9 @@ fn proto_name(mask: u16) -> &'static str {
 /// Reads the installation under `pins`.
 pub fn read(pins: &PinLayout) -> Result<Status> {
     if !pins.exists() {
-        return Err(Error::NotInstalled { path: pins.dir.clone() });
+        return Err(Error::NotInstalled {
+            path: pins.dir.clone(),
+        });
     }
     let mut links = Vec::new();
     for hook in Hook::ALL {
@@ -118,11 +122,21 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
                 .iter()
                 .filter(|r| r.proto_mask != 0)
                 .map(|r| {
-                    let ports = if r.lo == r.hi { r.lo.to_string() } else { format!("{}-{}", r.lo, r.hi) };
+                    let ports = if r.lo == r.hi {
+                        r.lo.to_string()
+                    } else {
+                        format!("{}-{}", r.lo, r.hi)
+                    };
                     format!("{}:{ports}", proto_name(r.proto_mask))
                 })
                 .collect();
-            (prefix, ProtectedStatus { prefix: prefix.to_string(), ranges })
+            (
+                prefix,
+                ProtectedStatus {
+                    prefix: prefix.to_string(),
+                    ranges,
+                },
+            )
         })
         .collect();
     protected.sort_by_key(|(p, _)| *p);
@@ -133,7 +147,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     let mut allowed: Vec<AllowedStatus> = map
         .iter()
         .filter_map(|r| r.ok())
-        .map(|(id, e)| AllowedStatus { cgroup_id: id, action: action_name(e.action), cgroup: None })
+        .map(|(id, e)| AllowedStatus {
+            cgroup_id: id,
+            action: action_name(e.action),
+            cgroup: None,
+        })
         .collect();
     allowed.sort_by_key(|a| a.cgroup_id);
 
@@ -141,17 +159,22 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
 
     // Resolve cgroup ids to paths in one walk of the hierarchy.
     if let Ok(mount) = primary_cgroup2_mount() {
-        let ids: Vec<u64> = links.iter().map(|l| l.cgroup_id).chain(allowed.iter().map(|a| a.cgroup_id)).collect();
+        let ids: Vec<u64> = links
+            .iter()
+            .map(|l| l.cgroup_id)
+            .chain(allowed.iter().map(|a| a.cgroup_id))
+            .collect();
         let paths = paths_of_ids(&mount.mount_point, &ids);
         for l in &mut links {
             l.cgroup = paths.get(&l.cgroup_id).cloned();
-            if let Some(dir) = &l.cgroup {
-                if let Ok(f) = fs::File::open(dir) {
-                    let attach = Hook::ALL.iter().find(|h| h.name() == l.hook).map(|h| h.attach_type());
-                    if let Some(t) = attach {
-                        l.programs_on_hook = sys::query_cgroup_programs(f.as_fd(), t).unwrap_or_default();
-                    }
-                }
+            let attach = Hook::ALL
+                .iter()
+                .find(|h| h.name() == l.hook)
+                .map(|h| h.attach_type());
+            if let (Some(dir), Some(t)) = (&l.cgroup, attach)
+                && let Ok(f) = fs::File::open(dir)
+            {
+                l.programs_on_hook = sys::query_cgroup_programs(f.as_fd(), t).unwrap_or_default();
             }
         }
         for a in &mut allowed {
@@ -170,15 +193,24 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
 }
 
 fn path_or_unknown(p: &Option<PathBuf>) -> String {
-    p.as_ref().map_or_else(|| "(not found)".into(), |p| p.display().to_string())
+    p.as_ref()
+        .map_or_else(|| "(not found)".into(), |p| p.display().to_string())
 }
 
 /// Human-readable rendering.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "imdsguard installation at {}", s.pin_dir.display());
-    let _ = writeln!(o, "default for cgroups without an entry: {}\n", s.default_action);
-    let _ = writeln!(o, "{:<10} {:>6} {:>6}  {:<9} CGROUP", "HOOK", "LINK", "PROG", "ON-HOOK");
+    let _ = writeln!(
+        o,
+        "default for cgroups without an entry: {}\n",
+        s.default_action
+    );
+    let _ = writeln!(
+        o,
+        "{:<10} {:>6} {:>6}  {:<9} CGROUP",
+        "HOOK", "LINK", "PROG", "ON-HOOK"
+    );
     if s.links.is_empty() {
         let _ = writeln!(o, "(no program attached: NOT ENFORCING)");
     }
@@ -203,7 +235,13 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(o, "(no allow entries: every cgroup gets the default)");
     }
     for a in &s.allowed {
-        let _ = writeln!(o, "{:>12}  {:<8} {}", a.cgroup_id, a.action, path_or_unknown(&a.cgroup));
+        let _ = writeln!(
+            o,
+            "{:>12}  {:<8} {}",
+            a.cgroup_id,
+            a.action,
+            path_or_unknown(&a.cgroup)
+        );
     }
     let c = &s.counters;
     let _ = writeln!(

@@ -37,7 +37,11 @@ fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<i64> {
     // SAFETY: attr points to a zero-initialised buffer of `size` bytes laid
     // out as the kernel's union bpf_attr member for `cmd`.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as libc::c_uint) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Opens a pinned object (link, map or program) by path.
@@ -55,7 +59,13 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
         path_fd: i32,
         _pad: u32,
     }
-    let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
     let fd = bpf(BPF_OBJ_GET, (&raw mut attr).cast(), size_of::<Attr>())
         .map_err(Error::io("open pinned object", path))?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that we now own.
@@ -100,8 +110,15 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
         info_len: size_of::<RawLinkInfo>() as u32,
         info: &raw mut info as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, (&raw mut attr).cast(), size_of::<Attr>())
-        .map_err(|source| Error::Syscall { call: "BPF_OBJ_GET_INFO_BY_FD(link)", source })?;
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw mut attr).cast(),
+        size_of::<Attr>(),
+    )
+    .map_err(|source| Error::Syscall {
+        call: "BPF_OBJ_GET_INFO_BY_FD(link)",
+        source,
+    })?;
     Ok(LinkInfo {
         link_type: info.type_,
         id: info.id,
@@ -114,7 +131,11 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
 /// Atomically swaps the program of a link: the hook never runs without a
 /// program, which is what makes upgrades and re-adoption gap-free. With
 /// `old_prog` the swap only happens if the link still runs that program.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>, old_prog: Option<BorrowedFd<'_>>) -> Result<()> {
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: Option<BorrowedFd<'_>>,
+) -> Result<()> {
     #[repr(C)]
     struct Attr {
         link_fd: u32,
@@ -130,7 +151,10 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>, old_prog: Opt
     };
     bpf(BPF_LINK_UPDATE, (&raw mut attr).cast(), size_of::<Attr>())
         .map(drop)
-        .map_err(|source| Error::Syscall { call: "BPF_LINK_UPDATE", source })
+        .map_err(|source| Error::Syscall {
+            call: "BPF_LINK_UPDATE",
+            source,
+        })
 }
 
 /// Ids of the programs attached directly to `cgroup` at `attach_type`
@@ -159,8 +183,12 @@ pub fn query_cgroup_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> Result
         prog_cnt: ids.len() as u32,
         ..Default::default()
     };
-    bpf(BPF_PROG_QUERY, (&raw mut attr).cast(), size_of::<Attr>())
-        .map_err(|source| Error::Syscall { call: "BPF_PROG_QUERY", source })?;
+    bpf(BPF_PROG_QUERY, (&raw mut attr).cast(), size_of::<Attr>()).map_err(|source| {
+        Error::Syscall {
+            call: "BPF_PROG_QUERY",
+            source,
+        }
+    })?;
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
 }

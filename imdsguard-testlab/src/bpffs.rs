@@ -15,7 +15,15 @@ impl PrivateBpffs {
         fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         let c = CString::new(path.as_os_str().as_bytes())?;
         // SAFETY: valid NUL-terminated strings; no data argument.
-        let rc = unsafe { libc::mount(c"bpf".as_ptr(), c.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             let _ = fs::remove_dir(&path);

@@ -17,7 +17,8 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// A new cgroup directly below the cgroup v2 mount (found in mountinfo).
     pub fn create_top(name: &str) -> anyhow::Result<Self> {
-        let mount = imdsguard::cgroup::primary_cgroup2_mount().context("find the cgroup v2 mount")?;
+        let mount =
+            imdsguard::cgroup::primary_cgroup2_mount().context("find the cgroup v2 mount")?;
         Self::create(mount.mount_point.join(name))
     }
 
@@ -32,7 +33,8 @@ impl TestCgroup {
     pub fn child(&self, rel: &str) -> anyhow::Result<TestCgroup> {
         let path = self.path.join(rel);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).with_context(|| format!("create cgroup {}", parent.display()))?;
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create cgroup {}", parent.display()))?;
         }
         Self::create(path)
     }

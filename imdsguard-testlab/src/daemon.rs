@@ -57,7 +57,11 @@ impl Daemon {
 
     /// Waits for a log line matching `pred`; errors (with the log) if the
     /// daemon exits or the timeout passes first.
-    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = self.logs().into_iter().find(&pred) {
@@ -75,7 +79,11 @@ impl Daemon {
     }
 
     pub fn render_logs(&self) -> String {
-        self.logs().iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+        self.logs()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// SIGKILL: no cleanup code of the daemon runs.
@@ -106,12 +114,24 @@ pub fn message(v: &Value) -> Option<&str> {
 
 /// Runs a one-shot `imdsguard` subcommand (status, uninstall, ...).
 pub fn command(bin: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    Command::new(bin).args(args).output().with_context(|| format!("run {} {}", bin.display(), args.join(" ")))
+    Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {} {}", bin.display(), args.join(" ")))
 }
 
 /// `imdsguard status -o json --pin-dir DIR`, parsed.
 pub fn status(bin: &Path, pin_dir: &Path) -> anyhow::Result<Value> {
-    let out = command(bin, &["status", "-o", "json", "--pin-dir", &pin_dir.display().to_string()])?;
+    let out = command(
+        bin,
+        &[
+            "status",
+            "-o",
+            "json",
+            "--pin-dir",
+            &pin_dir.display().to_string(),
+        ],
+    )?;
     if !out.status.success() {
         bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
     }

@@ -79,7 +79,10 @@ impl FakeImds {
             }
         });
         ready_rx.recv().context("fake IMDS thread died")??;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -97,7 +100,11 @@ fn serve(tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) {
         .iter()
         .map(|l| l.as_raw_fd())
         .chain(udp.iter().map(|u| u.as_raw_fd()))
-        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
         .collect();
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: fds is a valid array of pollfd.
@@ -143,15 +150,26 @@ fn handle_http(mut stream: TcpStream) {
     }
     let req = String::from_utf8_lossy(&buf);
     let first = req.lines().next().unwrap_or("");
-    let has_token = req.lines().any(|l| l.to_ascii_lowercase().starts_with("x-aws-ec2-metadata-token:") && l.contains(TOKEN));
+    let has_token = req.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("x-aws-ec2-metadata-token:")
+            && l.contains(TOKEN)
+    });
     let (status, body) = if first.starts_with("PUT /latest/api/token ") {
         ("200 OK", TOKEN)
     } else if first.starts_with("GET /latest/meta-data/instance-id ") {
-        if has_token { ("200 OK", INSTANCE_ID) } else { ("401 Unauthorized", "") }
+        if has_token {
+            ("200 OK", INSTANCE_ID)
+        } else {
+            ("401 Unauthorized", "")
+        }
     } else {
         ("200 OK", "fake-metadata")
     };
-    let resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let _ = stream.write_all(resp.as_bytes());
 }
 

@@ -174,10 +174,16 @@ impl KubeApiserver {
         let log = self.dir.join("kube-apiserver.log");
         let mut child = spawn_logged(cmd, &log).context("start kube-apiserver")?;
         let ca = self.ca_cert_path();
-        let url = format!("{}/readyz", self.url());
         let bearer = format!("Authorization: Bearer {}", self.admin_token);
+        // The `default` namespace comes a moment after /readyz, from a
+        // bootstrap controller; tests may use it at once.
         let ready = wait_until(&mut child, &log, || {
-            curl_ok(&url, |c| c.arg("--cacert").arg(&ca).args(["-H", &bearer]))
+            ["/readyz", "/api/v1/namespaces/default"]
+                .iter()
+                .all(|path| {
+                    let url = format!("{}{path}", self.url());
+                    curl_ok(&url, |c| c.arg("--cacert").arg(&ca).args(["-H", &bearer]))
+                })
         });
         match ready {
             Ok(()) => {
@@ -230,7 +236,7 @@ impl KubeApiserver {
             &ext,
             "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
              basicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             keyUsage=critical,digitalSignature\n\
              extendedKeyUsage=serverAuth\n",
         )
         .with_context(|| format!("write {}", ext.display()))?;
@@ -295,7 +301,7 @@ impl Drop for KubeApiserver {
 /// Where `cargo xtask kube-apiserver` caches the binary:
 /// `$IMDSGUARD_CACHE_DIR` (default `/var/cache/imdsguard`)
 /// `/kube-apiserver-<version>/kube-apiserver`.
-pub fn binary_path() -> PathBuf {
+fn binary_path() -> PathBuf {
     let cache = env::var_os("IMDSGUARD_CACHE_DIR").unwrap_or_else(|| "/var/cache/imdsguard".into());
     PathBuf::from(cache)
         .join(format!("kube-apiserver-{VERSION}"))
@@ -362,15 +368,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 /// whatever proxy the environment names.
 fn curl_ok(url: &str, extra: impl FnOnce(&mut Command) -> &mut Command) -> bool {
     let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sf",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "2",
-        "-o",
-        "/dev/null",
-    ]);
+    cmd.args("-sf --noproxy * --max-time 2 -o /dev/null".split_whitespace());
     extra(&mut cmd)
         .arg(url)
         .stdout(Stdio::null())

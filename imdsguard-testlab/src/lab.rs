@@ -42,7 +42,13 @@ impl Lab {
         let server = FakeImds::start(&netns, fake_imds::lab_listeners())?;
         let root = TestCgroup::create_top(&id)?;
         let probe_exe = std::env::current_exe().context("current_exe")?;
-        Ok(Self { _server: server, root, netns, bpffs, probe_exe })
+        Ok(Self {
+            _server: server,
+            root,
+            netns,
+            bpffs,
+            probe_exe,
+        })
     }
 
     /// The cgroup to attach to (the "kubepods" of the lab).
@@ -69,12 +75,28 @@ impl Lab {
 
     /// Probes from `cgroup` (None: from the lab process's own cgroup, which is
     /// outside the attach root) inside the lab namespace.
-    pub fn probe(&self, cgroup: Option<&TestCgroup>, kind: &str, target: &str) -> anyhow::Result<Outcome> {
-        probe::run(&self.probe_exe, cgroup.map(TestCgroup::path), &self.netns, kind, target)
+    pub fn probe(
+        &self,
+        cgroup: Option<&TestCgroup>,
+        kind: &str,
+        target: &str,
+    ) -> anyhow::Result<Outcome> {
+        probe::run(
+            &self.probe_exe,
+            cgroup.map(TestCgroup::path),
+            &self.netns,
+            kind,
+            target,
+        )
     }
 
     /// Starts a probe without waiting (for loops that span a daemon restart).
     pub fn spawn_probe(&self, cgroup: Option<&TestCgroup>, args: &[&str]) -> anyhow::Result<Child> {
-        probe::spawn(&self.probe_exe, cgroup.map(TestCgroup::path), &self.netns, args)
+        probe::spawn(
+            &self.probe_exe,
+            cgroup.map(TestCgroup::path),
+            &self.netns,
+            args,
+        )
     }
 }

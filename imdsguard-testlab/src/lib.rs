@@ -9,10 +9,12 @@
 //! - everything is a Drop guard: processes, cgroups, the namespace and the
 //!   private bpffs mount go away even when a test panics.
 
+pub mod bench;
 pub mod bpffs;
 pub mod cgroups;
 pub mod daemon;
 pub mod fake_imds;
+pub mod kube_apiserver;
 pub mod lab;
 pub mod netns;
 pub mod probe;
@@ -26,7 +28,11 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{prefix}-{}-{}-{nanos:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}-{nanos:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Fails unless we are root: the lab needs CAP_SYS_ADMIN and CAP_BPF.

@@ -27,7 +27,9 @@ impl NetNs {
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
             }
-            Ok(File::open("/proc/thread-self/ns/net").context("open the new netns")?.into())
+            Ok(File::open("/proc/thread-self/ns/net")
+                .context("open the new netns")?
+                .into())
         })
         .join()
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))??;
@@ -67,7 +69,11 @@ impl NetNs {
 
     /// Runs `ip ARGS` in the namespace and returns its stdout.
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.command("ip").args(args).output().context("run ip (iproute2)")?;
+        let out = self
+            .command("ip")
+            .args(args)
+            .output()
+            .context("run ip (iproute2)")?;
         ensure!(
             out.status.success(),
             "ip {}: {}",
@@ -83,14 +89,25 @@ impl NetNs {
         let a = addr.to_string();
         match addr {
             IpAddr::V4(_) => self.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?,
-            IpAddr::V6(_) => self.ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"])?,
+            IpAddr::V6(_) => self.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?,
         };
         self.assert_local(addr)
     }
 
     pub fn assert_local(&self, addr: IpAddr) -> anyhow::Result<()> {
         let route = self.ip(&["route", "get", &addr.to_string()])?;
-        ensure!(route.starts_with("local "), "route to {addr} in the test netns is not local: {route}");
+        ensure!(
+            route.starts_with("local "),
+            "route to {addr} in the test netns is not local: {route}"
+        );
         Ok(())
     }
 
@@ -98,7 +115,10 @@ impl NetNs {
     pub fn assert_isolated(&self) -> anyhow::Result<()> {
         let links = self.ip(&["-o", "link", "show"])?;
         let names: Vec<&str> = links.lines().filter_map(|l| l.split(": ").nth(1)).collect();
-        ensure!(names == ["lo"], "test netns has interfaces other than lo: {names:?}");
+        ensure!(
+            names == ["lo"],
+            "test netns has interfaces other than lo: {names:?}"
+        );
         Ok(())
     }
 }

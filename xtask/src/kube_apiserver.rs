@@ -236,6 +236,7 @@ fn fetch_source(work: &Path) -> anyhow::Result<()> {
     let src_file = parts.join("debian-src.sources");
     fs::write(&src_file, deb_src).with_context(|| format!("write {}", src_file.display()))?;
     let conf = apt.join("apt.conf");
+    // The sandbox user `_apt` cannot write into the root-owned work dir.
     fs::write(
         &conf,
         format!(

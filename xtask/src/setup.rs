@@ -23,8 +23,20 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing the nightly toolchain's rust-src");
-    crate::test::status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-    crate::test::status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    crate::test::status(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))?;
+    crate::test::status(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {
@@ -34,7 +46,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         if v.contains(BPF_LINKER_VERSION) {
             return Ok(());
         }
-        eprintln!("xtask: bpf-linker is {}, want {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "xtask: bpf-linker is {}, want {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     }
     // 0.10.0 links with rustc's own LLVM 22 (no system LLVM needed); newer
     // releases want an external LLVM 23.
@@ -49,7 +64,11 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// iproute2 for the test network namespaces.
 fn ensure_tools() -> anyhow::Result<()> {
-    if Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     if !crate::test::is_root() {
@@ -57,5 +76,10 @@ fn ensure_tools() -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing iproute2");
     crate::test::status(Command::new("apt-get").arg("update"))?;
-    crate::test::status(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "iproute2"]))
+    crate::test::status(Command::new("apt-get").args([
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "iproute2",
+    ]))
 }

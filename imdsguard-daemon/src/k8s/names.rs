@@ -13,7 +13,9 @@ pub enum Malformed {
     TooLong { max: usize },
     #[error("must be alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric")]
     NotQualifiedName,
-    #[error("must be lowercase alphanumerics, '-' or '.', each dot-separated part starting and ending with an alphanumeric")]
+    #[error(
+        "must be lowercase alphanumerics, '-' or '.', each dot-separated part starting and ending with an alphanumeric"
+    )]
     NotDnsSubdomain,
     #[error("must be lowercase alphanumerics or '-', starting and ending with an alphanumeric")]
     NotDnsLabel,
@@ -77,7 +79,9 @@ fn check_dns_subdomain(name: &str) -> Result<(), Malformed> {
 fn check_qualified_part(name: &str) -> Result<(), Malformed> {
     check_len(name, LABEL_MAX)?;
     let inner_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if !(starts_and_ends_alphanumeric(name, |c| c.is_ascii_alphanumeric()) && name.chars().all(inner_ok)) {
+    if !(starts_and_ends_alphanumeric(name, |c| c.is_ascii_alphanumeric())
+        && name.chars().all(inner_ok))
+    {
         return Err(Malformed::NotQualifiedName);
     }
     Ok(())
@@ -118,7 +122,16 @@ mod tests {
             "example.com/A_b-c.D",
             "x/y",
             &"a".repeat(63),
-            &format!("{}/n", ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".")),
+            &format!(
+                "{}/n",
+                [
+                    "a".repeat(63),
+                    "b".repeat(63),
+                    "c".repeat(63),
+                    "d".repeat(61)
+                ]
+                .join(".")
+            ),
         ] {
             assert_eq!(check_label_key(ok), Ok(()), "{ok:?}");
         }
@@ -127,16 +140,31 @@ mod tests {
             ("a/b/c", KeyProblem::TooManySlashes),
             ("/app", KeyProblem::Prefix(Malformed::Empty)),
             ("example.com/", KeyProblem::Name(Malformed::Empty)),
-            ("Example.com/app", KeyProblem::Prefix(Malformed::NotDnsSubdomain)),
-            ("exa_mple.com/app", KeyProblem::Prefix(Malformed::NotDnsSubdomain)),
-            ("example..com/app", KeyProblem::Prefix(Malformed::NotDnsSubdomain)),
+            (
+                "Example.com/app",
+                KeyProblem::Prefix(Malformed::NotDnsSubdomain),
+            ),
+            (
+                "exa_mple.com/app",
+                KeyProblem::Prefix(Malformed::NotDnsSubdomain),
+            ),
+            (
+                "example..com/app",
+                KeyProblem::Prefix(Malformed::NotDnsSubdomain),
+            ),
             ("-app", KeyProblem::Name(Malformed::NotQualifiedName)),
             ("app-", KeyProblem::Name(Malformed::NotQualifiedName)),
             ("a b", KeyProblem::Name(Malformed::NotQualifiedName)),
             ("app=x", KeyProblem::Name(Malformed::NotQualifiedName)),
             ("ü", KeyProblem::Name(Malformed::NotQualifiedName)),
-            (&"a".repeat(64), KeyProblem::Name(Malformed::TooLong { max: 63 })),
-            (&format!("{}/n", "a".repeat(254)), KeyProblem::Prefix(Malformed::TooLong { max: 253 })),
+            (
+                &"a".repeat(64),
+                KeyProblem::Name(Malformed::TooLong { max: 63 }),
+            ),
+            (
+                &format!("{}/n", "a".repeat(254)),
+                KeyProblem::Prefix(Malformed::TooLong { max: 253 }),
+            ),
         ] {
             assert_eq!(check_label_key(bad), Err(want), "{bad:?}");
         }
@@ -149,7 +177,10 @@ mod tests {
         }
         assert_eq!(check_label_value("-x"), Err(Malformed::NotQualifiedName));
         assert_eq!(check_label_value("a/b"), Err(Malformed::NotQualifiedName));
-        assert_eq!(check_label_value(&"z".repeat(64)), Err(Malformed::TooLong { max: 63 }));
+        assert_eq!(
+            check_label_value(&"z".repeat(64)),
+            Err(Malformed::TooLong { max: 63 })
+        );
     }
 
     #[test]
@@ -161,6 +192,9 @@ mod tests {
         for bad in ["Imds", "a.b", "a_b", "-a", "a-"] {
             assert_eq!(check_dns_label(bad), Err(Malformed::NotDnsLabel), "{bad:?}");
         }
-        assert_eq!(check_dns_label(&"n".repeat(64)), Err(Malformed::TooLong { max: 63 }));
+        assert_eq!(
+            check_dns_label(&"n".repeat(64)),
+            Err(Malformed::TooLong { max: 63 })
+        );
     }
 }

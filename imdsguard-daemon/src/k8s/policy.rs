@@ -32,7 +32,9 @@
 //! `access: allow` lets the pod reach the metadata service, `access: deny`
 //! denies it in `mode` (`enforce`: EPERM and a report; `audit`: allowed but
 //! reported), which defaults to `defaultMode`. A pod no rule applies to gets
-//! no entry of its own, so the daemon's global default covers it.
+//! no entry of its own, so the daemon's global default covers it. An empty
+//! document is the empty policy: no rules, `defaultMode: enforce`, and the
+//! built-in destinations.
 //!
 //! Mistakes are errors, never a silently different policy: unknown fields
 //! (a misspelt `podSelector` would otherwise select every pod), `mode` on an
@@ -137,7 +139,11 @@ pub enum PolicyError {
     },
 
     #[error("{rule}.name: invalid rule name {name:?}: {problem}")]
-    InvalidRuleName { rule: RuleRef, name: String, problem: Malformed },
+    InvalidRuleName {
+        rule: RuleRef,
+        name: String,
+        problem: Malformed,
+    },
 
     #[error("{rule}.name: rule name is already used by rules[{first}]")]
     DuplicateRuleName { rule: RuleRef, first: usize },
@@ -145,16 +151,29 @@ pub enum PolicyError {
     #[error("{rule}.mode: only deny rules take a mode; an allow rule never denies")]
     ModeOnAllowRule { rule: RuleRef },
 
-    #[error("{rule}.namespaces: an empty list matches no namespace; omit the field to match every namespace")]
+    #[error(
+        "{rule}.namespaces: an empty list matches no namespace; omit the field to match every namespace"
+    )]
     NoNamespaces { rule: RuleRef },
 
     #[error("{rule}.namespaces[{index}]: invalid namespace name {name:?}: {problem}")]
-    InvalidNamespace { rule: RuleRef, index: usize, name: String, problem: Malformed },
+    InvalidNamespace {
+        rule: RuleRef,
+        index: usize,
+        name: String,
+        problem: Malformed,
+    },
 
     #[error("{rule}.{field}.{error}")]
-    Selector { rule: RuleRef, field: &'static str, error: SelectorError },
+    Selector {
+        rule: RuleRef,
+        field: &'static str,
+        error: SelectorError,
+    },
 
-    #[error("destinations: an empty list protects nothing; omit the field to keep the built-in destinations")]
+    #[error(
+        "destinations: an empty list protects nothing; omit the field to keep the built-in destinations"
+    )]
     NoDestinations,
 
     #[error("destinations[{index}]: {error}")]
@@ -166,7 +185,11 @@ pub enum PolicyError {
 }
 
 fn path_prefix(path: &str) -> String {
-    if path.is_empty() { String::new() } else { format!("{path}: ") }
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    }
 }
 
 fn at_line(line: Option<usize>, column: Option<usize>) -> String {
@@ -220,9 +243,17 @@ impl Rule {
         namespace_labels: &BTreeMap<String, String>,
         pod_labels: &BTreeMap<String, String>,
     ) -> bool {
-        self.namespaces.as_ref().is_none_or(|names| names.contains(namespace))
-            && self.namespace_selector.as_ref().is_none_or(|s| s.matches(namespace_labels))
-            && self.pod_selector.as_ref().is_none_or(|s| s.matches(pod_labels))
+        self.namespaces
+            .as_ref()
+            .is_none_or(|names| names.contains(namespace))
+            && self
+                .namespace_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(namespace_labels))
+            && self
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(pod_labels))
     }
 
     /// The `imdsguard_common::action` value for pods this rule decides.
@@ -233,11 +264,26 @@ impl Rule {
         }
     }
 
-    fn from_spec(index: usize, spec: RuleSpec, seen: &mut BTreeMap<String, usize>) -> Result<Self, PolicyError> {
+    fn from_spec(
+        index: usize,
+        spec: RuleSpec,
+        seen: &mut BTreeMap<String, usize>,
+    ) -> Result<Self, PolicyError> {
         let name_problem = names::check_dns_label(&spec.name).err();
-        let rule = RuleRef { index, name: if name_problem.is_none() { spec.name.clone() } else { String::new() } };
+        let rule = RuleRef {
+            index,
+            name: if name_problem.is_none() {
+                spec.name.clone()
+            } else {
+                String::new()
+            },
+        };
         if let Some(problem) = name_problem {
-            return Err(PolicyError::InvalidRuleName { rule, name: spec.name, problem });
+            return Err(PolicyError::InvalidRuleName {
+                rule,
+                name: spec.name,
+                problem,
+            });
         }
         if let Some(&first) = seen.get(&spec.name) {
             return Err(PolicyError::DuplicateRuleName { rule, first });
@@ -246,11 +292,18 @@ impl Rule {
         if spec.access == Access::Allow && spec.mode.is_some() {
             return Err(PolicyError::ModeOnAllowRule { rule });
         }
-        let namespaces = spec.namespaces.map(|list| validate_namespaces(&rule, list)).transpose()?;
+        let namespaces = spec
+            .namespaces
+            .map(|list| validate_namespaces(&rule, list))
+            .transpose()?;
         let selector = |field: &'static str, spec: Option<LabelSelectorSpec>| {
             spec.map(|s| LabelSelector::try_from(&s))
                 .transpose()
-                .map_err(|error| PolicyError::Selector { rule: rule.clone(), field, error })
+                .map_err(|error| PolicyError::Selector {
+                    rule: rule.clone(),
+                    field,
+                    error,
+                })
         };
         Ok(Rule {
             namespace_selector: selector("namespaceSelector", spec.namespace_selector)?,
@@ -269,7 +322,12 @@ fn validate_namespaces(rule: &RuleRef, list: Vec<String>) -> Result<BTreeSet<Str
     }
     for (index, name) in list.iter().enumerate() {
         if let Err(problem) = names::check_dns_label(name) {
-            return Err(PolicyError::InvalidNamespace { rule: rule.clone(), index, name: name.clone(), problem });
+            return Err(PolicyError::InvalidNamespace {
+                rule: rule.clone(),
+                index,
+                name: name.clone(),
+                problem,
+            });
         }
     }
     Ok(list.into_iter().collect())
@@ -294,8 +352,9 @@ pub struct Policy {
 
 impl Policy {
     pub fn from_yaml(yaml: &str) -> Result<Self, PolicyError> {
-        let spec: PolicySpec = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(yaml))
-            .map_err(|e| yaml_error(yaml, e))?;
+        let spec: PolicySpec =
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(yaml))
+                .map_err(|e| yaml_error(yaml, e))?;
         let mut seen = BTreeMap::new();
         let rules = spec
             .rules
@@ -304,7 +363,11 @@ impl Policy {
             .map(|(i, r)| Rule::from_spec(i, r, &mut seen))
             .collect::<Result<_, _>>()?;
         let destinations = spec.destinations.map(parse_destinations).transpose()?;
-        Ok(Self { default_mode: spec.default_mode.into(), rules, destinations })
+        Ok(Self {
+            default_mode: spec.default_mode.into(),
+            rules,
+            destinations,
+        })
     }
 
     /// The first rule that applies to the pod decides; `None` when no rule
@@ -320,7 +383,11 @@ impl Policy {
             .iter()
             .enumerate()
             .find(|(_, r)| r.applies(namespace, namespace_labels, pod_labels))?;
-        Some(Decision { action: rule.action(self.default_mode), rule_index, rule_name: &rule.name })
+        Some(Decision {
+            action: rule.action(self.default_mode),
+            rule_index,
+            rule_name: &rule.name,
+        })
     }
 
     pub fn default_mode(&self) -> Mode {
@@ -344,7 +411,10 @@ fn parse_destinations(specs: Vec<String>) -> Result<Vec<Destination>, PolicyErro
     let parsed = specs
         .iter()
         .enumerate()
-        .map(|(index, s)| s.parse::<Destination>().map_err(|error| PolicyError::Destination { index, error }))
+        .map(|(index, s)| {
+            s.parse::<Destination>()
+                .map_err(|error| PolicyError::Destination { index, error })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // Compile now so a set that cannot fit the maps fails at load, not when
     // the enforcer is about to write it.
@@ -369,30 +439,447 @@ fn yaml_error(yaml: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> P
 fn describe_path(yaml: &str, path: &serde_path_to_error::Path) -> String {
     let mut out = String::new();
     for segment in path.iter() {
-        match segment {
+        let key = match segment {
             Segment::Seq { index } => {
                 let in_rules = out == "rules";
                 out.push_str(&format!("[{index}]"));
                 if in_rules && let Some(name) = rule_name(yaml, *index) {
                     out.push_str(&format!(" ({name})"));
                 }
+                continue;
             }
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
-            Segment::Unknown => out.push_str(".?"),
+            Segment::Map { key } | Segment::Enum { variant: key } => key.as_str(),
+            Segment::Unknown => "?",
+        };
+        if !out.is_empty() {
+            out.push('.');
         }
+        out.push_str(key);
     }
     out
 }
 
-/// The rule's name from a loose parse; only for error messages, so any
-/// doubt (not a mapping, no string name) means no name.
+/// The rule's name from a loose parse that ignores everything else, so it
+/// works on documents the strict parse refused; only for error messages.
 fn rule_name(yaml: &str, index: usize) -> Option<String> {
-    let doc: serde_yaml::Value = serde_yaml::from_str(yaml).ok()?;
-    let name = doc.get("rules")?.get(index)?.get("name")?.as_str()?;
-    Some(name.to_string()).filter(|n| !n.is_empty())
+    #[derive(Deserialize)]
+    struct Names {
+        rules: Vec<NameOnly>,
+    }
+    #[derive(Deserialize)]
+    struct NameOnly {
+        name: Option<serde_yaml::Value>,
+    }
+    let names: Names = serde_yaml::from_str(yaml).ok()?;
+    let name = names.rules.into_iter().nth(index)?.name?;
+    name.as_str().filter(|n| !n.is_empty()).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example in this module's documentation, so it cannot rot.
+    fn seed() -> String {
+        let doc: Vec<&str> = include_str!("policy.rs")
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .collect();
+        let start = doc.iter().position(|l| l.trim() == "```yaml").unwrap() + 1;
+        let len = doc[start..].iter().position(|l| l.trim() == "```").unwrap();
+        doc[start..start + len]
+            .iter()
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn action_of(
+        p: &Policy,
+        ns: &str,
+        ns_labels: &[(&str, &str)],
+        pod: &[(&str, &str)],
+    ) -> Option<u32> {
+        p.evaluate(ns, &labels(ns_labels), &labels(pod))
+            .map(|d| d.action)
+    }
+
+    fn err(yaml: &str) -> PolicyError {
+        Policy::from_yaml(yaml).unwrap_err()
+    }
+
+    #[test]
+    fn seed_example_decides_as_documented() {
+        let p = Policy::from_yaml(&seed()).unwrap();
+        assert_eq!(p.default_mode(), Mode::Enforce);
+        assert_eq!(p.rules().len(), 2);
+        let prod = p
+            .evaluate("imds", &labels(&[]), &labels(&[("app", "prod")]))
+            .unwrap();
+        assert_eq!(
+            prod,
+            Decision {
+                action: action::ALLOW,
+                rule_index: 0,
+                rule_name: "prod-reads-imds"
+            }
+        );
+        let test = p
+            .evaluate("imds", &labels(&[]), &labels(&[("app", "test")]))
+            .unwrap();
+        assert_eq!(
+            test,
+            Decision {
+                action: action::ENFORCE,
+                rule_index: 1,
+                rule_name: "test-denied"
+            }
+        );
+        assert_eq!(action_of(&p, "default", &[], &[("app", "prod")]), None);
+        assert_eq!(action_of(&p, "imds", &[], &[("app", "other")]), None);
+        assert_eq!(action_of(&p, "imds", &[], &[]), None);
+        let d = p.destinations().unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].name, "aws-imds");
+    }
+
+    #[test]
+    fn deny_mode_overrides_default_mode() {
+        let p = Policy::from_yaml(&seed().replace("mode: enforce ", "mode: audit ")).unwrap();
+        assert_eq!(
+            action_of(&p, "imds", &[], &[("app", "test")]),
+            Some(action::AUDIT)
+        );
+        let p = Policy::from_yaml(
+            "defaultMode: audit\n\
+             rules:\n\
+             - {name: follows-default, access: deny}\n",
+        )
+        .unwrap();
+        assert_eq!(p.default_mode(), Mode::Audit);
+        assert_eq!(action_of(&p, "any", &[], &[]), Some(action::AUDIT));
+        let p = Policy::from_yaml(
+            "defaultMode: audit\nrules: [{name: strict, access: deny, mode: enforce}]",
+        )
+        .unwrap();
+        assert_eq!(action_of(&p, "any", &[], &[]), Some(action::ENFORCE));
+    }
+
+    #[test]
+    fn empty_policy_decides_nothing() {
+        let p = Policy::from_yaml("{}").unwrap();
+        assert_eq!(p.default_mode(), Mode::Enforce);
+        assert!(p.rules().is_empty());
+        assert!(p.destinations().is_none());
+        assert_eq!(action_of(&p, "imds", &[], &[("app", "prod")]), None);
+        let p = Policy::from_yaml("# only a comment\nrules: []\n").unwrap();
+        assert!(p.rules().is_empty());
+        // An empty ConfigMap key is the empty policy: every pod falls to the
+        // global default, which fails closed unless configured otherwise.
+        let p = Policy::from_yaml("").unwrap();
+        assert!(p.rules().is_empty() && p.destinations().is_none());
+    }
+
+    #[test]
+    fn namespace_conditions_combine() {
+        let p = Policy::from_yaml(
+            "rules:\n\
+             - name: both\n  namespaces: [a, b]\n  namespaceSelector: {matchLabels: {team: x}}\n\
+             - name: by-name\n  namespaces: [c]\n\
+             - name: by-labels\n  namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [y]}]}\n",
+        )
+        .unwrap();
+        let rule = |ns: &str, ns_labels: &[(&str, &str)]| {
+            p.evaluate(ns, &labels(ns_labels), &labels(&[]))
+                .map(|d| d.rule_name)
+        };
+        assert_eq!(rule("a", &[("team", "x")]), Some("both"));
+        assert_eq!(
+            rule("a", &[("team", "z")]),
+            None,
+            "name matches, labels do not"
+        );
+        assert_eq!(
+            rule("z", &[("team", "x")]),
+            None,
+            "labels match, name does not"
+        );
+        assert_eq!(rule("c", &[]), Some("by-name"));
+        assert_eq!(rule("d", &[("team", "y")]), Some("by-labels"));
+        assert_eq!(rule("b", &[("team", "y")]), Some("by-labels"));
+    }
+
+    #[test]
+    fn absent_selectors_match_everything_and_first_rule_wins() {
+        let p = Policy::from_yaml(
+            "rules:\n\
+             - {name: deny-canary, podSelector: {matchLabels: {canary: 'true'}}, access: deny, mode: audit}\n\
+             - {name: everyone-in-imds, namespaces: [imds]}\n\
+             - {name: deny-rest, access: deny}\n",
+        )
+        .unwrap();
+        let decide = |ns: &str, pod: &[(&str, &str)]| {
+            p.evaluate(ns, &labels(&[]), &labels(pod))
+                .map(|d| (d.rule_index, d.action))
+        };
+        assert_eq!(
+            decide("imds", &[("canary", "true")]),
+            Some((0, action::AUDIT))
+        );
+        assert_eq!(decide("imds", &[("app", "x")]), Some((1, action::ALLOW)));
+        assert_eq!(decide("other", &[]), Some((2, action::ENFORCE)));
+        assert_eq!(p.rules()[1].access(), Access::Allow);
+        assert!(p.rules()[1].pod_selector().is_none());
+    }
+
+    #[test]
+    fn unknown_operator_names_rule_and_field() {
+        let yaml = seed().replace(
+            "matchLabels: {app: test}",
+            "matchExpressions: [{key: app, operator: Equals, values: [test]}]",
+        );
+        let e = err(&yaml);
+        assert!(
+            matches!(
+                e,
+                PolicyError::Selector {
+                    field: "podSelector",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            r#"rules[1] (test-denied).podSelector.matchExpressions[0].operator: unknown operator "Equals" (expected In, NotIn, Exists, DoesNotExist)"#
+        );
+    }
+
+    #[test]
+    fn selector_errors_say_which_selector() {
+        let e = err(
+            "rules: [{name: r, namespaceSelector: {matchExpressions: [{key: team, operator: Exists, values: [x]}]}}]",
+        );
+        assert_eq!(
+            e.to_string(),
+            "rules[0] (r).namespaceSelector.matchExpressions[0].values: operator Exists takes no values"
+        );
+        let e = err("rules: [{name: r, podSelector: {matchLabels: {'bad key': x}}}]");
+        assert!(
+            e.to_string()
+                .starts_with("rules[0] (r).podSelector.matchLabels: invalid label key \"bad key\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_keep_the_location() {
+        let e = err("rules:\n  - name: a\n   access: [allow\n");
+        let PolicyError::Yaml { line, column, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*line, Some(3), "{e}");
+        assert!(column.is_some());
+        assert!(
+            e.to_string()
+                .contains("invalid policy yaml at line 3 column"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_naming_the_rule() {
+        let yaml = seed().replace(
+            "podSelector:\n      matchLabels: {app: test}",
+            "podSelectr:\n      matchLabels: {app: test}",
+        );
+        let e = err(&yaml);
+        let PolicyError::Yaml {
+            path, line, source, ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, "rules[1] (test-denied).podSelectr");
+        assert_eq!(*line, Some(11));
+        assert!(
+            source.to_string().contains("unknown field `podSelectr`"),
+            "{source}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("rules[1] (test-denied).podSelectr: invalid policy yaml at line 11"),
+            "{e}"
+        );
+
+        let e = err("defaultmode: audit\n");
+        assert!(
+            e.to_string()
+                .starts_with("defaultmode: invalid policy yaml at line 1"),
+            "{e}"
+        );
+        let e = err("rules: [{name: r, podSelector: {matchLabel: {app: x}}}]");
+        assert!(
+            e.to_string()
+                .starts_with("rules[0] (r).podSelector.matchLabel: "),
+            "{e}"
+        );
+        let e = err("rules: [{name: r, podSelector: {matchLabels: {app: a, app: b}}}]");
+        let PolicyError::Yaml { path, source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(path, "rules[0] (r).podSelector.matchLabels");
+        assert!(
+            source.to_string().contains("duplicate label key \"app\""),
+            "{source}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_values_are_errors() {
+        for (yaml, path, needle) in [
+            (
+                "defaultMode: block",
+                "defaultMode",
+                "unknown variant `block`",
+            ),
+            (
+                "rules: [{name: r, access: permit}]",
+                "rules[0] (r).access",
+                "unknown variant `permit`",
+            ),
+            (
+                "rules: [{name: r, access: deny, mode: Enforce}]",
+                "rules[0] (r).mode",
+                "unknown variant `Enforce`",
+            ),
+        ] {
+            let e = err(yaml);
+            let PolicyError::Yaml {
+                path: p, source, ..
+            } = &e
+            else {
+                panic!("{yaml}: {e:?}")
+            };
+            assert_eq!(p, path, "{yaml}");
+            assert!(source.to_string().contains(needle), "{yaml}: {source}");
+        }
+    }
+
+    #[test]
+    fn rule_names_are_required_valid_and_unique() {
+        let e = err("rules: [{access: allow}]");
+        assert!(
+            matches!(&e, PolicyError::Yaml { path, .. } if path == "rules[0]"),
+            "{e:?}"
+        );
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("missing field `name`")
+        );
+
+        let e = err("rules: [{name: ''}]");
+        assert!(
+            matches!(
+                e,
+                PolicyError::InvalidRuleName {
+                    problem: Malformed::Empty,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "rules[0].name: invalid rule name \"\": is empty"
+        );
+        let e = err("rules: [{name: ok}, {name: Prod_Reads}]");
+        assert!(
+            e.to_string()
+                .starts_with("rules[1].name: invalid rule name \"Prod_Reads\": must be lowercase"),
+            "{e}"
+        );
+
+        let e = err("rules: [{name: a}, {name: b}, {name: a, access: deny}]");
+        assert!(
+            matches!(e, PolicyError::DuplicateRuleName { first: 0, .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "rules[2] (a).name: rule name is already used by rules[0]"
+        );
+    }
+
+    #[test]
+    fn mode_on_an_allow_rule_is_an_error() {
+        for yaml in [
+            "rules: [{name: r, mode: audit}]",
+            "rules: [{name: r, access: allow, mode: enforce}]",
+        ] {
+            let e = err(yaml);
+            assert!(matches!(e, PolicyError::ModeOnAllowRule { .. }), "{e:?}");
+            assert_eq!(
+                e.to_string(),
+                "rules[0] (r).mode: only deny rules take a mode; an allow rule never denies"
+            );
+        }
+    }
+
+    #[test]
+    fn namespace_lists_must_name_namespaces() {
+        let e = err("rules: [{name: r, namespaces: []}]");
+        assert!(matches!(e, PolicyError::NoNamespaces { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("rules[0] (r).namespaces: an empty list matches no namespace")
+        );
+        let e = err("rules: [{name: r, namespaces: [imds, Kube_System]}]");
+        assert!(
+            matches!(e, PolicyError::InvalidNamespace { index: 1, .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("rules[0] (r).namespaces[1]: invalid namespace name \"Kube_System\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn destinations_are_validated_at_load() {
+        let e = err("destinations: []");
+        assert!(matches!(e, PolicyError::NoDestinations), "{e:?}");
+        let e = err("destinations: ['169.254.169.254', '169.254.169.254/33 tcp']");
+        assert!(
+            matches!(e, PolicyError::Destination { index: 1, .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("destinations[1]: invalid protected destination"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("longer than 32"), "{e}");
+        let e = err("destinations: ['10.1.2.3 ports=1,3,5,7,9', '10.1.2.3 ports=11,13,15,17']");
+        assert!(matches!(e, PolicyError::DestinationSet { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("destinations: protected prefix 10.1.2.3/32 needs 9 port ranges"),
+            "{e}"
+        );
+        let e = err("destinations: '169.254.169.254'");
+        assert!(
+            matches!(&e, PolicyError::Yaml { path, .. } if path == "destinations"),
+            "{e:?}"
+        );
+    }
 }

@@ -26,7 +26,11 @@ use super::names::{self, KeyProblem, Malformed};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelectorSpec {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys"
+    )]
     pub match_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub match_expressions: Vec<RequirementSpec>,
@@ -77,7 +81,9 @@ impl FromStr for Operator {
             "NotIn" => Ok(Operator::NotIn),
             "Exists" => Ok(Operator::Exists),
             "DoesNotExist" => Ok(Operator::DoesNotExist),
-            other => Err(SelectorProblem::UnknownOperator { found: other.into() }),
+            other => Err(SelectorProblem::UnknownOperator {
+                found: other.into(),
+            }),
         }
     }
 }
@@ -108,7 +114,10 @@ pub struct SelectorError {
 
 impl SelectorError {
     fn at(path: impl Into<String>, problem: SelectorProblem) -> Self {
-        Self { path: path.into(), problem }
+        Self {
+            path: path.into(),
+            problem,
+        }
     }
 
     fn within(mut self, parent: &str) -> Self {
@@ -131,16 +140,28 @@ impl Requirement {
     pub fn new(key: &str, operator: Operator, values: &[String]) -> Result<Self, SelectorError> {
         check_key(key).map_err(|p| SelectorError::at("key", p))?;
         match (operator.takes_values(), values.is_empty()) {
-            (true, true) => return Err(SelectorError::at("values", SelectorProblem::ValuesRequired { operator })),
+            (true, true) => {
+                return Err(SelectorError::at(
+                    "values",
+                    SelectorProblem::ValuesRequired { operator },
+                ));
+            }
             (false, false) => {
-                return Err(SelectorError::at("values", SelectorProblem::ValuesForbidden { operator }));
+                return Err(SelectorError::at(
+                    "values",
+                    SelectorProblem::ValuesForbidden { operator },
+                ));
             }
             _ => {}
         }
         for (i, v) in values.iter().enumerate() {
             check_value(v).map_err(|p| SelectorError::at(format!("values[{i}]"), p))?;
         }
-        Ok(Self { key: key.into(), operator, values: values.iter().cloned().collect() })
+        Ok(Self {
+            key: key.into(),
+            operator,
+            values: values.iter().cloned().collect(),
+        })
     }
 
     pub fn key(&self) -> &str {
@@ -170,7 +191,10 @@ impl Requirement {
 impl TryFrom<&RequirementSpec> for Requirement {
     type Error = SelectorError;
     fn try_from(spec: &RequirementSpec) -> Result<Self, SelectorError> {
-        let operator = spec.operator.parse().map_err(|p| SelectorError::at("operator", p))?;
+        let operator = spec
+            .operator
+            .parse()
+            .map_err(|p| SelectorError::at("operator", p))?;
         Requirement::new(&spec.key, operator, &spec.values)
     }
 }
@@ -208,7 +232,9 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
             && self.requirements.iter().all(|r| r.matches(labels))
     }
 }
@@ -224,9 +250,14 @@ impl TryFrom<&LabelSelectorSpec> for LabelSelector {
             .match_expressions
             .iter()
             .enumerate()
-            .map(|(i, r)| Requirement::try_from(r).map_err(|e| e.within(&format!("matchExpressions[{i}]"))))
+            .map(|(i, r)| {
+                Requirement::try_from(r).map_err(|e| e.within(&format!("matchExpressions[{i}]")))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(Self { match_labels: spec.match_labels.clone(), requirements })
+        Ok(Self {
+            match_labels: spec.match_labels.clone(),
+            requirements,
+        })
     }
 }
 
@@ -241,7 +272,11 @@ impl TryFrom<LabelSelectorSpec> for LabelSelector {
 /// selector prints as nothing, as apimachinery's does.
 impl fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = self.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+        let mut parts = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>();
         for r in &self.requirements {
             let set = || r.values.iter().cloned().collect::<Vec<_>>().join(",");
             parts.push(match r.operator {
@@ -255,12 +290,48 @@ impl fmt::Display for LabelSelector {
     }
 }
 
+/// A map that refuses repeated keys. YAML forbids them, but a plain map
+/// would keep the last one, turning `{app: a, app: b}` into `app=b`.
+fn unique_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of label keys to values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "duplicate label key {k:?}"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
+}
+
 fn check_key(key: &str) -> Result<(), SelectorProblem> {
-    names::check_label_key(key).map_err(|problem| SelectorProblem::InvalidKey { key: key.into(), problem })
+    names::check_label_key(key).map_err(|problem| SelectorProblem::InvalidKey {
+        key: key.into(),
+        problem,
+    })
 }
 
 fn check_value(value: &str) -> Result<(), SelectorProblem> {
-    names::check_label_value(value).map_err(|problem| SelectorProblem::InvalidValue { value: value.into(), problem })
+    names::check_label_value(value).map_err(|problem| SelectorProblem::InvalidValue {
+        value: value.into(),
+        problem,
+    })
 }
 
 #[cfg(test)]
@@ -270,7 +341,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn selector(yaml: &str) -> LabelSelector {
@@ -316,7 +390,11 @@ mod tests {
         ];
         for (op, values, want) in cases {
             let r = req("env", op, &values);
-            assert_eq!([r.matches(&none), r.matches(&a), r.matches(&c)], want, "{op}");
+            assert_eq!(
+                [r.matches(&none), r.matches(&a), r.matches(&c)],
+                want,
+                "{op}"
+            );
         }
     }
 
@@ -349,36 +427,96 @@ mod tests {
                 "matchExpressions[0].operator",
                 r#"unknown operator "Equals" (expected In, NotIn, Exists, DoesNotExist)"#,
             ),
-            ("matchExpressions: [{key: app, operator: in, values: [x]}]", "matchExpressions[0].operator", "unknown operator \"in\""),
-            ("matchExpressions: [{key: app, operator: In}]", "matchExpressions[0].values", "operator In needs at least one value"),
-            ("matchExpressions: [{key: app, operator: NotIn, values: []}]", "matchExpressions[0].values", "operator NotIn needs"),
-            ("matchExpressions: [{key: app, operator: Exists, values: [x]}]", "matchExpressions[0].values", "operator Exists takes no values"),
-            ("matchExpressions: [{key: a, operator: DoesNotExist, values: [x]}]", "matchExpressions[0].values", "DoesNotExist takes no"),
-            ("matchExpressions: [{key: 'a b', operator: Exists}]", "matchExpressions[0].key", "invalid label key \"a b\": name must be"),
+            (
+                "matchExpressions: [{key: app, operator: in, values: [x]}]",
+                "matchExpressions[0].operator",
+                "unknown operator \"in\"",
+            ),
+            (
+                "matchExpressions: [{key: app, operator: In}]",
+                "matchExpressions[0].values",
+                "operator In needs at least one value",
+            ),
+            (
+                "matchExpressions: [{key: app, operator: NotIn, values: []}]",
+                "matchExpressions[0].values",
+                "operator NotIn needs",
+            ),
+            (
+                "matchExpressions: [{key: app, operator: Exists, values: [x]}]",
+                "matchExpressions[0].values",
+                "operator Exists takes no values",
+            ),
+            (
+                "matchExpressions: [{key: a, operator: DoesNotExist, values: [x]}]",
+                "matchExpressions[0].values",
+                "DoesNotExist takes no",
+            ),
+            (
+                "matchExpressions: [{key: 'a b', operator: Exists}]",
+                "matchExpressions[0].key",
+                "invalid label key \"a b\": name must be",
+            ),
             (
                 "matchExpressions: [{key: a, operator: Exists}, {key: a, operator: In, values: [ok, -bad]}]",
                 "matchExpressions[1].values[1]",
                 "invalid label value \"-bad\"",
             ),
-            ("matchLabels: {'Example.com/app': x}", "matchLabels", "prefix must be lowercase"),
-            ("matchLabels: {'a/b/c': x}", "matchLabels", "has more than one '/'"),
-            ("matchLabels: {app: 'x y'}", "matchLabels[\"app\"]", "invalid label value \"x y\""),
+            (
+                "matchLabels: {'Example.com/app': x}",
+                "matchLabels",
+                "prefix must be lowercase",
+            ),
+            (
+                "matchLabels: {'a/b/c': x}",
+                "matchLabels",
+                "has more than one '/'",
+            ),
+            (
+                "matchLabels: {app: 'x y'}",
+                "matchLabels[\"app\"]",
+                "invalid label value \"x y\"",
+            ),
         ] {
             let e = spec_error(yaml);
             assert_eq!(e.path, path, "{yaml}");
-            assert!(e.to_string().starts_with(&format!("{path}: ")), "{yaml}: {e}");
+            assert!(
+                e.to_string().starts_with(&format!("{path}: ")),
+                "{yaml}: {e}"
+            );
             assert!(e.to_string().contains(needle), "{yaml}: {e}");
         }
     }
 
     #[test]
     fn deserialize_validates_and_rejects_unknown_fields() {
-        let bad = serde_yaml::from_str::<LabelSelector>("matchExpressions: [{key: a, operator: Equals}]").unwrap_err();
-        assert!(bad.to_string().contains("matchExpressions[0].operator: unknown operator"), "{bad}");
+        let bad =
+            serde_yaml::from_str::<LabelSelector>("matchExpressions: [{key: a, operator: Equals}]")
+                .unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("matchExpressions[0].operator: unknown operator"),
+            "{bad}"
+        );
+        let dup = serde_yaml::from_str::<LabelSelector>("matchLabels: {app: a, tier: b, app: c}")
+            .unwrap_err();
+        assert!(
+            dup.to_string().contains("duplicate label key \"app\""),
+            "{dup}"
+        );
         let typo = serde_yaml::from_str::<LabelSelector>("matchLabel: {app: x}").unwrap_err();
-        assert!(typo.to_string().contains("unknown field `matchLabel`"), "{typo}");
-        let typo = serde_yaml::from_str::<LabelSelector>("matchExpressions: [{key: a, operator: In, value: [x]}]");
-        assert!(typo.unwrap_err().to_string().contains("unknown field `value`"));
+        assert!(
+            typo.to_string().contains("unknown field `matchLabel`"),
+            "{typo}"
+        );
+        let typo = serde_yaml::from_str::<LabelSelector>(
+            "matchExpressions: [{key: a, operator: In, value: [x]}]",
+        );
+        assert!(
+            typo.unwrap_err()
+                .to_string()
+                .contains("unknown field `value`")
+        );
     }
 
     #[test]
@@ -391,7 +529,10 @@ mod tests {
              - {key: team, operator: Exists}\n\
              - {key: legacy, operator: DoesNotExist}\n",
         );
-        assert_eq!(s.to_string(), "app=prod,tier in (api,web),env notin (dev),team,!legacy");
+        assert_eq!(
+            s.to_string(),
+            "app=prod,tier in (api,web),env notin (dev),team,!legacy"
+        );
         assert_eq!(LabelSelector::everything().to_string(), "");
     }
 
@@ -409,20 +550,39 @@ mod tests {
     }
 
     fn value_list() -> impl Strategy<Value = Vec<String>> {
-        prop::collection::vec(prop::sample::select(&VALUES[..]).prop_map(String::from), 1..4)
+        prop::collection::vec(
+            prop::sample::select(&VALUES[..]).prop_map(String::from),
+            1..4,
+        )
     }
 
     fn requirement() -> impl Strategy<Value = Requirement> {
-        let ops = [Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist];
-        (prop::sample::select(&KEYS[..]), prop::sample::select(&ops[..]), value_list()).prop_map(|(k, op, vs)| {
-            let vs = if op.takes_values() { vs } else { Vec::new() };
-            Requirement::new(k, op, &vs).unwrap()
-        })
+        let ops = [
+            Operator::In,
+            Operator::NotIn,
+            Operator::Exists,
+            Operator::DoesNotExist,
+        ];
+        (
+            prop::sample::select(&KEYS[..]),
+            prop::sample::select(ops.to_vec()),
+            value_list(),
+        )
+            .prop_map(|(k, op, vs)| {
+                let vs = if op.takes_values() { vs } else { Vec::new() };
+                Requirement::new(k, op, &vs).unwrap()
+            })
     }
 
     fn any_selector() -> impl Strategy<Value = LabelSelector> {
-        (prop::collection::vec(requirement(), 0..4), label_set().prop_map(|l| l.into_iter().take(2).collect()))
-            .prop_map(|(requirements, match_labels)| LabelSelector { match_labels, requirements })
+        (
+            prop::collection::vec(requirement(), 0..4),
+            label_set().prop_map(|l| l.into_iter().take(2).collect()),
+        )
+            .prop_map(|(requirements, match_labels)| LabelSelector {
+                match_labels,
+                requirements,
+            })
     }
 
     proptest! {

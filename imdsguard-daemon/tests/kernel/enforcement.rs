@@ -8,12 +8,27 @@ use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
-        trial("imds_v4_is_denied_unless_the_cgroup_is_allowed", imds_v4_is_denied_unless_the_cgroup_is_allowed),
-        trial("ipv6_and_embedded_ipv4_forms_are_denied", ipv6_and_embedded_ipv4_forms_are_denied),
-        trial("other_metadata_services_and_ports", other_metadata_services_and_ports),
+        trial(
+            "imds_v4_is_denied_unless_the_cgroup_is_allowed",
+            imds_v4_is_denied_unless_the_cgroup_is_allowed,
+        ),
+        trial(
+            "ipv6_and_embedded_ipv4_forms_are_denied",
+            ipv6_and_embedded_ipv4_forms_are_denied,
+        ),
+        trial(
+            "other_metadata_services_and_ports",
+            other_metadata_services_and_ports,
+        ),
         trial("dns_and_ntp_keep_working", dns_and_ntp_keep_working),
-        trial("udp_sends_are_only_judged_with_udp_flag", udp_sends_are_only_judged_with_udp_flag),
-        trial("protect_flag_replaces_or_extends_the_set", protect_flag_replaces_or_extends_the_set),
+        trial(
+            "udp_sends_are_only_judged_with_udp_flag",
+            udp_sends_are_only_judged_with_udp_flag,
+        ),
+        trial(
+            "protect_flag_replaces_or_extends_the_set",
+            protect_flag_replaces_or_extends_the_set,
+        ),
     ]
 }
 
@@ -24,7 +39,12 @@ fn imds_v4_is_denied_unless_the_cgroup_is_allowed() {
     let mut d = start(&lab, &flag("allow-cgroup", &prod));
 
     let got = probe(&lab, Some(&prod), "http", "169.254.169.254:80");
-    assert_eq!(got, imdsguard_testlab::probe::Outcome::Reached { detail: INSTANCE_ID.into() });
+    assert_eq!(
+        got,
+        imdsguard_testlab::probe::Outcome::Reached {
+            detail: INSTANCE_ID.into()
+        }
+    );
     assert_eperm(&lab, Some(&test), "http", "169.254.169.254:80");
     // Processes outside the attach root (like kubelet on a node) are untouched.
     assert_reached(&lab, None, "http", "169.254.169.254:80");
@@ -82,12 +102,12 @@ fn other_metadata_services_and_ports() {
     let test = lab.cgroup("test").unwrap();
     let _d = start(&lab, &[]);
     for target in [
-        "169.254.170.2:80",     // ECS task metadata
-        "169.254.170.23:80",    // EKS Pod Identity
-        "169.254.169.252:988",  // GKE metadata server
-        "100.100.100.200:80",   // Alibaba
-        "168.63.129.16:80",     // Azure WireServer
-        "168.63.129.16:32526",  // Azure WireServer (guest agent)
+        "169.254.170.2:80",    // ECS task metadata
+        "169.254.170.23:80",   // EKS Pod Identity
+        "169.254.169.252:988", // GKE metadata server
+        "100.100.100.200:80",  // Alibaba
+        "168.63.129.16:80",    // Azure WireServer
+        "168.63.129.16:32526", // Azure WireServer (guest agent)
     ] {
         assert_eperm(&lab, Some(&test), "tcp", target);
     }
@@ -100,7 +120,13 @@ fn dns_and_ntp_keep_working() {
     let test = lab.cgroup("test").unwrap();
     // With UDP enforcement on, the strictest configuration.
     let _d = start(&lab, &[s("--udp")]);
-    for target in ["169.254.169.254:53", "169.254.169.253:53", "168.63.129.16:53", "169.254.20.10:53", "[fd00:ec2::254]:53"] {
+    for target in [
+        "169.254.169.254:53",
+        "169.254.169.253:53",
+        "168.63.129.16:53",
+        "169.254.20.10:53",
+        "[fd00:ec2::254]:53",
+    ] {
         assert_reached(&lab, Some(&test), "udp-sendto", target);
         assert_reached(&lab, Some(&test), "udp-connect", target);
         assert_reached(&lab, Some(&test), "tcp", target);
@@ -131,8 +157,15 @@ fn udp_sends_are_only_judged_with_udp_flag() {
 
     // --udp on the same pins: sendmsg hooks are added and deny like connect.
     let d = start(&lab, &args([&allow, &[s("--udp")]]));
-    assert_eq!(hooks(&status(&lab)), ["connect4", "connect6", "sendmsg4", "sendmsg6"]);
-    for target in ["169.254.169.254:80", "[::ffff:169.254.169.254]:80", "[fd00:ec2::254]:80"] {
+    assert_eq!(
+        hooks(&status(&lab)),
+        ["connect4", "connect6", "sendmsg4", "sendmsg6"]
+    );
+    for target in [
+        "169.254.169.254:80",
+        "[::ffff:169.254.169.254]:80",
+        "[fd00:ec2::254]:80",
+    ] {
         assert_eperm(&lab, Some(&test), "udp-sendto", target);
         assert_reached(&lab, Some(&prod), "udp-sendto", target);
     }
@@ -153,7 +186,14 @@ fn protect_flag_replaces_or_extends_the_set() {
     assert_reached(&lab, None, "tcp", "127.0.0.1:8080");
     d.terminate().unwrap();
 
-    let _d = start(&lab, &[s("--no-default-destinations"), s("--protect"), s("[::1] tcp ports=8080")]);
+    let _d = start(
+        &lab,
+        &[
+            s("--no-default-destinations"),
+            s("--protect"),
+            s("[::1] tcp ports=8080"),
+        ],
+    );
     assert_reached(&lab, Some(&test), "tcp", "169.254.169.254:80");
     assert_reached(&lab, Some(&test), "tcp", "127.0.0.1:8080");
     assert_eperm(&lab, Some(&test), "tcp", "[::1]:8080");

@@ -12,8 +12,14 @@ use crate::{support::*, trial};
 pub fn trials() -> Vec<Trial> {
     vec![
         trial("enforcement_survives_sigkill", enforcement_survives_sigkill),
-        trial("restart_readopts_pins_without_a_gap", restart_readopts_pins_without_a_gap),
-        trial("a_denial_flood_is_counted_exactly", a_denial_flood_is_counted_exactly),
+        trial(
+            "restart_readopts_pins_without_a_gap",
+            restart_readopts_pins_without_a_gap,
+        ),
+        trial(
+            "a_denial_flood_is_counted_exactly",
+            a_denial_flood_is_counted_exactly,
+        ),
         trial("uninstall_removes_everything", uninstall_removes_everything),
     ]
 }
@@ -55,16 +61,29 @@ fn restart_readopts_pins_without_a_gap() {
     // Both pods hammer the metadata service while the daemon is killed and a
     // new one (with one more allowed cgroup) re-adopts the pins.
     let loop_ms = "4000";
-    let p = lab.spawn_probe(Some(&prod), &["tcp-loop", "169.254.169.254:80", loop_ms]).unwrap();
-    let t = lab.spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", loop_ms]).unwrap();
+    let p = lab
+        .spawn_probe(Some(&prod), &["tcp-loop", "169.254.169.254:80", loop_ms])
+        .unwrap();
+    let t = lab
+        .spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", loop_ms])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     a.kill();
     std::thread::sleep(Duration::from_millis(300));
-    let _b = start(&lab, &args([&flag("allow-cgroup", &prod), &flag("allow-cgroup", &late)]));
+    let _b = start(
+        &lab,
+        &args([&flag("allow-cgroup", &prod), &flag("allow-cgroup", &late)]),
+    );
     let prod_loop: LoopReport = probe::wait(p, Duration::from_secs(20)).unwrap();
     let test_loop: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
-    assert!(prod_loop.reached > 0 && prod_loop.eperm == 0, "allowed pod was denied during restart: {prod_loop:?}");
-    assert!(test_loop.eperm > 0 && test_loop.reached == 0, "denied pod got through during restart: {test_loop:?}");
+    assert!(
+        prod_loop.reached > 0 && prod_loop.eperm == 0,
+        "allowed pod was denied during restart: {prod_loop:?}"
+    );
+    assert!(
+        test_loop.eperm > 0 && test_loop.reached == 0,
+        "denied pod got through during restart: {test_loop:?}"
+    );
 
     let after = link_ids(&status(&lab));
     assert_eq!(before.len(), 2);
@@ -83,7 +102,9 @@ fn a_denial_flood_is_counted_exactly() {
     // every lost event must show in the drop counter.
     start(&lab, &[]).kill();
     let before = status(&lab);
-    let t = lab.spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", "1500"]).unwrap();
+    let t = lab
+        .spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", "1500"])
+        .unwrap();
     let flood: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
     let after = status(&lab);
     let denied = counter(&after, "denied") - counter(&before, "denied");
@@ -91,8 +112,15 @@ fn a_denial_flood_is_counted_exactly() {
     assert_eq!(flood.reached, 0);
     assert_eq!(denied, flood.eperm, "every EPERM is counted");
     // 256 KiB of 72-byte records (+8-byte headers) hold 3276 events.
-    assert!(flood.eperm > 5_000, "flood too small to overflow: {flood:?}");
-    assert_eq!(dropped, denied - 3276, "drops = denials that did not fit the ring buffer");
+    assert!(
+        flood.eperm > 5_000,
+        "flood too small to overflow: {flood:?}"
+    );
+    assert_eq!(
+        dropped,
+        denied - 3276,
+        "drops = denials that did not fit the ring buffer"
+    );
 }
 
 fn uninstall_removes_everything() {
@@ -100,20 +128,44 @@ fn uninstall_removes_everything() {
     let test = lab.cgroup("test").unwrap();
     start(&lab, &[s("--udp")]).kill();
     assert_eperm(&lab, Some(&test), "tcp", "169.254.169.254:80");
-    let out = imdsguard_testlab::daemon::command(bin(), &["uninstall", "--pin-dir", &lab.pin_dir().display().to_string()]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = imdsguard_testlab::daemon::command(
+        bin(),
+        &[
+            "uninstall",
+            "--pin-dir",
+            &lab.pin_dir().display().to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("connect4, connect6, sendmsg4, sendmsg6"), "{text}");
+    assert!(
+        text.contains("connect4, connect6, sendmsg4, sendmsg6"),
+        "{text}"
+    );
     assert!(!lab.pin_dir().exists(), "pin dir removed");
     assert_reached(&lab, Some(&test), "tcp", "169.254.169.254:80");
     assert_reached(&lab, Some(&test), "udp-sendto", "169.254.169.254:80");
     // Nothing of ours is left on the cgroup.
     let root = std::fs::File::open(lab.root().path()).unwrap();
     for t in [10, 11, 14, 15] {
-        let progs = imdsguard::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&root), t).unwrap();
+        let progs =
+            imdsguard::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&root), t).unwrap();
         assert!(progs.is_empty(), "attach type {t} still has {progs:?}");
     }
     // A second uninstall is a no-op, not an error.
-    let again = imdsguard_testlab::daemon::command(bin(), &["uninstall", "--pin-dir", &lab.pin_dir().display().to_string()]).unwrap();
+    let again = imdsguard_testlab::daemon::command(
+        bin(),
+        &[
+            "uninstall",
+            "--pin-dir",
+            &lab.pin_dir().display().to_string(),
+        ],
+    )
+    .unwrap();
     assert!(again.status.success());
 }

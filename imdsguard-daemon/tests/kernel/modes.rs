@@ -6,9 +6,18 @@ use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
     vec![
-        trial("audit_mode_allows_and_reports", audit_mode_allows_and_reports),
-        trial("per_entry_actions_override_the_default", per_entry_actions_override_the_default),
-        trial("an_allowed_ancestor_covers_its_subtree", an_allowed_ancestor_covers_its_subtree),
+        trial(
+            "audit_mode_allows_and_reports",
+            audit_mode_allows_and_reports,
+        ),
+        trial(
+            "per_entry_actions_override_the_default",
+            per_entry_actions_override_the_default,
+        ),
+        trial(
+            "an_allowed_ancestor_covers_its_subtree",
+            an_allowed_ancestor_covers_its_subtree,
+        ),
     ]
 }
 
@@ -16,7 +25,10 @@ fn audit_mode_allows_and_reports() {
     let lab = lab("audit");
     let prod = lab.cgroup("prod").unwrap();
     let test = lab.cgroup("test").unwrap();
-    let mut d = start(&lab, &args([&flag("allow-cgroup", &prod), &[s("--mode"), s("audit")]]));
+    let mut d = start(
+        &lab,
+        &args([&flag("allow-cgroup", &prod), &[s("--mode"), s("audit")]]),
+    );
     assert_reached(&lab, Some(&test), "tcp", "169.254.169.254:80");
     let line = wait_decision(&mut d, test.id(), "169.254.169.254:80", "audited");
     assert_eq!(line["message"], "metadata access would be denied (audit)");
@@ -24,8 +36,19 @@ fn audit_mode_allows_and_reports() {
     assert_reached(&lab, Some(&prod), "tcp", "169.254.169.254:80");
     let st = status(&lab);
     assert_eq!(st["default_action"], "audit");
-    assert_eq!((counter(&st, "audited"), counter(&st, "denied"), counter(&st, "allowed")), (1, 0, 1));
-    assert!(!d.logs().iter().any(|v| v["cgroup_id"].as_u64() == Some(prod.id())));
+    assert_eq!(
+        (
+            counter(&st, "audited"),
+            counter(&st, "denied"),
+            counter(&st, "allowed")
+        ),
+        (1, 0, 1)
+    );
+    assert!(
+        !d.logs()
+            .iter()
+            .any(|v| v["cgroup_id"].as_u64() == Some(prod.id()))
+    );
 }
 
 fn per_entry_actions_override_the_default() {
@@ -35,7 +58,10 @@ fn per_entry_actions_override_the_default() {
     let other = lab.cgroup("team-c").unwrap();
 
     // Global audit, one subtree already enforced.
-    let d = start(&lab, &args([&flag("enforce-cgroup", &strict), &[s("--mode"), s("audit")]]));
+    let d = start(
+        &lab,
+        &args([&flag("enforce-cgroup", &strict), &[s("--mode"), s("audit")]]),
+    );
     assert_eperm(&lab, Some(&strict), "tcp", "169.254.169.254:80");
     assert_reached(&lab, Some(&other), "tcp", "169.254.169.254:80");
     d.terminate().unwrap();
@@ -55,7 +81,13 @@ fn an_allowed_ancestor_covers_its_subtree() {
     let deep = lab.cgroup("kubepods/burstable/team/pod1/ctr").unwrap();
     let untrusted = lab.cgroup("kubepods/burstable/team/pod2").unwrap();
     let sibling = lab.cgroup("kubepods/burstable/team2/pod").unwrap();
-    let _d = start(&lab, &args([&flag("allow-cgroup", &team), &flag("enforce-cgroup", &untrusted)]));
+    let _d = start(
+        &lab,
+        &args([
+            &flag("allow-cgroup", &team),
+            &flag("enforce-cgroup", &untrusted),
+        ]),
+    );
     assert_reached(&lab, Some(&team), "tcp", "169.254.169.254:80");
     assert_reached(&lab, Some(&deep), "tcp", "169.254.169.254:80");
     // The deepest entry decides: an enforce entry inside an allowed subtree.

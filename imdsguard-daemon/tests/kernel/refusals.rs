@@ -9,7 +9,10 @@ use libtest_mimic::Trial;
 use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial("bad_input_is_refused_and_nothing_attached", bad_input_is_refused_and_nothing_attached)]
+    vec![trial(
+        "bad_input_is_refused_and_nothing_attached",
+        bad_input_is_refused_and_nothing_attached,
+    )]
 }
 
 fn run_expecting_failure(args: &[String], needle: &str) {
@@ -19,7 +22,10 @@ fn run_expecting_failure(args: &[String], needle: &str) {
     let out = daemon::command(bin(), &refs).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
-    assert!(err.contains(needle), "{args:?}: expected {needle:?} in:\n{err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in:\n{err}"
+    );
 }
 
 fn bad_input_is_refused_and_nothing_attached() {
@@ -27,38 +33,80 @@ fn bad_input_is_refused_and_nothing_attached() {
     let root = lab.root().path().display().to_string();
     let pins = lab.pin_dir().display().to_string();
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut v = vec![s("--cgroup-root"), root.clone(), s("--pin-dir"), pins.clone()];
+        let mut v = vec![
+            s("--cgroup-root"),
+            root.clone(),
+            s("--pin-dir"),
+            pins.clone(),
+        ];
         v.extend(extra.iter().map(|x| s(x)));
         v
     };
     let missing = format!("{root}/does-not-exist");
-    run_expecting_failure(&base(&["--allow-cgroup", &missing]), "does-not-exist does not exist");
+    run_expecting_failure(
+        &base(&["--allow-cgroup", &missing]),
+        "does-not-exist does not exist",
+    );
 
     let tmp = std::env::temp_dir().join(imdsguard_testlab::unique("not-a-cgroup"));
     std::fs::create_dir(&tmp).unwrap();
     let tmp_s = tmp.display().to_string();
     run_expecting_failure(
-        &[s("--cgroup-root"), tmp_s.clone(), s("--pin-dir"), pins.clone()],
+        &[
+            s("--cgroup-root"),
+            tmp_s.clone(),
+            s("--pin-dir"),
+            pins.clone(),
+        ],
         "is not a cgroup v2 directory",
     );
     run_expecting_failure(
-        &[s("--cgroup-root"), root.clone(), s("--pin-dir"), format!("{tmp_s}/pins")],
+        &[
+            s("--cgroup-root"),
+            root.clone(),
+            s("--pin-dir"),
+            format!("{tmp_s}/pins"),
+        ],
         "is not on a bpf filesystem",
     );
     std::fs::remove_dir(&tmp).unwrap();
 
     let outside = lab.root().path().parent().unwrap().display().to_string();
-    run_expecting_failure(&base(&["--allow-cgroup", &outside]), "is not inside the cgroup root");
     run_expecting_failure(
-        &[s("--cgroup-root"), outside.clone(), s("--pin-dir"), pins.clone()],
+        &base(&["--allow-cgroup", &outside]),
+        "is not inside the cgroup root",
+    );
+    run_expecting_failure(
+        &[
+            s("--cgroup-root"),
+            outside.clone(),
+            s("--pin-dir"),
+            pins.clone(),
+        ],
         "is the root of the cgroup v2 hierarchy",
     );
-    run_expecting_failure(&base(&["--protect", "169.254.169.254/40"]), "prefix length 40 is longer than 32");
-    run_expecting_failure(&base(&["--mode", "permissive"]), "invalid value 'permissive'");
+    run_expecting_failure(
+        &base(&["--protect", "169.254.169.254/40"]),
+        "prefix length 40 is longer than 32",
+    );
+    run_expecting_failure(
+        &base(&["--mode", "permissive"]),
+        "invalid value 'permissive'",
+    );
 
     let cg = std::fs::File::open(lab.root().path()).unwrap();
     for t in [10, 11, 14, 15] {
-        assert!(imdsguard::sys::query_cgroup_programs(cg.as_fd(), t).unwrap().is_empty());
+        assert!(
+            imdsguard::sys::query_cgroup_programs(cg.as_fd(), t)
+                .unwrap()
+                .is_empty()
+        );
     }
-    assert!(!lab.pin_dir().join("links").exists() || std::fs::read_dir(lab.pin_dir().join("links")).unwrap().next().is_none());
+    assert!(
+        !lab.pin_dir().join("links").exists()
+            || std::fs::read_dir(lab.pin_dir().join("links"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }

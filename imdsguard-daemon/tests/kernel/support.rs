@@ -45,19 +45,28 @@ pub fn s(x: &str) -> String {
 }
 
 pub fn probe(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) -> Outcome {
-    lab.probe(cg, kind, target).unwrap_or_else(|e| panic!("probe {kind} {target}: {e:#}"))
+    lab.probe(cg, kind, target)
+        .unwrap_or_else(|e| panic!("probe {kind} {target}: {e:#}"))
 }
 
 #[track_caller]
 pub fn assert_reached(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) {
     let o = probe(lab, cg, kind, target);
-    assert!(o.reached(), "{kind} {target} from {:?} should be reached, got {o:?}", cg.map(|c| c.path()));
+    assert!(
+        o.reached(),
+        "{kind} {target} from {:?} should be reached, got {o:?}",
+        cg.map(|c| c.path())
+    );
 }
 
 #[track_caller]
 pub fn assert_eperm(lab: &Lab, cg: Option<&TestCgroup>, kind: &str, target: &str) {
     let o = probe(lab, cg, kind, target);
-    assert!(o.eperm(), "{kind} {target} from {:?} should be denied with EPERM, got {o:?}", cg.map(|c| c.path()));
+    assert!(
+        o.eperm(),
+        "{kind} {target} from {:?} should be denied with EPERM, got {o:?}",
+        cg.map(|c| c.path())
+    );
 }
 
 pub fn status(lab: &Lab) -> Value {
@@ -65,12 +74,19 @@ pub fn status(lab: &Lab) -> Value {
 }
 
 pub fn counter(status: &Value, name: &str) -> u64 {
-    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} in {status}"))
+    status["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {status}"))
 }
 
 /// Hook names with a pinned link.
 pub fn hooks(status: &Value) -> Vec<String> {
-    status["links"].as_array().expect("links").iter().map(|l| l["hook"].as_str().expect("hook").to_string()).collect()
+    status["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| l["hook"].as_str().expect("hook").to_string())
+        .collect()
 }
 
 /// Waits for a decision log line about `cgroup_id` and `destination`.
@@ -80,5 +96,7 @@ pub fn wait_decision(d: &mut Daemon, cgroup_id: u64, destination: &str, verdict:
             && v["destination"].as_str() == Some(destination)
             && v["verdict"].as_str() == Some(verdict)
     })
-    .unwrap_or_else(|e| panic!("no {verdict} decision for cgroup {cgroup_id} -> {destination}: {e:#}"))
+    .unwrap_or_else(|e| {
+        panic!("no {verdict} decision for cgroup {cgroup_id} -> {destination}: {e:#}")
+    })
 }

@@ -1,0 +1,796 @@
+//! Where kubelet puts a pod's cgroup, and the way back from a cgroup
+//! directory name to the pod or container it belongs to.
+//!
+//! Pod cgroups sit below the "kubepods" cgroup, one level deeper for
+//! Burstable and BestEffort pods than for Guaranteed ones:
+//!
+//! ```text
+//! cgroupfs driver                 systemd driver
+//! kubepods/pod<UID>               kubepods.slice/kubepods-pod<U_I_D>.slice
+//! kubepods/burstable/pod<UID>     kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<U_I_D>.slice
+//! kubepods/besteffort/pod<UID>    kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<U_I_D>.slice
+//! ```
+//!
+//! With `--cgroup-root=/kubelet` (kind does this) the root moves to
+//! `kubelet/kubepods` or `kubelet.slice/kubelet-kubepods.slice`; systemd
+//! slice names spell out their ancestors, so every name below it starts
+//! with `kubelet-kubepods` instead of `kubepods`.
+
+use std::{
+    collections::VecDeque,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+/// How deep below the cgroup2 mount [`discover`] looks for the kubepods
+/// cgroup: deep enough for kind nodes seen from their host
+/// (`system.slice/docker-<id>.scope/kubelet.slice/kubelet-kubepods.slice`).
+pub const DISCOVER_MAX_DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodCgroupError {
+    #[error("pod uid {uid:?} is neither a uuid nor a 32-digit static pod hash")]
+    InvalidPodUid { uid: String },
+
+    #[error("unknown qos class {found:?} (expected Guaranteed, Burstable, BestEffort)")]
+    UnknownQosClass { found: String },
+
+    #[error(
+        "no kubepods cgroup (kubepods.slice, <parent>-kubepods.slice or kubepods) within {max_depth} levels below {mount}; name the kubelet's kubepods directory explicitly"
+    )]
+    NoKubepods { mount: PathBuf, max_depth: usize },
+
+    #[error("several kubepods cgroups below {mount}: {}; name the one this node's kubelet uses explicitly", display_paths(.found))]
+    AmbiguousKubepods { mount: PathBuf, found: Vec<PathBuf> },
+
+    #[error(
+        "cannot tell the cgroup driver from {path}: expected a directory named kubepods (cgroupfs), kubepods.slice or <parent>-kubepods.slice (systemd)"
+    )]
+    UnknownDriver { path: PathBuf },
+
+    #[error("kubepods cgroup {path} is not a directory")]
+    NotADirectory { path: PathBuf },
+
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl QosClass {
+    pub const ALL: [QosClass; 3] = [
+        QosClass::Guaranteed,
+        QosClass::Burstable,
+        QosClass::BestEffort,
+    ];
+
+    /// The name of the intermediate cgroup, which Guaranteed pods skip.
+    const fn tier(self) -> Option<&'static str> {
+        match self {
+            QosClass::Guaranteed => None,
+            QosClass::Burstable => Some("burstable"),
+            QosClass::BestEffort => Some("besteffort"),
+        }
+    }
+}
+
+/// The spelling of `PodStatus.qosClass`.
+impl FromStr for QosClass {
+    type Err = PodCgroupError;
+    fn from_str(s: &str) -> Result<Self, PodCgroupError> {
+        match s {
+            "Guaranteed" => Ok(QosClass::Guaranteed),
+            "Burstable" => Ok(QosClass::Burstable),
+            "BestEffort" => Ok(QosClass::BestEffort),
+            other => Err(PodCgroupError::UnknownQosClass {
+                found: other.into(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for QosClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QosClass::Guaranteed => "Guaranteed",
+            QosClass::Burstable => "Burstable",
+            QosClass::BestEffort => "BestEffort",
+        })
+    }
+}
+
+/// A pod UID as kubelet names cgroups after it: a UUID, or for static pods
+/// the 32 hex digits of the manifest hash. Only hex digits and '-', so it
+/// is always one plain path component.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid(String);
+
+impl PodUid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// systemd reserves '-' for slice nesting, so kubelet writes '_'.
+    fn systemd_escaped(&self) -> String {
+        self.0.replace('-', "_")
+    }
+}
+
+impl FromStr for PodUid {
+    type Err = PodCgroupError;
+    fn from_str(s: &str) -> Result<Self, PodCgroupError> {
+        let hex = |part: &str, len: usize| {
+            part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        let groups: Vec<&str> = s.split('-').collect();
+        let uuid = groups.len() == 5
+            && groups
+                .iter()
+                .zip([8, 4, 4, 4, 12])
+                .all(|(g, len)| hex(g, len));
+        if uuid || hex(s, 32) {
+            Ok(PodUid(s.into()))
+        } else {
+            Err(PodCgroupError::InvalidPodUid { uid: s.into() })
+        }
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The kubepods cgroup of one kubelet and how it names what is below.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubepodsLayout {
+    root: PathBuf,
+    driver: CgroupDriver,
+    slice_prefix: String,
+}
+
+impl KubepodsLayout {
+    /// An operator-given kubepods directory; the driver comes from its name.
+    pub fn at(root: impl Into<PathBuf>) -> Result<Self, PodCgroupError> {
+        let root = root.into();
+        let meta = fs::metadata(&root).map_err(|source| PodCgroupError::Io {
+            op: "stat",
+            path: root.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(PodCgroupError::NotADirectory { path: root });
+        }
+        Self::from_root(&root).ok_or(PodCgroupError::UnknownDriver { path: root })
+    }
+
+    fn from_root(root: &Path) -> Option<Self> {
+        let (driver, slice_prefix) = kubepods_kind(root.file_name()?.to_str()?)?;
+        Some(Self {
+            root: root.into(),
+            driver,
+            slice_prefix,
+        })
+    }
+
+    /// The kubepods directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn driver(&self) -> CgroupDriver {
+        self.driver
+    }
+
+    /// What systemd slice names below the root start with, e.g. `kubepods`
+    /// or `kubelet-kubepods`; for cgroupfs, the root's name.
+    pub fn slice_prefix(&self) -> &str {
+        &self.slice_prefix
+    }
+
+    pub fn pod_dir(&self, uid: &PodUid, qos: QosClass) -> PathBuf {
+        match (self.driver, qos.tier()) {
+            (CgroupDriver::Cgroupfs, None) => self.root.join(format!("pod{uid}")),
+            (CgroupDriver::Cgroupfs, Some(tier)) => self.root.join(tier).join(format!("pod{uid}")),
+            (CgroupDriver::Systemd, None) => self.root.join(format!(
+                "{}-pod{}.slice",
+                self.slice_prefix,
+                uid.systemd_escaped()
+            )),
+            (CgroupDriver::Systemd, Some(tier)) => {
+                let parent = format!("{}-{tier}", self.slice_prefix);
+                self.root
+                    .join(format!("{parent}.slice"))
+                    .join(format!("{parent}-pod{}.slice", uid.systemd_escaped()))
+            }
+        }
+    }
+
+    /// The pod's directory under every QoS class, in [`QosClass::ALL`]
+    /// order, for pods whose status does not say their class yet.
+    pub fn candidates(&self, uid: &PodUid) -> [PathBuf; 3] {
+        QosClass::ALL.map(|qos| self.pod_dir(uid, qos))
+    }
+}
+
+/// The driver and slice prefix a kubepods directory name implies.
+fn kubepods_kind(name: &str) -> Option<(CgroupDriver, String)> {
+    if name == "kubepods" {
+        return Some((CgroupDriver::Cgroupfs, name.into()));
+    }
+    let stem = name.strip_suffix(".slice")?;
+    let nested_ok = stem.split('-').all(|part| !part.is_empty());
+    (nested_ok && (stem == "kubepods" || stem.ends_with("-kubepods")))
+        .then(|| (CgroupDriver::Systemd, stem.into()))
+}
+
+/// Finds this node's kubepods cgroup below the cgroup2 mount point,
+/// breadth-first and at most [`DISCOVER_MAX_DEPTH`] levels down. Pod
+/// cgroups and kubepods directories are not searched: a kubelet running
+/// inside a pod is not this node's kubelet.
+pub fn discover(cgroup2_mount: &Path) -> Result<KubepodsLayout, PodCgroupError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PodCgroupError::Io { op, path, source }
+    };
+    let mut found = Vec::new();
+    let mut queue = VecDeque::from([(cgroup2_mount.to_path_buf(), 0)]);
+    while let Some((dir, depth)) = queue.pop_front() {
+        let entries = match fs::read_dir(&dir) {
+            // Cgroups come and go while we walk; only the mount must exist.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && depth > 0 => continue,
+            other => other.map_err(io("read", &dir))?,
+        };
+        for entry in entries {
+            let entry = entry.map_err(io("read", &dir))?;
+            // file_type() does not follow symlinks: the walk stays in the tree.
+            if !entry
+                .file_type()
+                .map_err(io("stat", &entry.path()))?
+                .is_dir()
+            {
+                continue;
+            }
+            let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Some(layout) = KubepodsLayout::from_root(&path) {
+                found.push(layout);
+            } else if depth + 1 < DISCOVER_MAX_DEPTH && !is_pod_dir_name(&name) {
+                queue.push_back((path, depth + 1));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.root.cmp(&b.root));
+    match found.len() {
+        0 => Err(PodCgroupError::NoKubepods {
+            mount: cgroup2_mount.into(),
+            max_depth: DISCOVER_MAX_DEPTH,
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(PodCgroupError::AmbiguousKubepods {
+            mount: cgroup2_mount.into(),
+            found: found.into_iter().map(|l| l.root).collect(),
+        }),
+    }
+}
+
+fn is_pod_dir_name(name: &str) -> bool {
+    parse_systemd_pod(name).is_some() || parse_cgroupfs_pod(name).is_some()
+}
+
+/// `<prefix>[-burstable|-besteffort]-pod<U_I_D>.slice`
+fn parse_systemd_pod(name: &str) -> Option<(PodUid, QosClass)> {
+    let (parent, escaped) = name.strip_suffix(".slice")?.rsplit_once("-pod")?;
+    if escaped.contains('-') {
+        return None;
+    }
+    let uid = escaped.replace('_', "-").parse().ok()?;
+    let (qos, prefix) = [QosClass::Burstable, QosClass::BestEffort]
+        .into_iter()
+        .find_map(|q| Some((q, parent.strip_suffix(&format!("-{}", q.tier()?))?)))
+        .unwrap_or((QosClass::Guaranteed, parent));
+    kubepods_kind(&format!("{prefix}.slice"))?;
+    Some((uid, qos))
+}
+
+/// `pod<UID>`; the QoS class is the parent directory's business.
+fn parse_cgroupfs_pod(name: &str) -> Option<PodUid> {
+    name.strip_prefix("pod")?.parse().ok()
+}
+
+/// The pod UID and QoS class of a pod cgroup directory of either driver.
+/// systemd names carry the class; for cgroupfs it is the parent directory
+/// (`burstable`, `besteffort`, or `kubepods` for Guaranteed), so pass at
+/// least the last two path components.
+pub fn parse_pod_dir(path: &Path) -> Option<(PodUid, QosClass)> {
+    let name = path.file_name()?.to_str()?;
+    if let Some(found) = parse_systemd_pod(name) {
+        return Some(found);
+    }
+    let uid = parse_cgroupfs_pod(name)?;
+    let qos = match path.parent()?.file_name()?.to_str()? {
+        "kubepods" => QosClass::Guaranteed,
+        "burstable" => QosClass::Burstable,
+        "besteffort" => QosClass::BestEffort,
+        _ => return None,
+    };
+    Some((uid, qos))
+}
+
+/// The container ID (64 lowercase hex digits) in a container cgroup's
+/// directory name: `cri-containerd-<id>.scope`, `crio-<id>.scope` or
+/// `docker-<id>.scope` under systemd, `<id>` or `crio-<id>` under cgroupfs.
+/// CRI-O's `crio-conmon-<id>.scope` is its monitor, not the container.
+pub fn container_id_of(name: &str) -> Option<&str> {
+    let id = match name.strip_suffix(".scope") {
+        Some(stem) => ["cri-containerd-", "crio-", "docker-"]
+            .iter()
+            .find_map(|p| stem.strip_prefix(p))?,
+        None => name.strip_prefix("crio-").unwrap_or(name),
+    };
+    (id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
+    const UID_: &str = "3f2a1b4c_5d6e_4f70_8a9b_0c1d2e3f4a5b";
+    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn uid() -> PodUid {
+        UID.parse().unwrap()
+    }
+
+    fn layout(root: &str) -> KubepodsLayout {
+        KubepodsLayout::from_root(Path::new(root)).unwrap()
+    }
+
+    /// A fake cgroup tree in a temp dir, removed on drop.
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn new(dirs: &[&str]) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let root = std::env::temp_dir()
+                .join(format!("imdsguard-pod-cgroup-{}-{n}", std::process::id()));
+            let tree = Tree(root);
+            for d in dirs {
+                fs::create_dir_all(tree.0.join(d)).unwrap();
+            }
+            fs::create_dir_all(&tree.0).unwrap();
+            tree
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.0.join(rel)
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn pod_dirs_under_cgroupfs() {
+        let l = layout("/sys/fs/cgroup/kubepods");
+        assert_eq!(l.driver(), CgroupDriver::Cgroupfs);
+        assert_eq!(
+            l.candidates(&uid()).map(|p| p.display().to_string()),
+            [
+                format!("/sys/fs/cgroup/kubepods/pod{UID}"),
+                format!("/sys/fs/cgroup/kubepods/burstable/pod{UID}"),
+                format!("/sys/fs/cgroup/kubepods/besteffort/pod{UID}"),
+            ]
+        );
+        let nested = layout("/sys/fs/cgroup/kubelet/kubepods");
+        assert_eq!(
+            nested.pod_dir(&uid(), QosClass::Burstable),
+            PathBuf::from(format!(
+                "/sys/fs/cgroup/kubelet/kubepods/burstable/pod{UID}"
+            ))
+        );
+    }
+
+    #[test]
+    fn pod_dirs_under_systemd() {
+        let l = layout("/sys/fs/cgroup/kubepods.slice");
+        assert_eq!(
+            (l.driver(), l.slice_prefix()),
+            (CgroupDriver::Systemd, "kubepods")
+        );
+        assert_eq!(
+            l.candidates(&uid()).map(|p| p.display().to_string()),
+            [
+                format!("/sys/fs/cgroup/kubepods.slice/kubepods-pod{UID_}.slice"),
+                format!(
+                    "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice"
+                ),
+                format!(
+                    "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_dirs_under_a_nested_systemd_root() {
+        let l = layout("/sys/fs/cgroup/kubelet.slice/kubelet-kubepods.slice");
+        assert_eq!(l.slice_prefix(), "kubelet-kubepods");
+        assert_eq!(
+            l.pod_dir(&uid(), QosClass::Burstable),
+            PathBuf::from(format!(
+                "/sys/fs/cgroup/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{UID_}.slice"
+            ))
+        );
+        assert_eq!(
+            l.pod_dir(&uid(), QosClass::Guaranteed),
+            PathBuf::from(format!(
+                "/sys/fs/cgroup/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{UID_}.slice"
+            ))
+        );
+    }
+
+    #[test]
+    fn pod_uids_are_uuids_or_static_pod_hashes() {
+        for ok in [
+            UID,
+            "3F2A1B4C-5D6E-4F70-8A9B-0C1D2E3F4A5B",
+            "0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(ok.parse::<PodUid>().unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "../../etc",
+            "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b/..",
+            "3f2a1b4c_5d6e_4f70_8a9b_0c1d2e3f4a5b",
+            "3f2a1b4c-5d6e-4f70-8a9b0-c1d2e3f4a5b",
+            "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5g",
+            "0123456789abcdef0123456789abcde",
+            "pod-3f2a",
+        ] {
+            let e = bad.parse::<PodUid>().unwrap_err();
+            assert!(
+                matches!(&e, PodCgroupError::InvalidPodUid { uid } if uid == bad),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn qos_classes_parse_from_pod_status() {
+        assert_eq!(
+            "Guaranteed".parse::<QosClass>().unwrap(),
+            QosClass::Guaranteed
+        );
+        assert_eq!(
+            "Burstable".parse::<QosClass>().unwrap(),
+            QosClass::Burstable
+        );
+        assert_eq!(
+            "BestEffort".parse::<QosClass>().unwrap(),
+            QosClass::BestEffort
+        );
+        for q in QosClass::ALL {
+            assert_eq!(q.to_string().parse::<QosClass>().unwrap(), q);
+        }
+        let e = "burstable".parse::<QosClass>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown qos class \"burstable\" (expected Guaranteed, Burstable, BestEffort)"
+        );
+    }
+
+    #[test]
+    fn pod_dir_names_parse_back() {
+        let cases = [
+            (
+                format!("kubepods.slice/kubepods-pod{UID_}.slice"),
+                QosClass::Guaranteed,
+            ),
+            (
+                format!("kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"),
+                QosClass::BestEffort,
+            ),
+            (
+                format!("kubelet-kubepods-burstable-pod{UID_}.slice"),
+                QosClass::Burstable,
+            ),
+            (
+                format!("/sys/fs/cgroup/kubepods/pod{UID}"),
+                QosClass::Guaranteed,
+            ),
+            (format!("kubepods/burstable/pod{UID}"), QosClass::Burstable),
+            (format!("besteffort/pod{UID}"), QosClass::BestEffort),
+        ];
+        for (path, qos) in cases {
+            assert_eq!(
+                parse_pod_dir(Path::new(&path)),
+                Some((uid(), qos)),
+                "{path}"
+            );
+        }
+        for path in [
+            format!("pod{UID}"),
+            format!("system.slice/pod{UID}"),
+            format!("kubepods-pod{UID}.slice"),
+            format!("machine-pod{UID_}.slice"),
+            format!("kubepods-burstable-pod{UID_}.scope"),
+            "kubepods-burstable.slice".to_string(),
+            "kubepods/burstable/pod..".to_string(),
+            format!("kubepods/burstable/pod{UID}/{CID}"),
+        ] {
+            assert_eq!(parse_pod_dir(Path::new(&path)), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn container_ids_come_from_scope_and_plain_names() {
+        for name in [
+            format!("cri-containerd-{CID}.scope"),
+            format!("crio-{CID}.scope"),
+            format!("docker-{CID}.scope"),
+            CID.to_string(),
+            format!("crio-{CID}"),
+        ] {
+            assert_eq!(container_id_of(&name), Some(CID), "{name}");
+        }
+        for name in [
+            format!("crio-conmon-{CID}.scope"),
+            format!("cri-containerd-{CID}"),
+            format!("podman-{CID}.scope"),
+            format!("cri-containerd-{}.scope", &CID[1..]),
+            CID.to_uppercase(),
+            format!("kubepods-pod{UID_}.slice"),
+            "init.scope".to_string(),
+        ] {
+            assert_eq!(container_id_of(&name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn at_infers_the_driver_from_the_name() {
+        let t = Tree::new(&[
+            "kubepods",
+            "kubepods.slice",
+            "kubelet.slice/kubelet-kubepods.slice",
+            "system.slice",
+        ]);
+        assert_eq!(
+            KubepodsLayout::at(t.path("kubepods")).unwrap().driver(),
+            CgroupDriver::Cgroupfs
+        );
+        assert_eq!(
+            KubepodsLayout::at(t.path("kubepods.slice"))
+                .unwrap()
+                .slice_prefix(),
+            "kubepods"
+        );
+        let nested = KubepodsLayout::at(t.path("kubelet.slice/kubelet-kubepods.slice")).unwrap();
+        assert_eq!(
+            (nested.driver(), nested.slice_prefix()),
+            (CgroupDriver::Systemd, "kubelet-kubepods")
+        );
+        assert_eq!(
+            nested.root(),
+            t.path("kubelet.slice/kubelet-kubepods.slice")
+        );
+
+        let e = KubepodsLayout::at(t.path("system.slice")).unwrap_err();
+        assert!(matches!(e, PodCgroupError::UnknownDriver { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot tell the cgroup driver from "),
+            "{e}"
+        );
+        let e = KubepodsLayout::at(t.path("missing/kubepods")).unwrap_err();
+        assert!(
+            matches!(&e, PodCgroupError::Io { op: "stat", source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
+        fs::write(t.path("file"), "").unwrap();
+        fs::create_dir(t.path("x")).unwrap();
+        fs::write(t.path("x/kubepods"), "").unwrap();
+        assert!(matches!(
+            KubepodsLayout::at(t.path("x/kubepods")),
+            Err(PodCgroupError::NotADirectory { .. })
+        ));
+        for name in [
+            "-kubepods.slice",
+            "a--kubepods.slice",
+            "kubepods-burstable.slice",
+            "mykubepods.slice",
+        ] {
+            assert_eq!(kubepods_kind(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn discover_finds_a_systemd_root() {
+        let t = Tree::new(&[
+            "init.scope",
+            "system.slice/containerd.service",
+            "user.slice/user-1000.slice",
+            &format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"
+            ),
+        ]);
+        let l = discover(&t.0).unwrap();
+        assert_eq!(
+            (l.root(), l.driver(), l.slice_prefix()),
+            (
+                t.path("kubepods.slice").as_path(),
+                CgroupDriver::Systemd,
+                "kubepods"
+            )
+        );
+        assert!(l.pod_dir(&uid(), QosClass::Burstable).is_dir());
+    }
+
+    #[test]
+    fn discover_finds_a_cgroupfs_root() {
+        let t = Tree::new(&[
+            "system.slice",
+            &format!("kubepods/besteffort/pod{UID}/{CID}"),
+        ]);
+        let l = discover(&t.0).unwrap();
+        assert_eq!(
+            (l.root(), l.driver()),
+            (t.path("kubepods").as_path(), CgroupDriver::Cgroupfs)
+        );
+        assert!(l.pod_dir(&uid(), QosClass::BestEffort).is_dir());
+    }
+
+    #[test]
+    fn discover_finds_kinds_nested_roots() {
+        let t = Tree::new(&[
+            &format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{UID_}.slice"),
+            "system.slice",
+        ]);
+        let l = discover(&t.0).unwrap();
+        assert_eq!(l.slice_prefix(), "kubelet-kubepods");
+        assert!(l.pod_dir(&uid(), QosClass::Guaranteed).is_dir());
+
+        let t = Tree::new(&[&format!("kubelet/kubepods/burstable/pod{UID}")]);
+        let l = discover(&t.0).unwrap();
+        assert_eq!(
+            (l.root(), l.driver()),
+            (t.path("kubelet/kubepods").as_path(), CgroupDriver::Cgroupfs)
+        );
+        assert!(l.pod_dir(&uid(), QosClass::Burstable).is_dir());
+    }
+
+    #[test]
+    fn discover_reports_every_candidate() {
+        // A host running two kind nodes, each with its own kubelet.
+        let node = |id: &str| {
+            format!("system.slice/docker-{id}.scope/kubelet.slice/kubelet-kubepods.slice")
+        };
+        let t = Tree::new(&[&node("aa"), &node("bb"), "kubepods.slice"]);
+        let e = discover(&t.0).unwrap_err();
+        let PodCgroupError::AmbiguousKubepods { found, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            found,
+            &[
+                t.path("kubepods.slice"),
+                t.path(&node("aa")),
+                t.path(&node("bb"))
+            ]
+        );
+        let msg = e.to_string();
+        assert!(msg.starts_with("several kubepods cgroups below "), "{msg}");
+        for p in found {
+            assert!(msg.contains(&p.display().to_string()), "{msg}");
+        }
+    }
+
+    #[test]
+    fn discover_is_bounded() {
+        // Too deep, inside a pod cgroup, or not a directory: none counts.
+        let t = Tree::new(&[
+            "a.slice/b.slice/c.slice/d.slice/kubepods.slice",
+            &format!("kubelet-kubepods-pod{UID_}.slice/kubepods.slice"),
+            &format!("pod{UID}/kubepods"),
+            "files",
+        ]);
+        fs::write(t.path("files/kubepods.slice"), "").unwrap();
+        std::os::unix::fs::symlink(
+            t.path("a.slice/b.slice/c.slice/d.slice/kubepods.slice"),
+            t.path("files/kubepods"),
+        )
+        .unwrap();
+        let e = discover(&t.0).unwrap_err();
+        assert!(
+            matches!(e, PodCgroupError::NoKubepods { max_depth: 4, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("no kubepods cgroup"), "{e}");
+
+        let t = Tree::new(&["a.slice/b.slice/c.slice/kubepods.slice"]);
+        assert_eq!(
+            discover(&t.0).unwrap().root(),
+            t.path("a.slice/b.slice/c.slice/kubepods.slice")
+        );
+    }
+
+    #[test]
+    fn discover_needs_the_mount() {
+        let t = Tree::new(&[]);
+        let e = discover(&t.path("nope")).unwrap_err();
+        assert!(
+            matches!(&e, PodCgroupError::Io { op: "read", source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
+    }
+
+    fn any_uid() -> impl Strategy<Value = PodUid> {
+        prop_oneof![
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "[0-9a-f]{32}",
+        ]
+        .prop_map(|s| s.parse().unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn pod_dirs_round_trip(
+            uid in any_uid(),
+            qos in prop::sample::select(QosClass::ALL.to_vec()),
+            root in prop::sample::select(vec!["/cg/kubepods", "/cg/kubelet/kubepods", "/cg/kubepods.slice", "/cg/kubelet.slice/kubelet-kubepods.slice"]),
+        ) {
+            let l = layout(root);
+            let dir = l.pod_dir(&uid, qos);
+            prop_assert!(dir.starts_with(l.root()));
+            prop_assert_eq!(parse_pod_dir(&dir), Some((uid.clone(), qos)));
+            // Only the pod's own directory and its QoS tier lie below the root.
+            let depth = dir.strip_prefix(l.root()).unwrap().components().count();
+            prop_assert_eq!(depth, if qos == QosClass::Guaranteed { 1 } else { 2 });
+        }
+
+        #[test]
+        fn accepted_uids_are_one_plain_component(s in "\\PC{0,40}|[0-9a-fA-F./_-]{30,40}") {
+            if let Ok(uid) = s.parse::<PodUid>() {
+                prop_assert!(uid.as_str().bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+                let dir = layout("/cg/kubepods").pod_dir(&uid, QosClass::Burstable);
+                prop_assert!(dir.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))));
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `cargo xtask test`: everything CI runs. Nothing is skipped: the kernel
+//! tests need root and a BPF-capable kernel, and fail (not skip) without.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+#[derive(Args)]
+pub struct Options {
+    /// Skip `cargo fmt --check` and clippy (for a quick local loop).
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the kernel tests load BPF programs and create cgroups and network namespaces: run as root"
+        );
+    }
+    crate::setup::run()?;
+    if !o.no_lint {
+        status(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        status(cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "imdsguard-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // Unit tests, the testlab's tests and the root kernel tests (which run
+    // one at a time by their own harness).
+    status(cargo().args(["test", "--workspace", "--exclude", "imdsguard-ebpf"]))?;
+    // The demo and the benchmark are programs people run: keep them working.
+    status(cargo().args([
+        "build",
+        "-p",
+        "imdsguard-daemon",
+        "-p",
+        "imdsguard-testlab",
+        "--bins",
+    ]))?;
+    let bin = target_dir().join("debug");
+    status(
+        Command::new(bin.join("imdsguard-demo"))
+            .arg("--imdsguard")
+            .arg(bin.join("imdsguard")),
+    )?;
+    // A short benchmark smoke run; no timing is asserted.
+    status(Command::new(bin.join("imdsguard-bench")).args([
+        "--rounds",
+        "1",
+        "--iterations",
+        "200",
+    ]))?;
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
