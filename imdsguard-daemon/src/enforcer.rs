@@ -142,6 +142,7 @@ impl Enforcer {
                 path: root.path.clone(),
             });
         }
+        check_kernel_support()?;
         bpffs::ensure_on_bpffs(&pins.dir)?;
         for dir in [pins.maps_dir(), pins.links_dir()] {
             fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
@@ -485,6 +486,36 @@ pub fn level_window(levels: impl Iterator<Item = u32>) -> Result<Option<(u32, u3
         });
     }
     Ok(window)
+}
+
+/// Names the missing piece when the kernel cannot run us, instead of
+/// failing later with a bare EINVAL from the loader.
+fn check_kernel_support() -> Result<()> {
+    use aya::{
+        maps::MapType,
+        programs::ProgramType,
+        sys::{is_map_supported, is_program_supported},
+    };
+    let unsupported = |what, source| Error::KernelUnsupported { what, source };
+    match is_program_supported(ProgramType::CgroupSockAddr) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(unsupported(
+                "cgroup sock_addr programs (CONFIG_CGROUP_BPF)",
+                std::io::ErrorKind::Unsupported.into(),
+            ));
+        }
+        Err(e) => return Err(unsupported("cgroup sock_addr programs (probe failed)", std::io::Error::other(e))),
+    }
+    for (map, what) in [
+        (MapType::RingBuf, "ring buffer maps (Linux 5.8+)"),
+        (MapType::LpmTrie, "LPM trie maps"),
+    ] {
+        if !is_map_supported(map).map_err(|e| unsupported(what, std::io::Error::other(e)))? {
+            return Err(unsupported(what, std::io::ErrorKind::Unsupported.into()));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses pinned maps whose layout differs from this build's.

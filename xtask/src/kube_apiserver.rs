@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-pub const VERSION: &str = "1.20.2";
+const VERSION: &str = "1.20.2";
 const DEB_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 const ORIG_TARBALL: &str = "kubernetes_1.20.5+really1.20.2.orig.tar.gz";
 const ORIG_SHA256: &str = "b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc";
@@ -222,17 +222,7 @@ fn fetch_source(work: &Path) -> anyhow::Result<()> {
     }
     let sources =
         fs::read_to_string(DEBIAN_SOURCES).with_context(|| format!("read {DEBIAN_SOURCES}"))?;
-    let deb_src: String = sources
-        .lines()
-        .map(|l| {
-            if l.trim() == "Types: deb" {
-                "Types: deb-src"
-            } else {
-                l
-            }
-        })
-        .flat_map(|l| [l, "\n"])
-        .collect();
+    let deb_src = sources.replace("Types: deb\n", "Types: deb-src\n");
     let src_file = parts.join("debian-src.sources");
     fs::write(&src_file, deb_src).with_context(|| format!("write {}", src_file.display()))?;
     let conf = apt.join("apt.conf");
