@@ -33,6 +33,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
+    // The control-plane tests run a real kube-apiserver: built once per
+    // machine and cached (about 5 minutes the first time).
+    crate::kube_apiserver::ensure_built()?;
     // Unit tests, the testlab's tests and the root kernel tests (which run
     // one at a time by their own harness).
     status(cargo().args(["test", "--workspace", "--exclude", "imdsguard-ebpf"]))?;
