@@ -505,7 +505,12 @@ fn check_kernel_support() -> Result<()> {
                 std::io::ErrorKind::Unsupported.into(),
             ));
         }
-        Err(e) => return Err(unsupported("cgroup sock_addr programs (probe failed)", std::io::Error::other(e))),
+        Err(e) => {
+            return Err(unsupported(
+                "cgroup sock_addr programs (probe failed)",
+                std::io::Error::other(e),
+            ));
+        }
     }
     for (map, what) in [
         (MapType::RingBuf, "ring buffer maps (Linux 5.8+)"),
