@@ -28,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Attach (or re-adopt) enforcement and run in the foreground, logging decisions.
     Run(RunArgs),
+    /// Run as the Kubernetes node agent: allow pods by policy and labels.
+    Node(NodeArgs),
     /// Show what is attached, protected and allowed, from the pins.
     Status(StatusArgs),
     /// Detach every program and remove all pins.
@@ -70,6 +72,31 @@ pub struct RunArgs {
     /// Seconds between checks that our links are still attached.
     #[arg(long, default_value_t = 2)]
     pub check_interval_secs: u64,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct NodeArgs {
+    /// This node's name; only its pods are watched (`spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Policy file (YAML), usually mounted from a ConfigMap; reloaded on change.
+    #[arg(
+        long,
+        env = "IMDSGUARD_POLICY",
+        default_value = "/etc/imdsguard/policy.yaml"
+    )]
+    pub policy: PathBuf,
+    /// The kubepods cgroup; discovered below the cgroup v2 mount when absent.
+    #[arg(long)]
+    pub kubepods_root: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Also enforce unconnected UDP sends (see `run --help`).
+    #[arg(long)]
+    pub udp: bool,
+    /// How often the policy file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub policy_poll_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

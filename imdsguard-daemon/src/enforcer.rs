@@ -66,7 +66,10 @@ pub struct AllowTarget {
 #[derive(Clone, Debug)]
 pub struct Desired {
     pub mode: Mode,
-    pub allowed: BTreeMap<u64, AllowTarget>,
+    /// `None` keeps the pinned allow entries as they are: a restarted node
+    /// agent does not know the allowed pods until its first full sync, and
+    /// must not revoke them in the meantime.
+    pub allowed: Option<BTreeMap<u64, AllowTarget>>,
     pub destinations: Compiled,
 }
 
@@ -159,7 +162,10 @@ impl Enforcer {
         let mut enforcer = Self { ebpf, attachment };
 
         enforcer.sync_destinations(&desired.destinations)?;
-        enforcer.sync_allowed(desired.mode, &desired.allowed)?;
+        match &desired.allowed {
+            Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
+            None => enforcer.set_mode(desired.mode)?,
+        }
         let report = enforcer.attach_all()?;
         Ok((enforcer, report))
     }
@@ -414,6 +420,23 @@ impl Enforcer {
             debug!(?report, "allow map synced");
         }
         Ok(report)
+    }
+
+    /// Sets the global default, keeping the allow entries and their window.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        let old = self.read_config()?;
+        let mut config = if old.layout_version == LAYOUT_VERSION {
+            old
+        } else {
+            Config {
+                min_level: 1,
+                max_level: 0,
+                layout_version: LAYOUT_VERSION,
+                default_action: 0,
+            }
+        };
+        config.default_action = mode.action();
+        self.write_config(config)
     }
 
     pub fn counters(&self) -> Result<Counters> {

@@ -140,6 +140,22 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("policy {path} is invalid")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::k8s::policy::PolicyError>,
+    },
+
+    #[error("cannot find the pods' cgroups")]
+    PodCgroup(#[source] crate::k8s::pod_cgroup::PodCgroupError),
+
+    #[error("kubernetes client")]
+    Kube(#[source] kube::Error),
+
+    #[error("kubernetes client configuration (KUBECONFIG or in-cluster)")]
+    KubeConfig(#[source] kube::config::InferConfigError),
+
     #[error("{op} {path}")]
     Io {
         op: &'static str,

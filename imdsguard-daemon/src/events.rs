@@ -13,8 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
 use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, hook, verdict};
 use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tracing::{error, info, warn};
 
 use crate::destinations::addr_of_words;
 
@@ -178,6 +181,95 @@ impl Summarizer {
             });
         }
         out
+    }
+}
+
+/// Who a cgroup id belongs to, for logs and Kubernetes Events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attribution {
+    pub cgroup: String,
+    /// `namespace/name`, in Kubernetes mode.
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Maps cgroup ids to owners, and hears about each decision that is logged.
+pub trait Attributor: Send + 'static {
+    fn attribute(&mut self, cgroup_id: u64) -> Attribution;
+    /// Called for the first decision of a key in each window (the ones
+    /// that are logged), e.g. to emit a Kubernetes Event.
+    fn reported(&mut self, _decision: &Decision, _who: &Attribution) {}
+}
+
+/// Reads decision events until the task is dropped and logs them,
+/// summarising repeats.
+pub async fn report(ring: RingBuf<MapData>, mut attributor: impl Attributor) {
+    // SAFETY: the RingBuf owns its map fd for its whole life and always
+    // returns that same fd from as_raw_fd().
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(error = %e, "cannot poll the event ring buffer; decisions will only be counted");
+            return;
+        }
+    };
+    let mut summarizer = Summarizer::new(Duration::from_secs(10), Instant::now());
+    let mut flush = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    let Some(d) = Decision::decode(&item) else { continue };
+                    if summarizer.observe(&d) {
+                        let who = attributor.attribute(d.cgroup_id);
+                        log_decision(&d, &who);
+                        attributor.reported(&d, &who);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = flush.tick() => {
+                for s in summarizer.flush(Instant::now()) {
+                    match s.key {
+                        Some(k) => {
+                            let who = attributor.attribute(k.cgroup_id);
+                            info!(
+                                cgroup_id = k.cgroup_id,
+                                cgroup = %who.cgroup,
+                                pod = who.pod.as_deref(),
+                                destination = %k.destination,
+                                verdict = %k.verdict,
+                                hook = k.hook,
+                                address_form = k.address_form,
+                                repeats = s.suppressed,
+                                "repeated metadata access (summarised)"
+                            );
+                        }
+                        None => warn!(repeats = s.suppressed, "metadata access from too many distinct sources to list (summarised)"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn log_decision(d: &Decision, who: &Attribution) {
+    let (pod, container) = (who.pod.as_deref(), who.container.as_deref());
+    match d.verdict {
+        Verdict::Denied => warn!(
+            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
+            hook = d.hook, address_form = d.address_form,
+            "metadata access denied"
+        ),
+        Verdict::Audited => info!(
+            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
+            hook = d.hook, address_form = d.address_form,
+            "metadata access would be denied (audit)"
+        ),
     }
 }
 

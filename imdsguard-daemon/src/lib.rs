@@ -5,6 +5,7 @@
 //! `main.rs` is a thin CLI; everything lives here so that tests, the demo
 //! and the benchmarks drive the same code.
 
+pub mod actor;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;

@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(cli.log_format, &cli.log_level).context("invalid --log-level")?;
     match cli.command {
         Command::Run(args) => standalone::run(args).await?,
+        Command::Node(args) => imdsguard::k8s::agent::run(args).await?,
         Command::Status(args) => {
             let s = status::read(&PinLayout::new(&args.pin_dir))?;
             match args.output {

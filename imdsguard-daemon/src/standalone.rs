@@ -4,13 +4,12 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
 use imdsguard_common::action;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
-use tracing::{error, info, warn};
+use tokio::signal::unix::SignalKind;
+use tracing::{info, warn};
 
 use crate::{
     Error, Result,
@@ -18,7 +17,7 @@ use crate::{
     cli::RunArgs,
     destinations::{self, Destination},
     enforcer::{AllowTarget, Attachment, Desired, Enforcer},
-    events::{Decision, Summarizer, Verdict},
+    events::{self, Attribution, Attributor},
     pins::{Hook, PinLayout},
 };
 
@@ -76,7 +75,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         },
         desired: Desired {
             mode: args.mode,
-            allowed,
+            allowed: Some(allowed),
             destinations: destinations::compile(&list)?,
         },
         allowed_paths,
@@ -91,11 +90,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let root = plan.attachment.cgroup_root.clone();
     let (mut enforcer, _report) = Enforcer::start(plan.attachment.clone(), &plan.desired)?;
     let ring = enforcer.take_events()?;
-    let events = tokio::spawn(report_events(
-        ring,
-        root.path.clone(),
-        plan.allowed_paths.clone(),
-    ));
+    let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
+    let events = tokio::spawn(events::report(ring, names));
 
     let hooks: Vec<&str> = Hook::wanted(args.udp).iter().map(|h| h.name()).collect();
     info!(
@@ -103,7 +99,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir = %args.pin_dir.display(),
         mode = ?args.mode,
         hooks = ?hooks,
-        allowed = plan.desired.allowed.len(),
+        allowed = plan.allowed_paths.len(),
         protected = plan.desired.destinations.entries.len(),
         "ready"
     );
@@ -140,70 +136,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads decision events and logs them, summarising repeats.
-async fn report_events(ring: RingBuf<MapData>, root: PathBuf, known: BTreeMap<u64, PathBuf>) {
-    // SAFETY: the RingBuf owns its map fd for its whole life and always
-    // returns that same fd from as_raw_fd().
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            error!(error = %e, "cannot poll the event ring buffer; decisions will only be counted");
-            return;
-        }
-    };
-    let mut names = CgroupNames::new(root, known);
-    let mut summarizer = Summarizer::new(Duration::from_secs(10), Instant::now());
-    let mut flush = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            guard = fd.readable_mut() => {
-                let Ok(mut guard) = guard else { return };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    let Some(d) = Decision::decode(&item) else { continue };
-                    if summarizer.observe(&d) {
-                        log_decision(&d, &names.path_of(d.cgroup_id));
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = flush.tick() => {
-                for s in summarizer.flush(Instant::now()) {
-                    match s.key {
-                        Some(k) => info!(
-                            cgroup_id = k.cgroup_id,
-                            cgroup = %names.path_of(k.cgroup_id),
-                            destination = %k.destination,
-                            verdict = %k.verdict,
-                            hook = k.hook,
-                            address_form = k.address_form,
-                            repeats = s.suppressed,
-                            "repeated metadata access (summarised)"
-                        ),
-                        None => warn!(repeats = s.suppressed, "metadata access from too many distinct sources to list (summarised)"),
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn log_decision(d: &Decision, cgroup: &str) {
-    match d.verdict {
-        Verdict::Denied => warn!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup, pid = d.tgid, tid = d.pid, comm = %d.comm,
-            destination = %d.destination, protocol = d.protocol, hook = d.hook, address_form = d.address_form,
-            "metadata access denied"
-        ),
-        Verdict::Audited => info!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup, pid = d.tgid, tid = d.pid, comm = %d.comm,
-            destination = %d.destination, protocol = d.protocol, hook = d.hook, address_form = d.address_form,
-            "metadata access would be denied (audit)"
-        ),
-    }
-}
-
-/// cgroup id → path, resolved lazily by walking below the root.
+/// Standalone attribution: the cgroup path, resolved lazily by walking
+/// below the root.
 struct CgroupNames {
     root: PathBuf,
     cache: HashMap<u64, String>,
@@ -217,18 +151,27 @@ impl CgroupNames {
             .collect();
         Self { root, cache }
     }
+}
 
-    fn path_of(&mut self, id: u64) -> String {
-        if let Some(p) = self.cache.get(&id) {
-            return p.clone();
+impl Attributor for CgroupNames {
+    fn attribute(&mut self, cgroup_id: u64) -> Attribution {
+        if let Some(p) = self.cache.get(&cgroup_id) {
+            return Attribution {
+                cgroup: p.clone(),
+                ..Default::default()
+            };
         }
-        let found = paths_of_ids(Path::new(&self.root), &[id]);
-        let name = found
-            .get(&id)
-            .map_or_else(|| format!("(cgroup id {id})"), |p| p.display().to_string());
+        let found = paths_of_ids(Path::new(&self.root), &[cgroup_id]);
+        let name = found.get(&cgroup_id).map_or_else(
+            || format!("(cgroup id {cgroup_id})"),
+            |p| p.display().to_string(),
+        );
         if self.cache.len() < 10_000 {
-            self.cache.insert(id, name.clone());
+            self.cache.insert(cgroup_id, name.clone());
         }
-        name
+        Attribution {
+            cgroup: name,
+            ..Default::default()
+        }
     }
 }

@@ -21,11 +21,23 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin run ARGS --log-format json` and waits for its `ready` line.
     pub fn start(bin: &Path, args: &[String]) -> anyhow::Result<Self> {
+        Self::start_subcommand(bin, "run", args, &[])
+    }
+
+    /// Starts `bin SUBCOMMAND ARGS` with extra environment variables and
+    /// waits for its `ready` line.
+    pub fn start_subcommand(
+        bin: &Path,
+        subcommand: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .arg("--log-format")
             .arg("json")
-            .arg("run")
+            .arg(subcommand)
             .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -2,6 +2,10 @@
 //! where kubelet puts each pod's cgroup. Nothing here talks to the API
 //! server or the kernel, so all of it is tested without either.
 
+pub mod agent;
+pub mod attribution;
+pub mod cgroup_watch;
+pub mod desired;
 mod names;
 pub mod pod_cgroup;
 pub mod policy;

@@ -6,6 +6,7 @@
 mod support;
 
 mod enforcement;
+mod kubernetes;
 mod lifecycle;
 mod modes;
 mod refusals;
@@ -23,6 +24,7 @@ fn main() {
     trials.extend(modes::trials());
     trials.extend(lifecycle::trials());
     trials.extend(refusals::trials());
+    trials.extend(kubernetes::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

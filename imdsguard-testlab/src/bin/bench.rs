@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let pins = PinLayout::new(lab.pin_dir());
     let desired = Desired {
         mode: Mode::Enforce,
-        allowed: BTreeMap::new(),
+        allowed: Some(BTreeMap::new()),
         destinations: destinations::compile(&destinations::defaults())?,
     };
     let root = CgroupDir::open(lab.root().path())?;

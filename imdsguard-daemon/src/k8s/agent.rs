@@ -1,0 +1,323 @@
+//! The Kubernetes node agent: watch this node's pods and all namespaces,
+//! evaluate the policy, and keep the allow map equal to the result.
+//!
+//! Tasks and what they own:
+//! - the enforcer task owns the BPF objects (see `actor`);
+//! - two watcher+reflector tasks keep the pod and namespace stores, with
+//!   backoff on errors; during an API outage the stores keep the last state,
+//!   so enforcement continues unchanged and nothing is opened;
+//! - the cgroup watcher and the policy reloader only wake the reconciler;
+//! - the reconciler recomputes the whole allow map from the full stores.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt as _, future::BoxFuture};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::{
+    Api, Client, Resource as _,
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+
+use super::{
+    attribution::PodAttributor,
+    cgroup_watch, desired,
+    pod_cgroup::{KubepodsLayout, discover},
+    policy::Policy,
+};
+use crate::{
+    Error, Result, actor,
+    cgroup::{CgroupDir, primary_cgroup2_mount},
+    cli::NodeArgs,
+    destinations::{self, Compiled},
+    enforcer::{Attachment, Desired, Enforcer},
+    events,
+    pins::PinLayout,
+};
+
+fn load_policy(args: &NodeArgs) -> Result<(String, Policy)> {
+    let text =
+        std::fs::read_to_string(&args.policy).map_err(Error::io("read policy", &args.policy))?;
+    let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
+        path: args.policy.clone(),
+        source: Box::new(source),
+    })?;
+    Ok((text, policy))
+}
+
+fn compile_destinations(policy: &Policy) -> Result<Compiled> {
+    match policy.destinations() {
+        Some(d) => destinations::compile(d),
+        None => destinations::compile(&destinations::defaults()),
+    }
+}
+
+pub async fn run(args: NodeArgs) -> Result<()> {
+    // Everything that can be wrong with the input is checked before any
+    // program is loaded: a bad policy refuses to start.
+    let (policy_text, policy) = load_policy(&args)?;
+    let layout = match &args.kubepods_root {
+        Some(p) => KubepodsLayout::at(p),
+        None => discover(&primary_cgroup2_mount()?.mount_point),
+    }
+    .map_err(Error::PodCgroup)?;
+    let root = CgroupDir::open(layout.root())?;
+    let client = Client::try_default().await.map_err(Error::Kube)?;
+
+    // Pinned allow entries are kept until the first full sync: a restarted
+    // agent must not revoke pods it has not seen yet.
+    let desired = Desired {
+        mode: policy.default_mode(),
+        allowed: None,
+        destinations: compile_destinations(&policy)?,
+    };
+    let attachment = Attachment {
+        cgroup_root: root.clone(),
+        pins: PinLayout::new(&args.pin_dir),
+        udp: args.udp,
+    };
+    let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
+    let ring = enforcer.take_events()?;
+    let (handle, owner) = actor::spawn(enforcer, desired, Duration::from_secs(2));
+
+    let trigger = Arc::new(Notify::new());
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (ns_store, ns_writer) = reflector::store::<Namespace>();
+    let pods = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
+    )
+    .default_backoff()
+    .reflect(pod_writer);
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(ns_writer);
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "imdsguard".into(),
+            instance: Some(args.node_name.clone()),
+        },
+    );
+    let node_ref = Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some(args.node_name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .object_ref(&());
+
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let mut tasks: Vec<BoxFuture<'static, &'static str>> = vec![
+        Box::pin(drive(pods, trigger.clone(), "pods")),
+        Box::pin(drive(namespaces, trigger.clone(), "namespaces")),
+        Box::pin({
+            let (layout, trigger) = (layout.clone(), trigger.clone());
+            async move {
+                if let Err(e) = cgroup_watch::watch(layout, trigger).await {
+                    error!(error = %e, "cgroup watch failed; new pod cgroups are only seen on API events");
+                }
+                "cgroup watch"
+            }
+        }),
+        Box::pin(reload_policy(
+            args.clone(),
+            policy_text,
+            policy_tx,
+            handle.clone(),
+            trigger.clone(),
+            recorder.clone(),
+            node_ref,
+        )),
+        Box::pin(reconcile(
+            handle.clone(),
+            pod_store.clone(),
+            ns_store,
+            policy_rx,
+            root.clone(),
+            layout.clone(),
+            trigger.clone(),
+        )),
+        Box::pin(async move {
+            events::report(
+                ring,
+                PodAttributor::new(root.path.clone(), pod_store, Some(recorder)),
+            )
+            .await;
+            "event reporter"
+        }),
+    ];
+    tasks.push(Box::pin(async move {
+        match owner.await {
+            Ok(Err(e)) => error!(error = %e, "enforcer task failed"),
+            Err(e) => error!(error = %e, "enforcer task panicked"),
+            Ok(Ok(())) => {}
+        }
+        "enforcer"
+    }));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Syscall {
+            call: "sigaction(SIGTERM)",
+            source,
+        })?;
+    let (stopped, _, _) = tokio::select! {
+        r = futures::future::select_all(tasks) => r,
+        _ = tokio::signal::ctrl_c() => ("signal", 0, Vec::new()),
+        _ = term.recv() => ("signal", 0, Vec::new()),
+    };
+    info!(
+        stopped,
+        "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall`)"
+    );
+    Ok(())
+}
+
+/// Polls a watcher stream; every event (and every relist) wakes the
+/// reconciler. Errors are retried by the stream's backoff, and the store
+/// keeps its last complete state meanwhile.
+async fn drive<S, K>(stream: S, trigger: Arc<Notify>, what: &'static str) -> &'static str
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => trigger.notify_one(),
+            Err(e) => {
+                warn!(watch = what, error = %e, "watch error; retrying with backoff, enforcement keeps the last state")
+            }
+        }
+    }
+    what
+}
+
+/// Re-reads the policy file when it changes. An invalid file keeps the last
+/// good policy in force and is reported (log and a Node event).
+async fn reload_policy(
+    args: NodeArgs,
+    mut last_text: String,
+    tx: watch::Sender<Arc<Policy>>,
+    handle: actor::EnforcerHandle,
+    trigger: Arc<Notify>,
+    recorder: Recorder,
+    node: k8s_openapi::api::core::v1::ObjectReference,
+) -> &'static str {
+    let mut tick = tokio::time::interval(Duration::from_millis(args.policy_poll_ms.max(50)));
+    loop {
+        tick.tick().await;
+        let Ok(text) = std::fs::read_to_string(&args.policy) else {
+            continue;
+        };
+        if text == last_text {
+            continue;
+        }
+        last_text = text.clone();
+        match Policy::from_yaml(&text) {
+            Ok(policy) => {
+                let destinations = match compile_destinations(&policy) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!(error = %e, "policy reload failed; keeping the last good policy");
+                        continue;
+                    }
+                };
+                if let Err(e) = handle.set_destinations(destinations).await {
+                    error!(error = %e, "could not apply the reloaded destinations");
+                }
+                info!(rules = policy.rules().len(), "policy reloaded");
+                let _ = tx.send(Arc::new(policy));
+                trigger.notify_one();
+            }
+            Err(e) => {
+                let detail =
+                    std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(": ");
+                error!(policy = %args.policy.display(), error = %detail, "policy reload failed; keeping the last good policy");
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "PolicyInvalid".into(),
+                    note: Some(
+                        format!("imdsguard kept the last good policy: {detail}")
+                            .chars()
+                            .take(1000)
+                            .collect(),
+                    ),
+                    action: "ReloadPolicy".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &node).await {
+                    warn!(error = %e, "could not publish the policy event");
+                }
+            }
+        }
+    }
+}
+
+/// Recomputes the allow map from the full stores whenever something changed.
+async fn reconcile(
+    handle: actor::EnforcerHandle,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    policy: watch::Receiver<Arc<Policy>>,
+    root: CgroupDir,
+    layout: KubepodsLayout,
+    trigger: Arc<Notify>,
+) -> &'static str {
+    // Nothing is written before both stores hold a complete list.
+    if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
+        return "reconciler";
+    }
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let policy = policy.borrow().clone();
+        let want = desired::compute(&policy, &pods.state(), &namespaces.state(), &root, &layout);
+        let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
+        match handle
+            .sync_allowed(policy.default_mode(), want.allowed.clone())
+            .await
+        {
+            Ok(report) => {
+                if first {
+                    info!(
+                        pods = pods.state().len(),
+                        entries = want.allowed.len(),
+                        waiting_for_cgroup = waiting,
+                        cgroup_root = %root.path.display(),
+                        "ready"
+                    );
+                    first = false;
+                } else if report.inserted + report.updated + report.removed > 0 {
+                    info!(
+                        inserted = report.inserted,
+                        updated = report.updated,
+                        removed = report.removed,
+                        entries = want.allowed.len(),
+                        waiting_for_cgroup = waiting,
+                        micros = started.elapsed().as_micros() as u64,
+                        "allow map reconciled"
+                    );
+                }
+            }
+            Err(e) => error!(error = %e, "reconcile failed; the map keeps its previous entries"),
+        }
+        trigger.notified().await;
+    }
+}

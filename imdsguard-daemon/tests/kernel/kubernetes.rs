@@ -1,0 +1,307 @@
+//! The node agent against a real kube-apiserver (built by
+//! `cargo xtask kube-apiserver`), with the daemon's real RBAC from
+//! deploy/manifests/rbac.yaml. Pods are placed on the test node with
+//! `spec.nodeName`; the test plays kubelet by creating their cgroups.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use imdsguard_testlab::{
+    cgroups::TestCgroup, daemon::Daemon, kube_apiserver::KubeApiserver, lab::Lab, probe::Outcome,
+};
+use k8s_openapi::api::{
+    core::v1::{Container, Namespace, Pod, PodSpec},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use libtest_mimic::Trial;
+
+use crate::{support::*, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial(
+        "node_agent_follows_labels_policy_and_outages",
+        node_agent_follows_labels_policy_and_outages,
+    )]
+}
+
+const NODE: &str = "imdsguard-test-node";
+
+const POLICY: &str = r#"
+defaultMode: enforce
+rules:
+  - name: prod-reads-imds
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: prod}
+    access: allow
+  - name: test-denied
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: test}
+    access: deny
+"#;
+
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    admin: Client,
+}
+
+impl Cluster {
+    fn new(api: &KubeApiserver, kubeconfig: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        api.write_kubeconfig(kubeconfig, api.admin_token()).unwrap();
+        let admin = rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+            let cfg = Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            Client::try_from(cfg).unwrap()
+        });
+        Self { rt, admin }
+    }
+
+    fn apply_rbac(&self) {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/rbac.yaml"),
+        )
+        .unwrap();
+        let mut docs = text.split("\n---\n");
+        let role: ClusterRole = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        let binding: ClusterRoleBinding = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        self.rt.block_on(async {
+            Api::<ClusterRole>::all(self.admin.clone())
+                .create(&PostParams::default(), &role)
+                .await
+                .unwrap();
+            Api::<ClusterRoleBinding>::all(self.admin.clone())
+                .create(&PostParams::default(), &binding)
+                .await
+                .unwrap();
+        });
+    }
+
+    fn create_namespace(&self, name: &str) {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.rt
+            .block_on(Api::<Namespace>::all(self.admin.clone()).create(&PostParams::default(), &ns))
+            .unwrap();
+    }
+
+    /// Creates a pod on the test node and returns its UID.
+    fn create_pod(&self, ns: &str, name: &str, app: &str) -> String {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(NODE.into()),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("registry.invalid/app:1".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .rt
+            .block_on(
+                Api::<Pod>::namespaced(self.admin.clone(), ns).create(&PostParams::default(), &pod),
+            )
+            .unwrap();
+        assert_eq!(
+            created.status.and_then(|s| s.qos_class).as_deref(),
+            Some("BestEffort")
+        );
+        created.metadata.uid.unwrap()
+    }
+
+    fn label(&self, ns: &str, name: &str, app: &str) {
+        let patch = serde_json::json!({"metadata": {"labels": {"app": app}}});
+        self.rt
+            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))
+            .unwrap();
+    }
+
+    fn delete_pod(&self, ns: &str, name: &str) {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).delete(name, &dp))
+            .unwrap();
+    }
+}
+
+/// kubelet's systemd-driver cgroup for a BestEffort pod.
+fn pod_cgroup(lab: &Lab, uid: &str) -> TestCgroup {
+    lab.cgroup(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ))
+    .unwrap()
+}
+
+/// Probes until the outcome matches or 10 s pass; returns how long it took.
+#[track_caller]
+fn eventually(lab: &Lab, cg: &TestCgroup, want_reached: bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let o = probe(lab, Some(cg), "tcp", "169.254.169.254:80");
+        let ok = if want_reached {
+            o.reached()
+        } else {
+            o == Outcome::Eperm
+        };
+        if ok {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?} still {o:?}",
+            cg.path()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn node_agent_follows_labels_policy_and_outages() {
+    let lab = lab("k8s");
+    let mut api = KubeApiserver::start()
+        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+    let dir = TempDir::new();
+    let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
+    cluster.apply_rbac();
+    cluster.create_namespace("imds");
+    cluster.create_namespace("other");
+    let kubepods = lab.cgroup("kubepods.slice").unwrap();
+    // QoS parents exist before any pod, as on a node.
+    let _besteffort = lab
+        .cgroup("kubepods.slice/kubepods-besteffort.slice")
+        .unwrap();
+
+    let prod_uid = cluster.create_pod("imds", "prod-1", "prod");
+    let test_uid = cluster.create_pod("imds", "test-1", "test");
+    let prod = pod_cgroup(&lab, &prod_uid);
+    let test = pod_cgroup(&lab, &test_uid);
+
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
+    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())
+        .unwrap();
+    let args = vec![
+        s("--node-name"),
+        s(NODE),
+        s("--policy"),
+        policy.display().to_string(),
+        s("--kubepods-root"),
+        kubepods.path().display().to_string(),
+        s("--pin-dir"),
+        lab.pin_dir().display().to_string(),
+        s("--policy-poll-ms"),
+        s("100"),
+    ];
+    let kc = daemon_kubeconfig.display().to_string();
+    let mut d = Daemon::start_subcommand(bin(), "node", &args, &[("KUBECONFIG", kc.as_str())])
+        .expect("start the node agent");
+
+    eventually(&lab, &prod, true);
+    eventually(&lab, &test, false);
+
+    // A pod whose cgroup appears after its API object is allowed as soon as
+    // kubelet creates the cgroup (inotify, not polling).
+    let late_uid = cluster.create_pod("imds", "prod-2", "prod");
+    std::thread::sleep(Duration::from_millis(300));
+    let late = pod_cgroup(&lab, &late_uid);
+    let waited = eventually(&lab, &late, true);
+    eprintln!("cgroup creation -> allowed in {waited:?}");
+
+    // Relabelling flips the verdict both ways.
+    cluster.label("imds", "prod-1", "test");
+    eventually(&lab, &prod, false);
+    cluster.label("imds", "prod-1", "prod");
+    eventually(&lab, &prod, true);
+
+    // Denials are attributed to the pod.
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["pod"] == "imds/test-1" && v["message"] == "metadata access denied"
+    })
+    .expect("denial attributed to imds/test-1");
+
+    // A deleted pod's entry goes away (its cgroup may linger a moment).
+    cluster.delete_pod("imds", "prod-2");
+    eventually(&lab, &late, false);
+
+    // Policy reload: a broken file keeps the last good policy...
+    std::fs::write(&policy, "rules: [ {name: x, podSelectr: {}} ]").unwrap();
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "policy reload failed; keeping the last good policy"
+    })
+    .expect("invalid policy reported");
+    eventually(&lab, &prod, true);
+    eventually(&lab, &test, false);
+    // ... and a good one takes effect: allow test pods too.
+    std::fs::write(&policy, POLICY.replace("access: deny", "access: allow")).unwrap();
+    eventually(&lab, &test, true);
+    std::fs::write(&policy, POLICY).unwrap();
+    eventually(&lab, &test, false);
+
+    // API server outage: verdicts stay as they are, nothing is opened.
+    api.stop_apiserver().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(probe(&lab, Some(&test), "tcp", "169.254.169.254:80").eperm());
+    assert!(probe(&lab, Some(&prod), "tcp", "169.254.169.254:80").reached());
+    // Compacting etcd while it is down makes the watches' next resume fail
+    // with 410 Gone: the agent must relist and carry on.
+    api.compact_etcd().unwrap();
+    api.start_apiserver().unwrap();
+    cluster.label("imds", "test-1", "prod");
+    eventually(&lab, &test, true);
+    drop(d);
+}
+
+/// A scratch directory for kubeconfigs and the policy file.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-k8s"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
