@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod bpffs;
 pub mod cgroups;
+pub mod cluster;
 pub mod daemon;
 pub mod fake_imds;
 pub mod kube_apiserver;

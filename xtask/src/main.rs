@@ -2,7 +2,9 @@
 //! commands of the README; both install what a fresh machine lacks first.
 
 mod bench;
+mod bench_enforce;
 mod demo;
+mod e2e;
 mod kube_apiserver;
 mod setup;
 mod test;
@@ -26,6 +28,10 @@ enum Command {
     Test(test::Options),
     /// Run the hook-overhead benchmark.
     Bench(bench::Options),
+    /// The seed scenario end to end against a real kube-apiserver (needs root).
+    E2e(e2e::Options),
+    /// Time to enforce: label patch and pod-cgroup creation to map update.
+    BenchEnforce(bench_enforce::Options),
     /// Build (once, cached) the kube-apiserver used by the control-plane tests.
     KubeApiserver(kube_apiserver::Options),
 }
@@ -37,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(o) => test::run(o),
         Command::Bench(o) => bench::run(o),
         Command::KubeApiserver(o) => kube_apiserver::run(o),
+        Command::E2e(o) => e2e::run(o),
+        Command::BenchEnforce(o) => bench_enforce::run(o),
     }
 }

@@ -4,21 +4,17 @@
 //! `spec.nodeName`; the test plays kubelet by creating their cgroups.
 
 use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use imdsguard_testlab::{
-    cgroups::TestCgroup, daemon::Daemon, kube_apiserver::KubeApiserver, lab::Lab, probe::Outcome,
-};
-use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Pod, PodSpec},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
-use kube::{
-    Api, Client, Config,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    cgroups::TestCgroup,
+    cluster::{Cluster, NODE, pod_cgroup},
+    daemon::Daemon,
+    kube_apiserver::KubeApiserver,
+    lab::Lab,
+    probe::Outcome,
 };
 use libtest_mimic::Trial;
 
@@ -30,8 +26,6 @@ pub fn trials() -> Vec<Trial> {
         node_agent_follows_labels_policy_and_outages,
     )]
 }
-
-const NODE: &str = "imdsguard-test-node";
 
 const POLICY: &str = r#"
 defaultMode: enforce
@@ -47,125 +41,6 @@ rules:
       matchLabels: {app: test}
     access: deny
 "#;
-
-struct Cluster {
-    rt: tokio::runtime::Runtime,
-    admin: Client,
-}
-
-impl Cluster {
-    fn new(api: &KubeApiserver, kubeconfig: &Path) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        api.write_kubeconfig(kubeconfig, api.admin_token()).unwrap();
-        let admin = rt.block_on(async {
-            let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-            let cfg = Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .unwrap();
-            Client::try_from(cfg).unwrap()
-        });
-        Self { rt, admin }
-    }
-
-    fn apply_rbac(&self) {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/rbac.yaml"),
-        )
-        .unwrap();
-        let mut docs = text.split("\n---\n");
-        let role: ClusterRole = serde_yaml::from_str(docs.next().unwrap()).unwrap();
-        let binding: ClusterRoleBinding = serde_yaml::from_str(docs.next().unwrap()).unwrap();
-        self.rt.block_on(async {
-            Api::<ClusterRole>::all(self.admin.clone())
-                .create(&PostParams::default(), &role)
-                .await
-                .unwrap();
-            Api::<ClusterRoleBinding>::all(self.admin.clone())
-                .create(&PostParams::default(), &binding)
-                .await
-                .unwrap();
-        });
-    }
-
-    fn create_namespace(&self, name: &str) {
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        self.rt
-            .block_on(Api::<Namespace>::all(self.admin.clone()).create(&PostParams::default(), &ns))
-            .unwrap();
-    }
-
-    /// Creates a pod on the test node and returns its UID.
-    fn create_pod(&self, ns: &str, name: &str, app: &str) -> String {
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(NODE.into()),
-                containers: vec![Container {
-                    name: "app".into(),
-                    image: Some("registry.invalid/app:1".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let created = self
-            .rt
-            .block_on(
-                Api::<Pod>::namespaced(self.admin.clone(), ns).create(&PostParams::default(), &pod),
-            )
-            .unwrap();
-        assert_eq!(
-            created.status.and_then(|s| s.qos_class).as_deref(),
-            Some("BestEffort")
-        );
-        created.metadata.uid.unwrap()
-    }
-
-    fn label(&self, ns: &str, name: &str, app: &str) {
-        let patch = serde_json::json!({"metadata": {"labels": {"app": app}}});
-        self.rt
-            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            ))
-            .unwrap();
-    }
-
-    fn delete_pod(&self, ns: &str, name: &str) {
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        };
-        self.rt
-            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).delete(name, &dp))
-            .unwrap();
-    }
-}
-
-/// kubelet's systemd-driver cgroup for a BestEffort pod.
-fn pod_cgroup(lab: &Lab, uid: &str) -> TestCgroup {
-    lab.cgroup(&format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    ))
-    .unwrap()
-}
 
 /// Probes until the outcome matches or 10 s pass; returns how long it took.
 #[track_caller]

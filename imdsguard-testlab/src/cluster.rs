@@ -1,0 +1,138 @@
+//! A client for the test kube-apiserver, with the steps tests and the e2e
+//! scenario share: RBAC from deploy/, namespaces, pods on the test node,
+//! and the cgroup kubelet would create for a pod.
+
+use std::{collections::BTreeMap, path::Path};
+
+use k8s_openapi::api::{
+    core::v1::{Container, Namespace, Pod, PodSpec},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+
+use crate::{cgroups::TestCgroup, kube_apiserver::KubeApiserver, lab::Lab};
+
+/// The node name test pods are placed on.
+pub const NODE: &str = "imdsguard-test-node";
+
+pub struct Cluster {
+    pub rt: tokio::runtime::Runtime,
+    pub admin: Client,
+}
+
+impl Cluster {
+    pub fn new(api: &KubeApiserver, kubeconfig: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        api.write_kubeconfig(kubeconfig, api.admin_token()).unwrap();
+        let admin = rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+            let cfg = Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            Client::try_from(cfg).unwrap()
+        });
+        Self { rt, admin }
+    }
+
+    pub fn apply_rbac(&self) {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/rbac.yaml"),
+        )
+        .unwrap();
+        let mut docs = text.split("\n---\n");
+        let role: ClusterRole = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        let binding: ClusterRoleBinding = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        self.rt.block_on(async {
+            Api::<ClusterRole>::all(self.admin.clone())
+                .create(&PostParams::default(), &role)
+                .await
+                .unwrap();
+            Api::<ClusterRoleBinding>::all(self.admin.clone())
+                .create(&PostParams::default(), &binding)
+                .await
+                .unwrap();
+        });
+    }
+
+    pub fn create_namespace(&self, name: &str) {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.rt
+            .block_on(Api::<Namespace>::all(self.admin.clone()).create(&PostParams::default(), &ns))
+            .unwrap();
+    }
+
+    /// Creates a pod on the test node and returns its UID.
+    pub fn create_pod(&self, ns: &str, name: &str, app: &str) -> String {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(NODE.into()),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("registry.invalid/app:1".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .rt
+            .block_on(
+                Api::<Pod>::namespaced(self.admin.clone(), ns).create(&PostParams::default(), &pod),
+            )
+            .unwrap();
+        assert_eq!(
+            created.status.and_then(|s| s.qos_class).as_deref(),
+            Some("BestEffort")
+        );
+        created.metadata.uid.unwrap()
+    }
+
+    pub fn label(&self, ns: &str, name: &str, app: &str) {
+        let patch = serde_json::json!({"metadata": {"labels": {"app": app}}});
+        self.rt
+            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))
+            .unwrap();
+    }
+
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).delete(name, &dp))
+            .unwrap();
+    }
+}
+
+/// kubelet's systemd-driver cgroup for a BestEffort pod.
+pub fn pod_cgroup(lab: &Lab, uid: &str) -> TestCgroup {
+    lab.cgroup(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ))
+    .unwrap()
+}
