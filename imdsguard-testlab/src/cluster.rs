@@ -4,9 +4,13 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Pod, PodSpec},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Pod, PodSpec, ResourceRequirements},
+        events::v1::Event as K8sEvent,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::api::resource::Quantity,
 };
 use kube::{
     Api, Client, Config,
@@ -74,8 +78,32 @@ impl Cluster {
             .unwrap();
     }
 
-    /// Creates a pod on the test node and returns its UID.
+    /// Creates a BestEffort pod on the test node and returns its UID.
     pub fn create_pod(&self, ns: &str, name: &str, app: &str) -> String {
+        self.create_pod_with_qos(ns, name, app, "BestEffort")
+    }
+
+    /// Creates a pod of the given QoS class ("Guaranteed", "Burstable" or
+    /// "BestEffort", by its resources) on the test node; returns its UID.
+    pub fn create_pod_with_qos(&self, ns: &str, name: &str, app: &str, qos: &str) -> String {
+        let quantity = |cpu: &str, mem: &str| {
+            BTreeMap::from([
+                ("cpu".to_string(), Quantity(cpu.into())),
+                ("memory".to_string(), Quantity(mem.into())),
+            ])
+        };
+        let resources = match qos {
+            "Guaranteed" => Some(ResourceRequirements {
+                requests: Some(quantity("100m", "64Mi")),
+                limits: Some(quantity("100m", "64Mi")),
+                ..Default::default()
+            }),
+            "Burstable" => Some(ResourceRequirements {
+                requests: Some(quantity("50m", "32Mi")),
+                ..Default::default()
+            }),
+            _ => None,
+        };
         let pod = Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -87,6 +115,7 @@ impl Cluster {
                 containers: vec![Container {
                     name: "app".into(),
                     image: Some("registry.invalid/app:1".into()),
+                    resources,
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -99,11 +128,30 @@ impl Cluster {
                 Api::<Pod>::namespaced(self.admin.clone(), ns).create(&PostParams::default(), &pod),
             )
             .unwrap();
+        // The API server computes the class at creation, as kubelet will.
         assert_eq!(
             created.status.and_then(|s| s.qos_class).as_deref(),
-            Some("BestEffort")
+            Some(qos)
         );
         created.metadata.uid.unwrap()
+    }
+
+    /// (reason, note, regarding object name) of the events.k8s.io events in `ns`.
+    pub fn events(&self, ns: &str) -> Vec<(String, String, String)> {
+        let list = self
+            .rt
+            .block_on(Api::<K8sEvent>::namespaced(self.admin.clone(), ns).list(&Default::default()))
+            .unwrap();
+        list.items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     pub fn label(&self, ns: &str, name: &str, app: &str) {

@@ -21,10 +21,16 @@ use libtest_mimic::Trial;
 use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "node_agent_follows_labels_policy_and_outages",
-        node_agent_follows_labels_policy_and_outages,
-    )]
+    vec![
+        trial(
+            "node_agent_follows_labels_policy_and_outages",
+            node_agent_follows_labels_policy_and_outages,
+        ),
+        trial(
+            "node_agent_finds_every_qos_class_under_both_drivers",
+            node_agent_finds_every_qos_class_under_both_drivers,
+        ),
+    ]
 }
 
 const POLICY: &str = r#"
@@ -129,6 +135,24 @@ fn node_agent_follows_labels_policy_and_outages() {
     })
     .expect("denial attributed to imds/test-1");
 
+    // ... and reported as a Kubernetes Event on the pod.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = cluster.events("imds");
+        if events.iter().any(|(reason, note, name)| {
+            reason == "MetadataAccessDenied"
+                && name == "test-1"
+                && note.contains("metadata access denied to 169.254.169.254:80 by imdsguard")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no MetadataAccessDenied event on imds/test-1: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // A deleted pod's entry goes away (its cgroup may linger a moment).
     cluster.delete_pod("imds", "prod-2");
     eventually(&lab, &late, false);
@@ -178,5 +202,102 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// kubelet's pod cgroup paths, written out here rather than taken from the
+/// agent's own resolver so the test checks the agent against kubelet.
+fn kubelet_pod_path(driver: &str, qos: &str, uid: &str) -> String {
+    let u = uid.replace('-', "_");
+    match (driver, qos) {
+        ("systemd", "Guaranteed") => format!("kubepods.slice/kubepods-pod{u}.slice"),
+        ("systemd", "Burstable") => {
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+        }
+        ("systemd", _) => {
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+        }
+        (_, "Guaranteed") => format!("kubepods/pod{uid}"),
+        (_, "Burstable") => format!("kubepods/burstable/pod{uid}"),
+        (_, _) => format!("kubepods/besteffort/pod{uid}"),
+    }
+}
+
+fn container_dir(driver: &str) -> String {
+    let id = "0123456789abcdef".repeat(4);
+    if driver == "systemd" {
+        format!("cri-containerd-{id}.scope")
+    } else {
+        id
+    }
+}
+
+fn node_agent_finds_every_qos_class_under_both_drivers() {
+    let lab = lab("k8s-qos");
+    let api = KubeApiserver::start()
+        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+    let dir = TempDir::new();
+    let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
+    cluster.apply_rbac();
+    cluster.create_namespace("imds");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
+    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())
+        .unwrap();
+    let kc = daemon_kubeconfig.display().to_string();
+
+    for (driver, root) in [("systemd", "kubepods.slice"), ("cgroupfs", "kubepods")] {
+        let kubepods = lab.cgroup(root).unwrap();
+        let mut containers = Vec::new();
+        for (qos, app) in [
+            ("Guaranteed", "prod"),
+            ("Burstable", "prod"),
+            ("BestEffort", "prod"),
+            ("Burstable", "test"),
+        ] {
+            let name = format!("{driver}-{}-{app}", qos.to_lowercase());
+            let uid = cluster.create_pod_with_qos("imds", &name, app, qos);
+            let pod = lab.cgroup(&kubelet_pod_path(driver, qos, &uid)).unwrap();
+            // Probe from a container cgroup: the pod-level entry covers it.
+            let ctr = lab
+                .cgroup(&format!(
+                    "{}/{}",
+                    kubelet_pod_path(driver, qos, &uid),
+                    container_dir(driver)
+                ))
+                .unwrap();
+            containers.push((name, app, ctr, pod));
+        }
+        let args = vec![
+            s("--node-name"),
+            s(NODE),
+            s("--policy"),
+            policy.display().to_string(),
+            s("--kubepods-root"),
+            kubepods.path().display().to_string(),
+            s("--pin-dir"),
+            lab.pin_dir().display().to_string(),
+        ];
+        let d = Daemon::start_subcommand(bin(), "node", &args, &[("KUBECONFIG", kc.as_str())])
+            .expect("start the node agent");
+        for (name, app, ctr, _) in &containers {
+            let o = probe(&lab, Some(ctr), "tcp", "169.254.169.254:80");
+            match *app {
+                "prod" => assert!(o.reached(), "{driver} {name}: {o:?}"),
+                _ => assert!(o.eperm(), "{driver} {name}: {o:?}"),
+            }
+        }
+        d.kill();
+        let out = imdsguard_testlab::daemon::command(
+            bin(),
+            &[
+                "uninstall",
+                "--pin-dir",
+                &lab.pin_dir().display().to_string(),
+            ],
+        )
+        .unwrap();
+        assert!(out.status.success());
     }
 }
