@@ -182,6 +182,16 @@ fn node_agent_follows_labels_policy_and_outages() {
     api.start_apiserver().unwrap();
     cluster.label("imds", "test-1", "prod");
     eventually(&lab, &test, true);
+    // The resumed watch really hit 410 Gone (and was relisted).
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("watch error"))
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("too old resource version"))
+    })
+    .expect("the resumed watch got 410 Gone and relisted");
     drop(d);
 }
 

@@ -1,5 +1,437 @@
-fn main() {
-    imdsguard_testlab::probe::run_if_probe();
-    eprintln!("not implemented yet");
-    std::process::exit(1);
+//! Time to enforce: how long the node agent takes to turn a Kubernetes
+//! change into an allow-map change, against a real kube-apiserver and the
+//! real `imdsguard node` on this kernel. Run with `cargo xtask bench-enforce`
+//! (add `-- --iterations N --background-pods N` to change sizes).
+//!
+//! - **label patch -> map:** a pod of namespace `imds` whose cgroup exists is
+//!   relabelled app=test -> app=prod (merge patch, admin client); t0 is taken
+//!   just before the patch is sent, t1 when the pinned allow map holds an
+//!   allow entry for its cgroup id. Then back to app=test, until the entry
+//!   is no longer an allow entry (the deny rule makes it an enforce entry).
+//! - **pod cgroup mkdir -> map:** an app=prod pod is created first and the
+//!   agent given `--settle-ms` to see it; t0 is taken just before kubelet's
+//!   mkdir of the pod cgroup (played by this process), t1 when the new
+//!   cgroup id has an allow entry.
+//!
+//! The map is read through the pin with bpf(2) lookups every 100 µs, from a
+//! thread that is already polling when t0 is taken. Nothing is asserted.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use imdsguard::{pins::PinLayout, sys};
+use imdsguard_testlab::{
+    cgroups::TestCgroup,
+    cluster::{Cluster, NODE},
+    daemon::{self, Daemon},
+    kube_apiserver::KubeApiserver,
+    lab::Lab,
+    probe,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::ListParams};
+
+/// The seed policy of the Kubernetes kernel test.
+const POLICY: &str = r#"
+defaultMode: enforce
+rules:
+  - name: prod-reads-imds
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: prod}
+    access: allow
+  - name: test-denied
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: test}
+    access: deny
+"#;
+
+/// `imdsguard_common::map_names::ALLOWED` (that crate is not a dependency
+/// of the testlab).
+const ALLOWED_MAP: &str = "IMDSG_ALLOWED";
+/// `imdsguard_common::action::ALLOW`: the first u32 of the map value.
+const ACTION_ALLOW: u32 = 1;
+const POLL: Duration = Duration::from_micros(100);
+const CAP: Duration = Duration::from_secs(10);
+const QOS_DIR: &str = "kubepods-besteffort.slice";
+
+fn arg(name: &str, default: u32) -> anyhow::Result<u32> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .with_context(|| format!("{name}: value missing"))?
+            .parse()
+            .with_context(|| format!("{name}: not a number"))?),
+        None => Ok(default),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    probe::run_if_probe();
+    let bin = imdsguard_bin()?;
+    let iterations = arg("--iterations", 50)?;
+    let background = arg("--background-pods", 20)?;
+    let warmup = arg("--warmup", 2)?;
+    let settle = Duration::from_millis(arg("--settle-ms", 200)?.into());
+    ensure!(iterations > 0, "--iterations must be at least 1");
+
+    // Declaration order is the reverse of drop order: the agent dies first,
+    // then the cgroups go, then the apiserver and etcd, then the lab.
+    let lab = Lab::new("enforce-bench").context("set up the lab (run as root)")?;
+    let api = KubeApiserver::start()
+        .context("start kube-apiserver (run `cargo xtask kube-apiserver` once)")?;
+    let dir = TempDir::new()?;
+    let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
+    cluster.apply_rbac();
+    cluster.create_namespace("imds");
+    cluster.create_namespace("other");
+    let kubepods = lab.cgroup("kubepods.slice")?;
+    // QoS parents exist before any pod, as on a node.
+    let _besteffort = lab.cgroup(&format!("kubepods.slice/{QOS_DIR}"))?;
+    let pod_dir = |uid: &str| {
+        kubepods.path().join(QOS_DIR).join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ))
+    };
+
+    // Other pods on the node, with their cgroups: allowed, denied, and not
+    // matched by any rule.
+    let mut cgroups = Vec::new();
+    for i in 0..background {
+        let (ns, app) = match i % 4 {
+            0 => ("imds", "prod"),
+            1 => ("imds", "test"),
+            2 => ("other", "prod"),
+            _ => ("other", "test"),
+        };
+        let uid = cluster.create_pod(ns, &format!("background-{i}"), app);
+        cgroups.push(TestCgroup::create(pod_dir(&uid))?);
+    }
+    let label_uid = cluster.create_pod("imds", "bench-label", "test");
+    let label_cg = TestCgroup::create(pod_dir(&label_uid))?;
+
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY)?;
+    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
+    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())?;
+    let args = [
+        "--node-name",
+        NODE,
+        "--policy",
+        &policy.display().to_string(),
+        "--kubepods-root",
+        &kubepods.path().display().to_string(),
+        "--pin-dir",
+        &lab.pin_dir().display().to_string(),
+        "--policy-poll-ms",
+        "1000",
+    ]
+    .map(String::from);
+    let kc = daemon_kubeconfig.display().to_string();
+    let agent = Daemon::start_subcommand(&bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
+        .context("start the node agent")?;
+    let map = AllowMap::open(&PinLayout::new(lab.pin_dir()).map(ALLOWED_MAP))?;
+
+    let label_id = label_cg.id();
+    // The deny rule gives the app=test pod an enforce entry: the agent has it.
+    poll_until(&map, label_id, |a| a.is_some_and(|a| a != ACTION_ALLOW))
+        .context("bench-label never got its deny entry")?;
+    let store = cluster.rt.block_on(
+        Api::<Pod>::all(cluster.admin.clone())
+            .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}"))),
+    )?;
+
+    println!(
+        "\ntime to enforce: real kube-apiserver + `imdsguard node` (pid {}), kernel {}, {} CPUs",
+        agent.pid(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    println!(
+        "pods on the node (the agent's store): {} ({} background + bench-label); allow map entries: {}",
+        store.items.len(),
+        background,
+        map.len()?
+    );
+    println!(
+        "{iterations} iterations per metric after {warmup} warm-up; map polled every {} µs\n",
+        POLL.as_micros()
+    );
+
+    // 1. Label patch -> map.
+    let mut to_prod = Vec::new();
+    let mut to_test = Vec::new();
+    for i in 0..warmup + iterations {
+        let up = time_patch(&cluster, &map, label_id, "prod", |a| {
+            a == Some(ACTION_ALLOW)
+        })?;
+        let down = time_patch(&cluster, &map, label_id, "test", |a| {
+            a.is_some_and(|a| a != ACTION_ALLOW)
+        })?;
+        if i >= warmup {
+            to_prod.push(up);
+            to_test.push(down);
+        }
+    }
+    eprintln!("label patches done");
+
+    // 2. Pod cgroup creation -> map.
+    let mut created = Vec::new();
+    for i in 0..warmup + iterations {
+        let name = format!("bench-new-{i}");
+        let uid = cluster.create_pod("imds", &name, "prod");
+        std::thread::sleep(settle);
+        let path = pod_dir(&uid);
+        let t0 = Instant::now();
+        let cg = TestCgroup::create(path)?;
+        let id = cg.id();
+        let t1 = poll_until(&map, id, |a| a == Some(ACTION_ALLOW))
+            .with_context(|| format!("{name}: no allow entry after its cgroup was created"))?;
+        if i >= warmup {
+            created.push(t1 - t0);
+        }
+        cluster.delete_pod("imds", &name);
+        drop(cg);
+        poll_until(&map, id, |a| a.is_none())
+            .with_context(|| format!("{name}: entry left after the pod was deleted"))?;
+    }
+    eprintln!("pod cgroup creations done");
+
+    // The agent's own time per reconcile (compute + map sync), from its log.
+    let reconciles: Vec<Duration> = agent
+        .logs()
+        .iter()
+        .filter(|v| daemon::message(v) == Some("allow map reconciled"))
+        .filter_map(|v| v["micros"].as_u64())
+        .map(Duration::from_micros)
+        .collect();
+
+    println!(
+        "{:<44} {:>5} {:>11} {:>11} {:>11}",
+        "METRIC", "N", "MEDIAN ms", "P99 ms", "MAX ms"
+    );
+    for (name, samples) in [
+        ("label app=test -> prod: allow entry", &to_prod),
+        ("label app=prod -> test: allow entry gone", &to_test),
+        ("pod cgroup mkdir: allow entry", &created),
+        ("(agent log: reconcile compute + map sync)", &reconciles),
+    ] {
+        row(name, samples);
+    }
+    let mut both = to_prod.clone();
+    both.extend(&to_test);
+    row("label patch, both directions", &both);
+
+    drop(agent);
+    drop(label_cg);
+    drop(cgroups);
+    drop(kubepods);
+    drop(cluster);
+    drop(dir);
+    drop(api);
+    drop(lab);
+    println!("\ncleaned up: node agent, kube-apiserver and etcd, cgroups, bpffs pins, temp files");
+    Ok(())
+}
+
+/// Merge-patches `bench-label`'s app label; returns the time from just
+/// before the patch is sent until `want` holds for its map entry.
+fn time_patch(
+    cluster: &Cluster,
+    map: &AllowMap,
+    id: u64,
+    app: &str,
+    want: fn(Option<u32>) -> bool,
+) -> anyhow::Result<Duration> {
+    std::thread::scope(|s| {
+        // Polls from before t0: the entry may change before the patch
+        // response arrives.
+        let poller = s.spawn(|| poll_until(map, id, want));
+        let t0 = Instant::now();
+        cluster.label("imds", "bench-label", app);
+        let t1 = poller
+            .join()
+            .map_err(|_| anyhow::anyhow!("poller panicked"))?
+            .with_context(|| format!("relabel to app={app}: map never followed"))?;
+        Ok(t1.saturating_duration_since(t0))
+    })
+}
+
+/// Polls the action of `id` every [`POLL`] until `want` holds; returns when
+/// it was seen. Fails after [`CAP`].
+fn poll_until(
+    map: &AllowMap,
+    id: u64,
+    want: impl Fn(Option<u32>) -> bool,
+) -> anyhow::Result<Instant> {
+    let start = Instant::now();
+    loop {
+        let action = map.action(id)?;
+        let now = Instant::now();
+        if want(action) {
+            return Ok(now);
+        }
+        if now - start > CAP {
+            bail!("cgroup {id}: still {action:?} after {CAP:?}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn row(name: &str, samples: &[Duration]) {
+    if samples.is_empty() {
+        println!("{name:<44} {:>5} {:>11} {:>11} {:>11}", 0, "-", "-", "-");
+        return;
+    }
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    let median = if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+    };
+    // Nearest rank.
+    let p99 = ms[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1];
+    println!(
+        "{name:<44} {n:>5} {median:>11.3} {p99:>11.3} {:>11.3}",
+        ms[n - 1]
+    );
+}
+
+/// The pinned allow map (key: cgroup id, value: `AllowEntry`, whose first
+/// u32 is the action), read with raw bpf(2) calls.
+struct AllowMap {
+    fd: OwnedFd,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    /// `value` for lookups, `next_key` for BPF_MAP_GET_NEXT_KEY.
+    value: u64,
+    flags: u64,
+}
+
+impl AllowMap {
+    fn open(pin: &Path) -> anyhow::Result<Self> {
+        let fd = sys::obj_get(pin).with_context(|| format!("open {}", pin.display()))?;
+        Ok(Self { fd })
+    }
+
+    fn call(&self, cmd: libc::c_long, key: u64, value: u64) -> io::Result<()> {
+        let mut attr = ElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key,
+            value,
+            flags: 0,
+        };
+        // SAFETY: attr is laid out as the kernel's bpf_attr for the map
+        // element commands; key and value point to live buffers of the
+        // map's key (u64) and value (8 bytes) sizes, or key is null.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &raw mut attr,
+                size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The action of `id`'s entry, or None without one.
+    fn action(&self, id: u64) -> anyhow::Result<Option<u32>> {
+        let mut value = [0u32; 2];
+        match self.call(
+            BPF_MAP_LOOKUP_ELEM,
+            &raw const id as u64,
+            value.as_mut_ptr() as u64,
+        ) {
+            Ok(()) => Ok(Some(value[0])),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
+        }
+    }
+
+    fn len(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        let mut key = 0u64;
+        let mut next = 0u64;
+        let mut first = true;
+        loop {
+            let k = if first { 0 } else { &raw const key as u64 };
+            match self.call(BPF_MAP_GET_NEXT_KEY, k, &raw mut next as u64) {
+                Ok(()) => {
+                    n += 1;
+                    key = next;
+                    first = false;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+                Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+            }
+        }
+    }
+}
+
+/// A scratch directory for kubeconfigs and the policy file.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-enforce-bench"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn imdsguard_bin() -> anyhow::Result<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--imdsguard" {
+            return args
+                .next()
+                .map(PathBuf::from)
+                .context("--imdsguard needs a path");
+        }
+    }
+    // Next to this binary, as cargo lays out target/<profile>/.
+    let exe = std::env::current_exe()?;
+    let sibling = exe.with_file_name("imdsguard");
+    ensure!(
+        sibling.exists(),
+        "imdsguard binary not found next to {}; pass --imdsguard PATH",
+        exe.display()
+    );
+    Ok(sibling)
 }
