@@ -44,3 +44,25 @@ pub fn require_root() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The `imdsguard` binary for lab programs: `--imdsguard PATH`, else the
+/// `imdsguard` next to the running binary (cargo's target/<profile>/).
+pub fn imdsguard_bin_arg() -> anyhow::Result<std::path::PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--imdsguard" {
+            return args
+                .next()
+                .map(Into::into)
+                .ok_or_else(|| anyhow::anyhow!("--imdsguard needs a path"));
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let sibling = exe.with_file_name("imdsguard");
+    anyhow::ensure!(
+        sibling.exists(),
+        "imdsguard binary not found next to {}; pass --imdsguard PATH",
+        exe.display()
+    );
+    Ok(sibling)
+}

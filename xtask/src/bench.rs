@@ -1,11 +1,6 @@
 //! `cargo xtask bench [-- ARGS]`: the hook-overhead benchmark (release build).
 
-use std::process::Command;
-
-use anyhow::bail;
 use clap::Args;
-
-use crate::test::{cargo, is_root, status, target_dir};
 
 #[derive(Args)]
 pub struct Options {
@@ -15,18 +10,5 @@ pub struct Options {
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!("the benchmark attaches BPF programs to its own test cgroups: run as root");
-    }
-    crate::setup::run()?;
-    status(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "imdsguard-daemon",
-        "-p",
-        "imdsguard-testlab",
-        "--bins",
-    ]))?;
-    status(Command::new(target_dir().join("release").join("imdsguard-bench")).args(&o.args))
+    crate::test::run_release_bin("imdsguard-bench", &o.args, false)
 }

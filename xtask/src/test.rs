@@ -64,6 +64,35 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For the root-only programs (demo, e2e, benchmarks): check root, set up
+/// the toolchain (and the kube-apiserver when asked), build the release
+/// binaries, and run `target/release/<bin> ARGS`.
+pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{bin} attaches BPF programs to its own test cgroups: run as root");
+    }
+    crate::setup::run()?;
+    if needs_apiserver {
+        crate::kube_apiserver::ensure_built()?;
+    }
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "imdsguard-daemon",
+        "-p",
+        "imdsguard-testlab",
+        "--bins",
+    ]))?;
+    let dir = target_dir().join("release");
+    status(
+        Command::new(dir.join(bin))
+            .arg("--imdsguard")
+            .arg(dir.join("imdsguard"))
+            .args(args),
+    )
+}
+
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());

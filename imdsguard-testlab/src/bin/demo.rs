@@ -6,7 +6,7 @@
 //! an isolated network namespace that holds a fake IMDS on
 //! 169.254.169.254:80 and [fd00:ec2::254]:80.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use imdsguard_testlab::{
@@ -24,7 +24,7 @@ struct Pod {
 
 fn main() -> anyhow::Result<()> {
     probe::run_if_probe();
-    let bin = imdsguard_bin()?;
+    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
     let lab = Lab::new("demo").context("set up the demo lab (run as root)")?;
 
     // kubelet (systemd driver) layout: kubepods.slice/kubepods-besteffort.slice/
@@ -201,25 +201,4 @@ fn cell(o: &Outcome) -> String {
         Outcome::Eperm => "EPERM (denied)".into(),
         Outcome::Failed { detail, .. } => format!("failed: {detail}"),
     }
-}
-
-fn imdsguard_bin() -> anyhow::Result<PathBuf> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--imdsguard" {
-            return args
-                .next()
-                .map(PathBuf::from)
-                .context("--imdsguard needs a path");
-        }
-    }
-    // Next to this binary, as cargo lays out target/<profile>/.
-    let exe = std::env::current_exe()?;
-    let sibling = exe.with_file_name("imdsguard");
-    ensure!(
-        sibling.exists(),
-        "imdsguard binary not found next to {}; pass --imdsguard PATH",
-        exe.display()
-    );
-    Ok(sibling)
 }
