@@ -6,6 +6,7 @@
 mod support;
 
 mod enforcement;
+mod hardening;
 mod kubernetes;
 mod lifecycle;
 mod modes;
@@ -25,6 +26,7 @@ fn main() {
     trials.extend(lifecycle::trials());
     trials.extend(refusals::trials());
     trials.extend(kubernetes::trials());
+    trials.extend(hardening::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 
