@@ -2,7 +2,7 @@
 //! map writes never race. The owner also checks every few seconds that our
 //! links are still attached and puts them back if someone removed them.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
@@ -11,8 +11,16 @@ use crate::{
     Error, Result,
     destinations::Compiled,
     enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
+    metrics::{Health, Metrics},
     pins::Hook,
 };
+
+/// Where the owner task reports what it sees.
+#[derive(Clone)]
+pub struct Observers {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
 
 enum Command {
     SyncAllowed {
@@ -85,6 +93,7 @@ pub fn spawn(
     mut enforcer: Enforcer,
     mut desired: Desired,
     check_every: Duration,
+    observers: Option<Observers>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
     let task = tokio::spawn(async move {
@@ -96,10 +105,17 @@ pub fn spawn(
                     match cmd {
                         Command::SyncAllowed { mode, allowed, reply } => {
                             desired.mode = mode;
-                            let _ = reply.send(enforcer.sync_allowed(mode, &allowed));
+                            let r = enforcer.sync_allowed(mode, &allowed);
+                            if let (Some(o), Ok(_)) = (&observers, &r) {
+                                o.metrics.allow_map_entries.set(allowed.len() as i64);
+                            }
+                            let _ = reply.send(r);
                         }
                         Command::SetDestinations { compiled, reply } => {
                             let r = enforcer.sync_destinations(&compiled);
+                            if let Some(o) = &observers {
+                                o.metrics.protected_prefixes.set(compiled.entries.len() as i64);
+                            }
                             desired.destinations = compiled;
                             let _ = reply.send(r);
                         }
@@ -111,14 +127,26 @@ pub fn spawn(
                 _ = check.tick() => {
                     let attachment: Attachment = enforcer.attachment().clone();
                     let wanted = Hook::wanted(attachment.udp);
-                    match enforcer.attached_hooks() {
+                    let attached = enforcer.attached_hooks();
+                    if let (Some(o), Ok(a)) = (&observers, &attached) {
+                        let n = wanted.iter().filter(|h| a.contains(h)).count() as u32;
+                        o.metrics.programs_attached.set(i64::from(n));
+                        o.health.set_attached(n);
+                    }
+                    match attached {
                         Ok(attached) if wanted.iter().all(|h| attached.contains(h)) => {}
                         Ok(attached) => {
                             let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
                             warn!(?missing, "programs were detached behind our back; re-attaching");
                             let keep = Desired { allowed: None, ..desired.clone() };
                             match Enforcer::start(attachment, &keep) {
-                                Ok((e, _)) => enforcer = e,
+                                Ok((e, _)) => {
+                                    enforcer = e;
+                                    if let Some(o) = &observers {
+                                        o.metrics.programs_attached.set(wanted.len() as i64);
+                                        o.health.set_attached(wanted.len() as u32);
+                                    }
+                                }
                                 Err(e) => error!(error = %e, "re-attach failed"),
                             }
                         }

@@ -97,6 +97,10 @@ pub struct NodeArgs {
     /// How often the policy file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
+    /// Address for /metrics, /healthz and /readyz (port 0 picks a free port;
+    /// the bound address is in the `ready` log line).
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

@@ -13,13 +13,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use aya::maps::{MapData, RingBuf};
 use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, hook, verdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
-use crate::destinations::addr_of_words;
+use crate::{
+    destinations::addr_of_words,
+    metrics::{DecisionLabels, Metrics},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,7 +208,11 @@ pub trait Attributor: Send + 'static {
 
 /// Reads decision events until the task is dropped and logs them,
 /// summarising repeats.
-pub async fn report(ring: RingBuf<MapData>, mut attributor: impl Attributor) {
+pub async fn report(
+    ring: RingBuf<MapData>,
+    mut attributor: impl Attributor,
+    metrics: Option<Arc<Metrics>>,
+) {
     // SAFETY: the RingBuf owns its map fd for its whole life and always
     // returns that same fd from as_raw_fd().
     let mut fd = match unsafe { AsyncFd::register(ring) } {
@@ -214,6 +223,7 @@ pub async fn report(ring: RingBuf<MapData>, mut attributor: impl Attributor) {
         }
     };
     let mut summarizer = Summarizer::new(Duration::from_secs(10), Instant::now());
+    let mut who_cache: HashMap<u64, Attribution> = HashMap::new();
     let mut flush = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -222,8 +232,20 @@ pub async fn report(ring: RingBuf<MapData>, mut attributor: impl Attributor) {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     let Some(d) = Decision::decode(&item) else { continue };
+                    // Attribution is cached for the window: a flood from one
+                    // cgroup costs one lookup, not one per event.
+                    let who = who_cache.entry(d.cgroup_id).or_insert_with(|| attributor.attribute(d.cgroup_id)).clone();
+                    if let Some(m) = &metrics {
+                        let namespace = who.pod.as_deref().and_then(|p| p.split_once('/')).map_or("", |(ns, _)| ns);
+                        m.decisions
+                            .get_or_create(&DecisionLabels {
+                                verdict: d.verdict.to_string(),
+                                namespace: namespace.into(),
+                                destination: d.destination.to_string(),
+                            })
+                            .inc();
+                    }
                     if summarizer.observe(&d) {
-                        let who = attributor.attribute(d.cgroup_id);
                         log_decision(&d, &who);
                         attributor.reported(&d, &who);
                     }
@@ -231,6 +253,7 @@ pub async fn report(ring: RingBuf<MapData>, mut attributor: impl Attributor) {
                 guard.clear_ready();
             }
             _ = flush.tick() => {
+                who_cache.clear();
                 for s in summarizer.flush(Instant::now()) {
                     match s.key {
                         Some(k) => {

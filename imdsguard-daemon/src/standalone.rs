@@ -91,7 +91,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (mut enforcer, _report) = Enforcer::start(plan.attachment.clone(), &plan.desired)?;
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
-    let events = tokio::spawn(events::report(ring, names));
+    let events = tokio::spawn(events::report(ring, names, None));
 
     let hooks: Vec<&str> = Hook::wanted(args.udp).iter().map(|h| h.name()).collect();
     info!(

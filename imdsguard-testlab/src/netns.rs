@@ -102,13 +102,21 @@ impl NetNs {
         self.assert_local(addr)
     }
 
+    /// The kernel adds an IPv6 address's `local` route a moment after the
+    /// address itself, so this waits up to a second for it.
     pub fn assert_local(&self, addr: IpAddr) -> anyhow::Result<()> {
-        let route = self.ip(&["route", "get", &addr.to_string()])?;
-        ensure!(
-            route.starts_with("local "),
-            "route to {addr} in the test netns is not local: {route}"
-        );
-        Ok(())
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let route = self.ip(&["route", "get", &addr.to_string()])?;
+            if route.starts_with("local ") {
+                return Ok(());
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "route to {addr} in the test netns is not local: {route}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// The namespace must hold nothing but `lo`: no route out exists.

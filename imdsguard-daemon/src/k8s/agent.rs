@@ -40,7 +40,8 @@ use crate::{
     cli::NodeArgs,
     destinations::{self, Compiled},
     enforcer::{Attachment, Desired, Enforcer},
-    events,
+    events, http,
+    metrics::{Health, Metrics, WatchLabels},
     pins::PinLayout,
 };
 
@@ -87,7 +88,39 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
     let ring = enforcer.take_events()?;
-    let (handle, owner) = actor::spawn(enforcer, desired, Duration::from_secs(2));
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .protected_prefixes
+        .set(desired.destinations.entries.len() as i64);
+    let health = Health::new(crate::pins::Hook::wanted(args.udp).len() as u32);
+    let observers = actor::Observers {
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    let (handle, owner) = actor::spawn(
+        enforcer,
+        desired,
+        Duration::from_secs(2),
+        Some(observers.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(Error::io(
+            "listen on --metrics-addr",
+            args.metrics_addr.to_string(),
+        ))?;
+    let metrics_addr = listener.local_addr().map_err(Error::io(
+        "listen on --metrics-addr",
+        args.metrics_addr.to_string(),
+    ))?;
+    tokio::spawn(http::serve(
+        listener,
+        http::Endpoints {
+            metrics: metrics.clone(),
+            health,
+            enforcer: handle.clone(),
+        },
+    ));
 
     let trigger = Arc::new(Notify::new());
     let (pod_store, pod_writer) = reflector::store::<Pod>();
@@ -123,8 +156,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
     let mut tasks: Vec<BoxFuture<'static, &'static str>> = vec![
-        Box::pin(drive(pods, trigger.clone(), "pods")),
-        Box::pin(drive(namespaces, trigger.clone(), "namespaces")),
+        Box::pin(drive(pods, trigger.clone(), "pods", metrics.clone())),
+        Box::pin(drive(
+            namespaces,
+            trigger.clone(),
+            "namespaces",
+            metrics.clone(),
+        )),
         Box::pin({
             let (layout, trigger) = (layout.clone(), trigger.clone());
             async move {
@@ -142,6 +180,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             trigger.clone(),
             recorder.clone(),
             node_ref,
+            metrics.clone(),
         )),
         Box::pin(reconcile(
             handle.clone(),
@@ -151,11 +190,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             root.clone(),
             layout.clone(),
             trigger.clone(),
+            observers,
+            metrics_addr,
         )),
         Box::pin(async move {
             events::report(
                 ring,
                 PodAttributor::new(root.path.clone(), pod_store, Some(recorder)),
+                Some(metrics),
             )
             .await;
             "event reporter"
@@ -190,7 +232,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 /// Polls a watcher stream; every event (and every relist) wakes the
 /// reconciler. Errors are retried by the stream's backoff, and the store
 /// keeps its last complete state meanwhile.
-async fn drive<S, K>(stream: S, trigger: Arc<Notify>, what: &'static str) -> &'static str
+async fn drive<S, K>(
+    stream: S,
+    trigger: Arc<Notify>,
+    what: &'static str,
+    metrics: Arc<Metrics>,
+) -> &'static str
 where
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
@@ -199,6 +246,10 @@ where
         match event {
             Ok(_) => trigger.notify_one(),
             Err(e) => {
+                metrics
+                    .watch_errors
+                    .get_or_create(&WatchLabels { watch: what.into() })
+                    .inc();
                 warn!(watch = what, error = %e, "watch error; retrying with backoff, enforcement keeps the last state")
             }
         }
@@ -216,6 +267,7 @@ async fn reload_policy(
     trigger: Arc<Notify>,
     recorder: Recorder,
     node: k8s_openapi::api::core::v1::ObjectReference,
+    metrics: Arc<Metrics>,
 ) -> &'static str {
     let mut tick = tokio::time::interval(Duration::from_millis(args.policy_poll_ms.max(50)));
     loop {
@@ -232,6 +284,7 @@ async fn reload_policy(
                 let destinations = match compile_destinations(&policy) {
                     Ok(d) => d,
                     Err(e) => {
+                        metrics.policy_reload_failures.inc();
                         error!(error = %e, "policy reload failed; keeping the last good policy");
                         continue;
                     }
@@ -249,6 +302,7 @@ async fn reload_policy(
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(": ");
+                metrics.policy_reload_failures.inc();
                 error!(policy = %args.policy.display(), error = %detail, "policy reload failed; keeping the last good policy");
                 let event = Event {
                     type_: EventType::Warning,
@@ -279,6 +333,8 @@ async fn reconcile(
     root: CgroupDir,
     layout: KubepodsLayout,
     trigger: Arc<Notify>,
+    observers: actor::Observers,
+    metrics_addr: std::net::SocketAddr,
 ) -> &'static str {
     // Nothing is written before both stores hold a complete list.
     if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
@@ -295,12 +351,18 @@ async fn reconcile(
             .await
         {
             Ok(report) => {
+                observers
+                    .metrics
+                    .reconcile_duration
+                    .observe(started.elapsed().as_secs_f64());
                 if first {
+                    observers.health.set_synced();
                     info!(
                         pods = pods.state().len(),
                         entries = want.allowed.len(),
                         waiting_for_cgroup = waiting,
                         cgroup_root = %root.path.display(),
+                        metrics_addr = %metrics_addr,
                         "ready"
                     );
                     first = false;

@@ -107,6 +107,8 @@ fn node_agent_follows_labels_policy_and_outages() {
         lab.pin_dir().display().to_string(),
         s("--policy-poll-ms"),
         s("100"),
+        s("--metrics-addr"),
+        s("127.0.0.1:0"),
     ];
     let kc = daemon_kubeconfig.display().to_string();
     let mut d = Daemon::start_subcommand(bin(), "node", &args, &[("KUBECONFIG", kc.as_str())])
@@ -114,6 +116,28 @@ fn node_agent_follows_labels_policy_and_outages() {
 
     eventually(&lab, &prod, true);
     eventually(&lab, &test, false);
+
+    // Health and metrics.
+    let ready = d
+        .wait_for(Duration::from_secs(5), |v| v["message"] == "ready")
+        .unwrap();
+    let addr = ready["metrics_addr"]
+        .as_str()
+        .expect("metrics_addr in the ready line")
+        .to_string();
+    assert!(http_get(&addr, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+    let m = http_get(&addr, "/metrics");
+    for needle in [
+        "imdsguard_programs_attached 2",
+        "imdsguard_allow_map_entries 2",
+        "imdsguard_protected_prefixes 9",
+        "imdsguard_reconcile_duration_seconds_count",
+        r#"imdsguard_kernel_verdicts{verdict="denied"}"#,
+        r#"imdsguard_decisions_total{verdict="denied",namespace="imds",destination="169.254.169.254:80"}"#,
+    ] {
+        assert!(m.contains(needle), "{needle:?} not in /metrics:\n{m}");
+    }
 
     // A pod whose cgroup appears after its API object is allowed as soon as
     // kubelet creates the cgroup (inotify, not polling).
@@ -163,6 +187,7 @@ fn node_agent_follows_labels_policy_and_outages() {
         v["message"] == "policy reload failed; keeping the last good policy"
     })
     .expect("invalid policy reported");
+    assert!(http_get(&addr, "/metrics").contains("imdsguard_policy_reload_failures_total 1"));
     eventually(&lab, &prod, true);
     eventually(&lab, &test, false);
     // ... and a good one takes effect: allow test pods too.
@@ -176,6 +201,16 @@ fn node_agent_follows_labels_policy_and_outages() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(probe(&lab, Some(&test), "tcp", "169.254.169.254:80").eperm());
     assert!(probe(&lab, Some(&prod), "tcp", "169.254.169.254:80").reached());
+    // Removing our links by hand: the gauge shows it, and they come back.
+    for hook in ["connect4", "connect6"] {
+        std::fs::remove_file(lab.pin_dir().join("links").join(hook)).unwrap();
+    }
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "programs were detached behind our back; re-attaching"
+    })
+    .expect("tampering noticed");
+    eventually(&lab, &test, false);
+    assert!(http_get(&addr, "/metrics").contains("imdsguard_programs_attached 2"));
     // Compacting etcd while it is down makes the watches' next resume fail
     // with 410 Gone: the agent must relist and carry on.
     api.compact_etcd().unwrap();
@@ -310,4 +345,18 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
         .unwrap();
         assert!(out.status.success());
     }
+}
+
+/// A bare HTTP GET against the agent's metrics address (host loopback).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
