@@ -32,6 +32,8 @@ pub enum Command {
     Node(NodeArgs),
     /// Show what is attached, protected and allowed, from the pins.
     Status(StatusArgs),
+    /// Say whether a pod or cgroup may reach each protected destination, and why.
+    Explain(ExplainArgs),
     /// Detach every program and remove all pins.
     Uninstall(UninstallArgs),
     /// Print the built-in protected destinations.
@@ -101,6 +103,10 @@ pub struct NodeArgs {
     /// the bound address is in the `ready` log line).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Remove this node taint (e.g. `imdsguard.io/not-ready`) once ready:
+    /// programs attached and the first full sync done. Needs get/patch on nodes.
+    #[arg(long, value_name = "KEY")]
+    pub remove_startup_taint: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -112,6 +118,25 @@ pub enum Output {
 
 #[derive(Clone, Debug, Args)]
 pub struct StatusArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ExplainArgs {
+    /// NAMESPACE/NAME of a pod (needs API access: KUBECONFIG or in-cluster).
+    #[arg(long, required_unless_present = "cgroup", conflicts_with = "cgroup")]
+    pub pod: Option<String>,
+    /// A cgroup directory.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// The policy file, to name the rule that matches the pod.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    #[arg(long)]
+    pub kubepods_root: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     #[arg(short = 'o', long, value_enum, default_value_t)]

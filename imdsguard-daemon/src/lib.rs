@@ -14,6 +14,7 @@ pub mod ebpf_object;
 pub mod enforcer;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod http;
 pub mod k8s;
 pub mod metrics;

@@ -1,8 +1,9 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use imdsguard::{
+    cgroup::CgroupDir,
     cli::{Cli, Command, Output},
-    destinations, enforcer,
+    destinations, enforcer, explain,
     pins::PinLayout,
     standalone, status, telemetry,
 };
@@ -19,6 +20,26 @@ async fn main() -> anyhow::Result<()> {
             match args.output {
                 Output::Table => print!("{}", status::render(&s)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+            }
+        }
+        Command::Explain(args) => {
+            let pins = PinLayout::new(&args.pin_dir);
+            let e = match (&args.pod, &args.cgroup) {
+                (Some(pod), _) => {
+                    explain::for_pod(
+                        &pins,
+                        pod,
+                        args.policy.as_deref(),
+                        args.kubepods_root.as_deref(),
+                    )
+                    .await?
+                }
+                (None, Some(cg)) => explain::for_cgroup(&pins, &CgroupDir::open(cg)?)?,
+                (None, None) => unreachable!("clap requires --pod or --cgroup"),
+            };
+            match args.output {
+                Output::Table => print!("{}", explain::render(&e)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
             }
         }
         Command::Uninstall(args) => {

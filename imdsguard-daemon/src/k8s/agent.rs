@@ -192,6 +192,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             trigger.clone(),
             observers,
             metrics_addr,
+            args.remove_startup_taint
+                .clone()
+                .map(|key| (client.clone(), args.node_name.clone(), key)),
         )),
         Box::pin(async move {
             events::report(
@@ -335,6 +338,7 @@ async fn reconcile(
     trigger: Arc<Notify>,
     observers: actor::Observers,
     metrics_addr: std::net::SocketAddr,
+    startup_taint: Option<(Client, String, String)>,
 ) -> &'static str {
     // Nothing is written before both stores hold a complete list.
     if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
@@ -366,6 +370,14 @@ async fn reconcile(
                         "ready"
                     );
                     first = false;
+                    // Only now may pods be scheduled here: enforcement is on.
+                    if let Some((client, node, key)) = startup_taint.clone() {
+                        tokio::spawn(async move {
+                            if let Err(e) = super::taint::remove(client, &node, &key).await {
+                                error!(error = %e, "could not remove the startup taint; the node stays unschedulable");
+                            }
+                        });
+                    }
                 } else if report.inserted + report.updated + report.removed > 0 {
                     info!(
                         inserted = report.inserted,

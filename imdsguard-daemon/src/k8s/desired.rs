@@ -101,7 +101,7 @@ pub fn compute(
 /// The pod-level cgroup: every container, init container and restart of the
 /// pod lives below it. The QoS class from the status picks the directory;
 /// without one, every class is tried.
-fn pod_cgroup(
+pub fn pod_cgroup(
     pod: &Pod,
     uid: &str,
     root: &CgroupDir,

@@ -10,5 +10,6 @@ mod names;
 pub mod pod_cgroup;
 pub mod policy;
 pub mod selector;
+pub mod taint;
 
 pub use names::{KeyProblem, Malformed};

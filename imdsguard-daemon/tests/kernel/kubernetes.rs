@@ -139,6 +139,36 @@ fn node_agent_follows_labels_policy_and_outages() {
         assert!(m.contains(needle), "{needle:?} not in /metrics:\n{m}");
     }
 
+    // `explain --pod` names the rule and reads the verdict from the maps.
+    let pins = lab.pin_dir().display().to_string();
+    let root_s = kubepods.path().display().to_string();
+    let pol = policy.display().to_string();
+    let out = std::process::Command::new(bin())
+        .args([
+            "explain",
+            "--pod",
+            "imds/test-1",
+            "--policy",
+            &pol,
+            "--kubepods-root",
+            &root_s,
+            "--pin-dir",
+            &pins,
+            "-o",
+            "json",
+        ])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["policy_rule"], "rule 1 (test-denied) -> enforce");
+    assert_eq!(e["destinations"][0]["verdict"], "EPERM");
+
     // A pod whose cgroup appears after its API object is allowed as soon as
     // kubelet creates the cgroup (inotify, not polling).
     let late_uid = cluster.create_pod("imds", "prod-2", "prod");

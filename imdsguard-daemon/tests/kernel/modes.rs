@@ -93,4 +93,51 @@ fn an_allowed_ancestor_covers_its_subtree() {
     // The deepest entry decides: an enforce entry inside an allowed subtree.
     assert_eperm(&lab, Some(&untrusted), "tcp", "169.254.169.254:80");
     assert_eperm(&lab, Some(&sibling), "tcp", "169.254.169.254:80");
+
+    // `explain` reads the same maps and walks the same way.
+    let explain = |cg: &imdsguard_testlab::cgroups::TestCgroup| -> serde_json::Value {
+        let pins = lab.pin_dir().display().to_string();
+        let path = cg.path().display().to_string();
+        let out = imdsguard_testlab::daemon::command(
+            bin(),
+            &[
+                "explain",
+                "--cgroup",
+                &path,
+                "--pin-dir",
+                &pins,
+                "-o",
+                "json",
+            ],
+        )
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let e = explain(&deep);
+    assert_eq!(e["action"], "allow");
+    assert_eq!(e["entry"][0], team.path().display().to_string());
+    assert!(
+        e["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["verdict"] == "reachable")
+    );
+    let e = explain(&untrusted);
+    assert_eq!(
+        (
+            e["action"].as_str(),
+            e["destinations"][0]["verdict"].as_str()
+        ),
+        (Some("enforce"), Some("EPERM"))
+    );
+    let e = explain(&sibling);
+    assert_eq!(e["entry"], serde_json::Value::Null);
+    assert_eq!(e["decided_by"], "no entry on the path: global default");
+    assert_eq!(e["destinations"][0]["verdict"], "EPERM");
 }

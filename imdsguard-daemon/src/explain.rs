@@ -1,0 +1,243 @@
+//! `imdsguard explain`: would this pod (or cgroup) reach each protected
+//! destination, and what decided it? The verdict is read from what the
+//! kernel will actually use (the pinned maps); with `--pod`, the policy rule
+//! that produced the entry is shown next to it, so a mismatch (cgroup not
+//! created yet, agent not synced) is visible.
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, action, map_names};
+use serde::Serialize;
+
+use crate::{
+    Error, Result,
+    cgroup::{CgroupDir, primary_cgroup2_mount},
+    destinations::Prefix,
+    pins::PinLayout,
+    status::action_name,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DestinationVerdict {
+    pub destination: String,
+    pub ports: Vec<String>,
+    /// `reachable`, `reachable (audited)` or `EPERM`.
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// The allow entry that decides, if any: (cgroup path, action).
+    pub entry: Option<(PathBuf, &'static str)>,
+    /// What applies: the entry's action, or the global default.
+    pub action: &'static str,
+    pub decided_by: String,
+    pub pod: Option<String>,
+    pub policy_rule: Option<String>,
+    pub destinations: Vec<DestinationVerdict>,
+}
+
+fn open(pins: &PinLayout, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(pins.map(name)).map_err(|source| Error::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+}
+
+/// Explains the verdict for processes in `cgroup`, from the pinned maps.
+pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
+    if !pins.exists() {
+        return Err(Error::NotInstalled {
+            path: pins.dir.clone(),
+        });
+    }
+    let name = map_names::CONFIG;
+    let config: Config = Array::<_, Config>::try_from(open(pins, name)?)
+        .and_then(|a| a.get(&0, 0))
+        .map_err(|source| Error::Map { name, source })?;
+    let name = map_names::ALLOWED;
+    let allowed = HashMap::<_, u64, AllowEntry>::try_from(open(pins, name)?)
+        .map_err(|source| Error::Map { name, source })?;
+
+    // The kernel walks the caller's ancestors deepest first over the
+    // configured level window; do the same over the path.
+    let mount = primary_cgroup2_mount()?;
+    let mut entry = None;
+    let mut dir = Some(cgroup.path.as_path());
+    while let Some(d) = dir {
+        if !d.starts_with(&mount.mount_point) {
+            break;
+        }
+        if let Ok(c) = CgroupDir::open(d) {
+            let in_window = config.min_level <= c.level && c.level <= config.max_level;
+            if in_window && let Ok(e) = allowed.get(&c.id, 0) {
+                entry = Some((c.path, e.action));
+                break;
+            }
+        }
+        dir = d.parent();
+    }
+    let configured = config.layout_version == LAYOUT_VERSION;
+    let (act, decided_by) = match &entry {
+        Some((p, a)) => (*a, format!("allow-map entry on {}", p.display())),
+        None if configured => (
+            config.default_action,
+            "no entry on the path: global default".to_string(),
+        ),
+        None => (
+            action::ENFORCE,
+            "installation not configured: fail closed".to_string(),
+        ),
+    };
+    let verdict = match act {
+        action::ALLOW => "reachable",
+        action::AUDIT => "reachable (audited)",
+        _ => "EPERM",
+    };
+
+    let name = map_names::PROTECTED;
+    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(open(pins, name)?)
+        .map_err(|source| Error::Map { name, source })?;
+    let mut destinations: Vec<(Prefix, DestinationVerdict)> = trie
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| {
+            let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
+            let ports = v
+                .ranges
+                .iter()
+                .filter(|r| r.proto_mask != 0)
+                .map(|r| {
+                    if r.lo == r.hi {
+                        r.lo.to_string()
+                    } else {
+                        format!("{}-{}", r.lo, r.hi)
+                    }
+                })
+                .collect();
+            (
+                prefix,
+                DestinationVerdict {
+                    destination: prefix.to_string(),
+                    ports,
+                    verdict,
+                },
+            )
+        })
+        .collect();
+    destinations.sort_by_key(|(p, _)| *p);
+    Ok(Explanation {
+        cgroup: cgroup.path.clone(),
+        cgroup_id: cgroup.id,
+        entry: entry.map(|(p, a)| (p, action_name(a))),
+        action: action_name(act),
+        decided_by,
+        pod: None,
+        policy_rule: None,
+        destinations: destinations.into_iter().map(|(_, d)| d).collect(),
+    })
+}
+
+pub fn render(e: &Explanation) -> String {
+    let mut o = String::new();
+    if let Some(pod) = &e.pod {
+        let _ = writeln!(o, "pod:        {pod}");
+    }
+    let _ = writeln!(o, "cgroup:     {} (id {})", e.cgroup.display(), e.cgroup_id);
+    if let Some(rule) = &e.policy_rule {
+        let _ = writeln!(o, "policy:     {rule}");
+    }
+    let _ = writeln!(o, "decided by: {}", e.decided_by);
+    let _ = writeln!(o, "action:     {}\n", e.action);
+    let _ = writeln!(o, "{:<28} {:<22} VERDICT", "DESTINATION", "PROTECTED PORTS");
+    for d in &e.destinations {
+        let _ = writeln!(
+            o,
+            "{:<28} {:<22} {}",
+            d.destination,
+            d.ports.join(","),
+            d.verdict
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{:<28} {:<22} reachable (not protected)",
+        "anything else", ""
+    );
+    o
+}
+
+/// Explains a pod: finds its cgroup the way the agent does, explains that
+/// cgroup from the maps, and names the policy rule that matches it.
+pub async fn for_pod(
+    pins: &PinLayout,
+    pod_ref: &str,
+    policy: Option<&std::path::Path>,
+    kubepods_root: Option<&std::path::Path>,
+) -> Result<Explanation> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::{Api, Client};
+
+    use crate::k8s::{desired, pod_cgroup, policy::Policy};
+
+    let (ns, name) = pod_ref
+        .split_once('/')
+        .ok_or_else(|| Error::InvalidDestination {
+            spec: pod_ref.into(),
+            reason: "--pod takes NAMESPACE/NAME".into(),
+        })?;
+    let client = Client::try_default().await.map_err(Error::Kube)?;
+    let pod = Api::<Pod>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(Error::Kube)?;
+    let namespace = Api::<Namespace>::all(client)
+        .get(ns)
+        .await
+        .map_err(Error::Kube)?;
+    let layout = match kubepods_root {
+        Some(p) => pod_cgroup::KubepodsLayout::at(p),
+        None => pod_cgroup::discover(&primary_cgroup2_mount()?.mount_point),
+    }
+    .map_err(Error::PodCgroup)?;
+    let root = CgroupDir::open(layout.root())?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let cgroup = desired::pod_cgroup(&pod, &uid, &root, &layout);
+    let rule = match policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(Error::io("read policy", path))?;
+            let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
+                path: path.into(),
+                source: Box::new(source),
+            })?;
+            let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
+            Some(
+                match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {
+                    Some(d) => format!(
+                        "rule {} ({}) -> {}",
+                        d.rule_index,
+                        d.rule_name,
+                        action_name(d.action)
+                    ),
+                    None => format!("no rule matches -> default {:?}", policy.default_mode())
+                        .to_lowercase(),
+                },
+            )
+        }
+        None => None,
+    };
+    let mut e = match cgroup {
+        Some(c) => for_cgroup(pins, &c)?,
+        // No cgroup yet: its processes cannot exist; when they do, they
+        // start without an entry and get the default until the next sync.
+        None => {
+            let mut e = for_cgroup(pins, &root)?;
+            e.decided_by = format!("pod cgroup not created yet; {}", e.decided_by);
+            e
+        }
+    };
+    e.pod = Some(pod_ref.to_string());
+    e.policy_rule = rule;
+    Ok(e)
+}
