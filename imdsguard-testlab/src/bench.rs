@@ -78,8 +78,31 @@ pub fn worker(iterations: u32) -> anyhow::Result<WorkerReport> {
     })
 }
 
-/// Parses the worker's arguments (after the probe kind).
+/// Parses the worker's arguments (after the probe kind): either
+/// `ITERATIONS` (the overhead worker) or `udp-connect ADDR ITERATIONS`
+/// (repeated UDP connect() to one destination, for per-run program cost).
 pub fn worker_main(args: &[String]) -> anyhow::Result<String> {
+    if args.first().map(String::as_str) == Some("udp-connect") {
+        let target: std::net::SocketAddr = args.get(1).context("target missing")?.parse()?;
+        let iterations: u32 = args.get(2).context("iterations missing")?.parse()?;
+        let sock = UdpSocket::bind(if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        let mut eperm = 0u32;
+        for _ in 0..iterations {
+            // Connecting a UDP socket sends nothing; the hook runs each time.
+            if let Err(e) = sock.connect(target) {
+                anyhow::ensure!(
+                    e.raw_os_error() == Some(libc::EPERM),
+                    "udp connect {target}: {e}"
+                );
+                eperm += 1;
+            }
+        }
+        return Ok(serde_json::to_string(&eperm)?);
+    }
     let iterations: u32 = args.first().context("iterations missing")?.parse()?;
     Ok(serde_json::to_string(&worker(iterations)?)?)
 }

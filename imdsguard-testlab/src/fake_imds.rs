@@ -29,6 +29,14 @@ const TOKEN: &str = "lab-token-AQAEA";
 pub struct Listeners {
     pub tcp: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
+    /// Served like `tcp`, but MPTCP listeners (IPPROTO_MPTCP): a client's
+    /// MPTCP connection to them stays MPTCP instead of falling back to TCP.
+    /// Skipped, with a note on stderr, when the kernel refuses MPTCP sockets.
+    pub mptcp: Vec<SocketAddr>,
+    /// Served like `tcp`, with TCP_FASTOPEN set on the listener: they take
+    /// data in the SYN once the namespace's `net.ipv4.tcp_fastopen` has the
+    /// server bit (2), which a new namespace does not.
+    pub tcp_fastopen: Vec<SocketAddr>,
 }
 
 pub struct FakeImds {
@@ -50,11 +58,19 @@ impl FakeImds {
                 if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
                     anyhow::bail!("setns: {}", std::io::Error::last_os_error());
                 }
-                let tcp = listeners
+                let mut tcp = listeners
                     .tcp
                     .iter()
                     .map(|a| TcpListener::bind(a).with_context(|| format!("bind tcp {a}")))
                     .collect::<anyhow::Result<Vec<_>>>()?;
+                for a in &listeners.tcp_fastopen {
+                    tcp.push(bind_fastopen(*a)?);
+                }
+                for a in &listeners.mptcp {
+                    if let Some(l) = bind_mptcp(*a)? {
+                        tcp.push(l);
+                    }
+                }
                 let udp = listeners
                     .udp
                     .iter()
@@ -132,6 +148,56 @@ fn serve(tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) {
     }
 }
 
+/// A TCP listener that accepts data in the SYN (TCP_FASTOPEN, queue 16).
+fn bind_fastopen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+    let qlen: libc::c_int = 16;
+    // SAFETY: an int option with its size, on a listener we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&raw const qlen).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "TCP_FASTOPEN on {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(l)
+}
+
+/// An MPTCP listener, or None when this kernel (or the namespace's
+/// `net.mptcp.enabled`) does not offer MPTCP sockets.
+fn bind_mptcp(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = match Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(Protocol::MPTCP),
+    ) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EPROTONOSUPPORT | libc::ENOPROTOOPT | libc::EINVAL)
+            ) =>
+        {
+            eprintln!("fake IMDS: no MPTCP listener on {addr}: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("mptcp socket for {addr}")),
+    };
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("bind mptcp {addr}"))?;
+    sock.listen(128)?;
+    Ok(Some(sock.into()))
+}
+
 /// Minimal IMDSv2: `PUT /latest/api/token` returns a token;
 /// `GET /latest/meta-data/instance-id` with that token returns the id.
 fn handle_http(mut stream: TcpStream) {
@@ -191,6 +257,9 @@ pub fn lab_addresses() -> Vec<IpAddr> {
         "fd00:ec2::253",
         "fd00:c1::a9fe:a9fe",
         "64:ff9b::a9fe:a9fe",
+        // Deprecated IPv4-compatible form of 169.254.169.254: the kernel
+        // still routes it (locally here) like any other IPv6 address.
+        "::a9fe:a9fe",
     ]
     .iter()
     .map(|s| s.parse().expect("valid literal"))
@@ -221,6 +290,7 @@ pub fn lab_listeners() -> Listeners {
             "[fd00:ec2::23]:80",
             "[fd00:c1::a9fe:a9fe]:80",
             "[64:ff9b::a9fe:a9fe]:80",
+            "[::a9fe:a9fe]:80",
             "[::1]:8080",
         ]
         .iter()
@@ -238,10 +308,20 @@ pub fn lab_listeners() -> Listeners {
             "[fd00:ec2::254]:80",
             "[fd00:ec2::123]:123",
             "[fd00:ec2::253]:53",
+            "[64:ff9b::a9fe:a9fe]:80",
+            "[::a9fe:a9fe]:80",
             "[::1]:8080",
         ]
         .iter()
         .map(|x| s(x))
         .collect(),
+        mptcp: ["169.254.169.254:8262", "[fd00:ec2::254]:8262"]
+            .iter()
+            .map(|x| s(x))
+            .collect(),
+        tcp_fastopen: ["169.254.169.254:8263", "[fd00:ec2::254]:8263"]
+            .iter()
+            .map(|x| s(x))
+            .collect(),
     }
 }

@@ -18,6 +18,7 @@ pub mod fake_imds;
 pub mod kube_apiserver;
 pub mod lab;
 pub mod netns;
+pub mod noop;
 pub mod probe;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -172,30 +172,37 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 "cgroup watch"
             }
         }),
-        Box::pin(reload_policy(
-            args.clone(),
-            policy_text,
-            policy_tx,
-            handle.clone(),
-            trigger.clone(),
-            recorder.clone(),
-            node_ref,
-            metrics.clone(),
-        )),
-        Box::pin(reconcile(
-            handle.clone(),
-            pod_store.clone(),
-            ns_store,
-            policy_rx,
-            root.clone(),
-            layout.clone(),
-            trigger.clone(),
-            observers,
-            metrics_addr,
-            args.remove_startup_taint
-                .clone()
-                .map(|key| (client.clone(), args.node_name.clone(), key)),
-        )),
+        Box::pin(
+            PolicyReloader {
+                args: args.clone(),
+                last_text: policy_text,
+                tx: policy_tx,
+                handle: handle.clone(),
+                trigger: trigger.clone(),
+                recorder: recorder.clone(),
+                node: node_ref,
+                metrics: metrics.clone(),
+            }
+            .run(),
+        ),
+        Box::pin(
+            Reconciler {
+                handle: handle.clone(),
+                pods: pod_store.clone(),
+                namespaces: ns_store,
+                policy: policy_rx,
+                root: root.clone(),
+                layout: layout.clone(),
+                trigger: trigger.clone(),
+                observers,
+                metrics_addr,
+                startup_taint: args
+                    .remove_startup_taint
+                    .clone()
+                    .map(|key| (client.clone(), args.node_name.clone(), key)),
+            }
+            .run(),
+        ),
         Box::pin(async move {
             events::report(
                 ring,
@@ -262,65 +269,79 @@ where
 
 /// Re-reads the policy file when it changes. An invalid file keeps the last
 /// good policy in force and is reported (log and a Node event).
-async fn reload_policy(
+struct PolicyReloader {
     args: NodeArgs,
-    mut last_text: String,
+    last_text: String,
     tx: watch::Sender<Arc<Policy>>,
     handle: actor::EnforcerHandle,
     trigger: Arc<Notify>,
     recorder: Recorder,
     node: k8s_openapi::api::core::v1::ObjectReference,
     metrics: Arc<Metrics>,
-) -> &'static str {
-    let mut tick = tokio::time::interval(Duration::from_millis(args.policy_poll_ms.max(50)));
-    loop {
-        tick.tick().await;
-        let Ok(text) = std::fs::read_to_string(&args.policy) else {
-            continue;
-        };
-        if text == last_text {
-            continue;
-        }
-        last_text = text.clone();
-        match Policy::from_yaml(&text) {
-            Ok(policy) => {
-                let destinations = match compile_destinations(&policy) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        metrics.policy_reload_failures.inc();
-                        error!(error = %e, "policy reload failed; keeping the last good policy");
-                        continue;
-                    }
-                };
-                if let Err(e) = handle.set_destinations(destinations).await {
-                    error!(error = %e, "could not apply the reloaded destinations");
-                }
-                info!(rules = policy.rules().len(), "policy reloaded");
-                let _ = tx.send(Arc::new(policy));
-                trigger.notify_one();
+}
+
+impl PolicyReloader {
+    async fn run(self) -> &'static str {
+        let Self {
+            args,
+            mut last_text,
+            tx,
+            handle,
+            trigger,
+            recorder,
+            node,
+            metrics,
+        } = self;
+        let mut tick = tokio::time::interval(Duration::from_millis(args.policy_poll_ms.max(50)));
+        loop {
+            tick.tick().await;
+            let Ok(text) = std::fs::read_to_string(&args.policy) else {
+                continue;
+            };
+            if text == last_text {
+                continue;
             }
-            Err(e) => {
-                let detail =
-                    std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(": ");
-                metrics.policy_reload_failures.inc();
-                error!(policy = %args.policy.display(), error = %detail, "policy reload failed; keeping the last good policy");
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: "PolicyInvalid".into(),
-                    note: Some(
-                        format!("imdsguard kept the last good policy: {detail}")
-                            .chars()
-                            .take(1000)
-                            .collect(),
-                    ),
-                    action: "ReloadPolicy".into(),
-                    secondary: None,
-                };
-                if let Err(e) = recorder.publish(&event, &node).await {
-                    warn!(error = %e, "could not publish the policy event");
+            last_text = text.clone();
+            match Policy::from_yaml(&text) {
+                Ok(policy) => {
+                    let destinations = match compile_destinations(&policy) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            metrics.policy_reload_failures.inc();
+                            error!(error = %e, "policy reload failed; keeping the last good policy");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = handle.set_destinations(destinations).await {
+                        error!(error = %e, "could not apply the reloaded destinations");
+                    }
+                    info!(rules = policy.rules().len(), "policy reloaded");
+                    let _ = tx.send(Arc::new(policy));
+                    trigger.notify_one();
+                }
+                Err(e) => {
+                    let detail =
+                        std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(": ");
+                    metrics.policy_reload_failures.inc();
+                    error!(policy = %args.policy.display(), error = %detail, "policy reload failed; keeping the last good policy");
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: "PolicyInvalid".into(),
+                        note: Some(
+                            format!("imdsguard kept the last good policy: {detail}")
+                                .chars()
+                                .take(1000)
+                                .collect(),
+                        ),
+                        action: "ReloadPolicy".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = recorder.publish(&event, &node).await {
+                        warn!(error = %e, "could not publish the policy event");
+                    }
                 }
             }
         }
@@ -328,7 +349,7 @@ async fn reload_policy(
 }
 
 /// Recomputes the allow map from the full stores whenever something changed.
-async fn reconcile(
+struct Reconciler {
     handle: actor::EnforcerHandle,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
@@ -339,59 +360,78 @@ async fn reconcile(
     observers: actor::Observers,
     metrics_addr: std::net::SocketAddr,
     startup_taint: Option<(Client, String, String)>,
-) -> &'static str {
-    // Nothing is written before both stores hold a complete list.
-    if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
-        return "reconciler";
-    }
-    let mut first = true;
-    loop {
-        let started = Instant::now();
-        let policy = policy.borrow().clone();
-        let want = desired::compute(&policy, &pods.state(), &namespaces.state(), &root, &layout);
-        let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
-        match handle
-            .sync_allowed(policy.default_mode(), want.allowed.clone())
-            .await
-        {
-            Ok(report) => {
-                observers
-                    .metrics
-                    .reconcile_duration
-                    .observe(started.elapsed().as_secs_f64());
-                if first {
-                    observers.health.set_synced();
-                    info!(
-                        pods = pods.state().len(),
-                        entries = want.allowed.len(),
-                        waiting_for_cgroup = waiting,
-                        cgroup_root = %root.path.display(),
-                        metrics_addr = %metrics_addr,
-                        "ready"
-                    );
-                    first = false;
-                    // Only now may pods be scheduled here: enforcement is on.
-                    if let Some((client, node, key)) = startup_taint.clone() {
-                        tokio::spawn(async move {
-                            if let Err(e) = super::taint::remove(client, &node, &key).await {
-                                error!(error = %e, "could not remove the startup taint; the node stays unschedulable");
-                            }
-                        });
+}
+
+impl Reconciler {
+    async fn run(self) -> &'static str {
+        let Self {
+            handle,
+            pods,
+            namespaces,
+            policy,
+            root,
+            layout,
+            trigger,
+            observers,
+            metrics_addr,
+            startup_taint,
+        } = self;
+        // Nothing is written before both stores hold a complete list.
+        if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
+            return "reconciler";
+        }
+        let mut first = true;
+        loop {
+            let started = Instant::now();
+            let policy = policy.borrow().clone();
+            let want =
+                desired::compute(&policy, &pods.state(), &namespaces.state(), &root, &layout);
+            let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
+            match handle
+                .sync_allowed(policy.default_mode(), want.allowed.clone())
+                .await
+            {
+                Ok(report) => {
+                    observers
+                        .metrics
+                        .reconcile_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    if first {
+                        observers.health.set_synced();
+                        info!(
+                            pods = pods.state().len(),
+                            entries = want.allowed.len(),
+                            waiting_for_cgroup = waiting,
+                            cgroup_root = %root.path.display(),
+                            metrics_addr = %metrics_addr,
+                            "ready"
+                        );
+                        first = false;
+                        // Only now may pods be scheduled here: enforcement is on.
+                        if let Some((client, node, key)) = startup_taint.clone() {
+                            tokio::spawn(async move {
+                                if let Err(e) = super::taint::remove(client, &node, &key).await {
+                                    error!(error = %e, "could not remove the startup taint; the node stays unschedulable");
+                                }
+                            });
+                        }
+                    } else if report.inserted + report.updated + report.removed > 0 {
+                        info!(
+                            inserted = report.inserted,
+                            updated = report.updated,
+                            removed = report.removed,
+                            entries = want.allowed.len(),
+                            waiting_for_cgroup = waiting,
+                            micros = started.elapsed().as_micros() as u64,
+                            "allow map reconciled"
+                        );
                     }
-                } else if report.inserted + report.updated + report.removed > 0 {
-                    info!(
-                        inserted = report.inserted,
-                        updated = report.updated,
-                        removed = report.removed,
-                        entries = want.allowed.len(),
-                        waiting_for_cgroup = waiting,
-                        micros = started.elapsed().as_micros() as u64,
-                        "allow map reconciled"
-                    );
+                }
+                Err(e) => {
+                    error!(error = %e, "reconcile failed; the map keeps its previous entries")
                 }
             }
-            Err(e) => error!(error = %e, "reconcile failed; the map keeps its previous entries"),
+            trigger.notified().await;
         }
-        trigger.notified().await;
     }
 }
