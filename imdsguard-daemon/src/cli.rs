@@ -120,6 +120,12 @@ pub enum Output {
 pub struct StatusArgs {
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Also show this policy file's rules.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Resolve allowed pods to namespace/name through the API (KUBECONFIG or in-cluster).
+    #[arg(long)]
+    pub kubernetes: bool,
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: Output,
 }

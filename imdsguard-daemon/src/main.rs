@@ -16,7 +16,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => standalone::run(args).await?,
         Command::Node(args) => imdsguard::k8s::agent::run(args).await?,
         Command::Status(args) => {
-            let s = status::read(&PinLayout::new(&args.pin_dir))?;
+            let mut s = status::read(&PinLayout::new(&args.pin_dir))?;
+            if let Some(p) = &args.policy {
+                status::with_policy(&mut s, p)?;
+            }
+            if args.kubernetes {
+                status::with_pod_names(&mut s).await?;
+            }
             match args.output {
                 Output::Table => print!("{}", status::render(&s)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),

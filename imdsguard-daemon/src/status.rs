@@ -41,10 +41,24 @@ pub struct AllowedStatus {
     pub cgroup_id: u64,
     pub action: &'static str,
     pub cgroup: Option<PathBuf>,
+    /// From the cgroup name, when it is a kubelet pod cgroup.
+    pub pod_uid: Option<String>,
+    /// `namespace/name`, when resolved through the API (`status --kubernetes`).
+    pub pod: Option<String>,
+}
+
+/// The policy file's rules, when `status --policy` names one.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicySummary {
+    pub path: PathBuf,
+    pub default_mode: String,
+    /// `name: access[/mode]`, in evaluation order.
+    pub rules: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    pub policy: Option<PolicySummary>,
     pub pin_dir: PathBuf,
     pub default_action: &'static str,
     pub links: Vec<LinkStatus>,
@@ -151,6 +165,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
             cgroup_id: id,
             action: action_name(e.action),
             cgroup: None,
+            pod_uid: None,
+            pod: None,
         })
         .collect();
     allowed.sort_by_key(|a| a.cgroup_id);
@@ -179,10 +195,16 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         }
         for a in &mut allowed {
             a.cgroup = paths.get(&a.cgroup_id).cloned();
+            a.pod_uid = a
+                .cgroup
+                .as_deref()
+                .and_then(crate::k8s::pod_cgroup::parse_pod_dir)
+                .map(|(uid, _)| uid.as_str().to_string());
         }
     }
 
     Ok(Status {
+        policy: None,
         pin_dir: pins.dir.clone(),
         default_action,
         links,
@@ -230,7 +252,22 @@ pub fn render(s: &Status) -> String {
     for p in &s.protected {
         let _ = writeln!(o, "{:<28} {}", p.prefix, p.ranges.join(" "));
     }
-    let _ = writeln!(o, "\n{:>12}  {:<8} CGROUP", "CGROUP-ID", "ACTION");
+    if let Some(p) = &s.policy {
+        let _ = writeln!(
+            o,
+            "\npolicy {} (default {}):",
+            p.path.display(),
+            p.default_mode
+        );
+        for r in &p.rules {
+            let _ = writeln!(o, "  {r}");
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n{:>12}  {:<8} {:<40} CGROUP",
+        "CGROUP-ID", "ACTION", "POD"
+    );
     if s.allowed.is_empty() {
         let _ = writeln!(o, "(no allow entries: every cgroup gets the default)");
     }
@@ -250,4 +287,55 @@ pub fn render(s: &Status) -> String {
         c.allowed, c.denied, c.audited, c.events_dropped
     );
     o
+}
+
+/// Adds the policy file's summary.
+pub fn with_policy(status: &mut Status, path: &std::path::Path) -> Result<()> {
+    use crate::k8s::policy::{Access, Policy};
+    let text = fs::read_to_string(path).map_err(Error::io("read policy", path))?;
+    let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
+        path: path.into(),
+        source: Box::new(source),
+    })?;
+    status.policy = Some(PolicySummary {
+        path: path.into(),
+        default_mode: format!("{:?}", policy.default_mode()).to_lowercase(),
+        rules: policy
+            .rules()
+            .iter()
+            .map(|r| match (r.access(), r.mode()) {
+                (Access::Allow, _) => format!("{}: allow", r.name()),
+                (Access::Deny, Some(m)) => {
+                    format!("{}: deny/{}", r.name(), format!("{m:?}").to_lowercase())
+                }
+                (Access::Deny, None) => format!("{}: deny", r.name()),
+            })
+            .collect(),
+    });
+    Ok(())
+}
+
+/// Resolves allowed pods' UIDs to `namespace/name` through the API.
+pub async fn with_pod_names(status: &mut Status) -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+    let pods = kube::Api::<Pod>::all(client)
+        .list(&Default::default())
+        .await
+        .map_err(Error::Kube)?;
+    for a in &mut status.allowed {
+        let Some(uid) = &a.pod_uid else { continue };
+        a.pod = pods
+            .items
+            .iter()
+            .find(|p| p.metadata.uid.as_deref() == Some(uid))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or(""),
+                    p.metadata.name.as_deref().unwrap_or("")
+                )
+            });
+    }
+    Ok(())
 }

@@ -242,7 +242,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 /// Polls a watcher stream; every event (and every relist) wakes the
 /// reconciler. Errors are retried by the stream's backoff, and the store
 /// keeps its last complete state meanwhile.
-async fn drive<S, K>(
+pub(crate) async fn drive<S, K>(
     stream: S,
     trigger: Arc<Notify>,
     what: &'static str,

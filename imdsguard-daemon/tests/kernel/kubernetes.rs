@@ -168,6 +168,53 @@ fn node_agent_follows_labels_policy_and_outages() {
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["policy_rule"], "rule 1 (test-denied) -> enforce");
     assert_eq!(e["destinations"][0]["verdict"], "EPERM");
+    // `status` shows the policy in force and the allowed pods by name.
+    let out = std::process::Command::new(bin())
+        .args([
+            "status",
+            "--policy",
+            &pol,
+            "--kubernetes",
+            "--pin-dir",
+            &pins,
+            "-o",
+            "json",
+        ])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        st["policy"]["rules"],
+        serde_json::json!(["prod-reads-imds: allow", "test-denied: deny"])
+    );
+    // A deny rule writes an explicit enforce entry (it wins over a wider
+    // allow entry higher up, and keeps enforcing under a global audit mode).
+    let mut pods: Vec<(String, String)> = st["allowed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["pod"].as_str().unwrap_or("?").to_string(),
+                a["action"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    pods.sort();
+    assert_eq!(
+        pods,
+        [
+            (s("imds/prod-1"), s("allow")),
+            (s("imds/test-1"), s("enforce"))
+        ],
+        "{st}"
+    );
 
     // A pod whose cgroup appears after its API object is allowed as soon as
     // kubelet creates the cgroup (inotify, not polling).
