@@ -4,6 +4,7 @@
 mod bench;
 mod bench_enforce;
 mod demo;
+mod deploy;
 mod e2e;
 mod kube_apiserver;
 mod setup;
@@ -34,6 +35,8 @@ enum Command {
     BenchEnforce(bench_enforce::Options),
     /// Build (once, cached) the kube-apiserver used by the control-plane tests.
     KubeApiserver(kube_apiserver::Options),
+    /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
+    Deploy(deploy::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::KubeApiserver(o) => kube_apiserver::run(o),
         Command::E2e(o) => e2e::run(o),
         Command::BenchEnforce(o) => bench_enforce::run(o),
+        Command::Deploy(o) => deploy::run(o),
     }
 }

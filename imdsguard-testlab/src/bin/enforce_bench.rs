@@ -76,7 +76,7 @@ fn arg(name: &str, default: u32) -> anyhow::Result<u32> {
 
 fn main() -> anyhow::Result<()> {
     probe::run_if_probe();
-    let bin = imdsguard_bin()?;
+    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
     let iterations = arg("--iterations", 50)?;
     let background = arg("--background-pods", 20)?;
     let warmup = arg("--warmup", 2)?;
@@ -158,11 +158,14 @@ fn main() -> anyhow::Result<()> {
             .trim(),
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    let actions = map.actions()?;
+    let allow = actions.iter().filter(|&&a| a == ACTION_ALLOW).count();
     println!(
-        "pods on the node (the agent's store): {} ({} background + bench-label); allow map entries: {}",
+        "pods on the node (the agent's store): {} ({background} background + bench-label); \
+         allow map: {} entries ({allow} allow, {} deny)",
         store.items.len(),
-        background,
-        map.len()?
+        actions.len(),
+        actions.len() - allow
     );
     println!(
         "{iterations} iterations per metric after {warmup} warm-up; map polled every {} µs\n",
@@ -225,7 +228,7 @@ fn main() -> anyhow::Result<()> {
         ("label app=test -> prod: allow entry", &to_prod),
         ("label app=prod -> test: allow entry gone", &to_test),
         ("pod cgroup mkdir: allow entry", &created),
-        ("(agent log: reconcile compute + map sync)", &reconciles),
+        ("(agent log: each map-changing reconcile)", &reconciles),
     ] {
         row(name, samples);
     }
@@ -375,8 +378,9 @@ impl AllowMap {
         }
     }
 
-    fn len(&self) -> anyhow::Result<usize> {
-        let mut n = 0;
+    /// The action of every entry.
+    fn actions(&self) -> anyhow::Result<Vec<u32>> {
+        let mut out = Vec::new();
         let mut key = 0u64;
         let mut next = 0u64;
         let mut first = true;
@@ -384,11 +388,12 @@ impl AllowMap {
             let k = if first { 0 } else { &raw const key as u64 };
             match self.call(BPF_MAP_GET_NEXT_KEY, k, &raw mut next as u64) {
                 Ok(()) => {
-                    n += 1;
                     key = next;
                     first = false;
+                    // Gone since: skipped.
+                    out.extend(self.action(key)?);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
             }
         }
@@ -413,25 +418,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn imdsguard_bin() -> anyhow::Result<PathBuf> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--imdsguard" {
-            return args
-                .next()
-                .map(PathBuf::from)
-                .context("--imdsguard needs a path");
-        }
-    }
-    // Next to this binary, as cargo lays out target/<profile>/.
-    let exe = std::env::current_exe()?;
-    let sibling = exe.with_file_name("imdsguard");
-    ensure!(
-        sibling.exists(),
-        "imdsguard binary not found next to {}; pass --imdsguard PATH",
-        exe.display()
-    );
-    Ok(sibling)
 }
