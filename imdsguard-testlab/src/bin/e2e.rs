@@ -82,7 +82,7 @@ struct LabPod {
 
 fn main() -> anyhow::Result<()> {
     probe::run_if_probe();
-    let bin = imdsguard_bin()?;
+    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
 
     // Declaration order is the reverse of drop order: the agent dies first,
     // then the cgroups and the lab (pins, netns), then the API server, and
@@ -567,27 +567,6 @@ fn cell(o: &Outcome) -> String {
         Outcome::Eperm => "EPERM (denied)".into(),
         Outcome::Failed { detail, .. } => format!("failed: {detail}"),
     }
-}
-
-fn imdsguard_bin() -> anyhow::Result<PathBuf> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--imdsguard" {
-            return args
-                .next()
-                .map(PathBuf::from)
-                .context("--imdsguard needs a path");
-        }
-    }
-    // Next to this binary, as cargo lays out target/<profile>/.
-    let exe = std::env::current_exe()?;
-    let sibling = exe.with_file_name("imdsguard");
-    ensure!(
-        sibling.exists(),
-        "imdsguard binary not found next to {}; pass --imdsguard PATH",
-        exe.display()
-    );
-    Ok(sibling)
 }
 
 /// A scratch directory for the kubeconfigs (they hold tokens) and the policy.
