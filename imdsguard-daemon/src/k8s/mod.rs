@@ -11,6 +11,7 @@ pub mod pod_cgroup;
 pub mod policy;
 pub mod selector;
 pub mod taint;
-#[cfg(test)] mod watch_faults;
+#[cfg(test)]
+mod watch_faults;
 
 pub use names::{KeyProblem, Malformed};

@@ -258,26 +258,6 @@ fn node_agent_follows_labels_policy_and_outages() {
     cluster.delete_pod("imds", "prod-2");
     eventually(&lab, &late, false);
 
-    // Policy reload: a broken file keeps the last good policy...
-    std::fs::write(&policy, "rules: [ {name: x, podSelectr: {}} ]").unwrap();
-    d.wait_for(Duration::from_secs(10), |v| {
-        v["message"] == "policy reload failed; keeping the last good policy"
-    })
-    .expect("invalid policy reported");
-    assert!(http_get(&addr, "/metrics").contains("imdsguard_policy_reload_failures_total 1"));
-    eventually(&lab, &prod, true);
-    eventually(&lab, &test, false);
-    // ... and a good one takes effect: allow test pods too.
-    std::fs::write(&policy, POLICY.replace("access: deny", "access: allow")).unwrap();
-    eventually(&lab, &test, true);
-    std::fs::write(&policy, POLICY).unwrap();
-    eventually(&lab, &test, false);
-
-    // API server outage: verdicts stay as they are, nothing is opened.
-    api.stop_apiserver().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(probe(&lab, Some(&test), "tcp", "169.254.169.254:80").eperm());
-    assert!(probe(&lab, Some(&prod), "tcp", "169.254.169.254:80").reached());
     // Removing our links by hand: the gauge shows it, and they come back.
     for hook in ["connect4", "connect6"] {
         std::fs::remove_file(lab.pin_dir().join("links").join(hook)).unwrap();
@@ -288,6 +268,28 @@ fn node_agent_follows_labels_policy_and_outages() {
     .expect("tampering noticed");
     eventually(&lab, &test, false);
     assert!(http_get(&addr, "/metrics").contains("imdsguard_programs_attached 2"));
+
+    // Policy reload: a broken file keeps the last good policy, while both
+    // pods probe the metadata service as fast as they can.
+    let loops = Loops::start(&lab, &prod, &test, 2500);
+    std::fs::write(&policy, "rules: [ {name: x, podSelectr: {}} ]").unwrap();
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "policy reload failed; keeping the last good policy"
+    })
+    .expect("invalid policy reported");
+    loops.check("invalid policy reload");
+    assert!(http_get(&addr, "/metrics").contains("imdsguard_policy_reload_failures_total 1"));
+    // ... and a good one takes effect: allow test pods too.
+    std::fs::write(&policy, POLICY.replace("access: deny", "access: allow")).unwrap();
+    eventually(&lab, &test, true);
+    std::fs::write(&policy, POLICY).unwrap();
+    eventually(&lab, &test, false);
+
+    // API server outage: verdicts stay as they are, nothing is opened.
+    let loops = Loops::start(&lab, &prod, &test, 3000);
+    api.stop_apiserver().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    loops.check("API server outage");
     // Compacting etcd while it is down makes the watches' next resume fail
     // with 410 Gone: the agent must relist and carry on.
     api.compact_etcd().unwrap();
@@ -436,4 +438,47 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// Both pods probing the metadata service in a tight loop during a fault.
+struct Loops {
+    prod: std::process::Child,
+    test: std::process::Child,
+}
+
+impl Loops {
+    fn start(lab: &Lab, prod: &TestCgroup, test: &TestCgroup, millis: u64) -> Self {
+        let ms = millis.to_string();
+        let spawn = |cg| {
+            lab.spawn_probe(Some(cg), &["tcp-loop", "169.254.169.254:80", &ms])
+                .unwrap()
+        };
+        Self {
+            prod: spawn(prod),
+            test: spawn(test),
+        }
+    }
+
+    /// The allowed pod was never denied and the denied pod never got
+    /// through; prints the counts (the closing note quotes them).
+    fn check(self, fault: &str) {
+        use imdsguard_testlab::probe::{LoopReport, wait};
+        let p: LoopReport = wait(self.prod, Duration::from_secs(30)).unwrap();
+        let t: LoopReport = wait(self.test, Duration::from_secs(30)).unwrap();
+        eprintln!(
+            "fault {fault}: denied pod {} attempts, {} got through; allowed pod {} attempts, {} denied",
+            t.reached + t.eperm + t.other,
+            t.reached,
+            p.reached + p.eperm + p.other,
+            p.eperm
+        );
+        assert!(
+            t.eperm > 0 && t.reached == 0,
+            "{fault}: denied pod got through: {t:?}"
+        );
+        assert!(
+            p.reached > 0 && p.eperm == 0,
+            "{fault}: allowed pod was denied: {p:?}"
+        );
+    }
 }

@@ -76,6 +76,13 @@ fn restart_readopts_pins_without_a_gap() {
     );
     let prod_loop: LoopReport = probe::wait(p, Duration::from_secs(20)).unwrap();
     let test_loop: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
+    eprintln!(
+        "fault SIGKILL + restart with re-adoption: denied pod {} attempts, {} got through; allowed pod {} attempts, {} denied",
+        test_loop.reached + test_loop.eperm + test_loop.other,
+        test_loop.reached,
+        prod_loop.reached + prod_loop.eperm + prod_loop.other,
+        prod_loop.eperm
+    );
     assert!(
         prod_loop.reached > 0 && prod_loop.eperm == 0,
         "allowed pod was denied during restart: {prod_loop:?}"
