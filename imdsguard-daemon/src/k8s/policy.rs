@@ -883,3 +883,45 @@ mod tests {
         );
     }
 }
+
+/// Fuzzing the parser with properties: whatever bytes arrive from a
+/// ConfigMap, parsing returns a policy or an error, never panics, and a
+/// policy that parsed always evaluates without panicking.
+#[cfg(test)]
+mod fuzz {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::Policy;
+
+    const SEED: &str = "defaultMode: enforce\nrules:\n  - name: prod-reads-imds\n    namespaces: [imds]\n    podSelector:\n      matchLabels: {app: prod}\n      matchExpressions:\n        - {key: tier, operator: In, values: [web]}\n    access: allow\n  - name: test-denied\n    namespaceSelector: {matchLabels: {team: a}}\n    podSelector:\n      matchLabels: {app: test}\n    access: deny\n    mode: audit\ndestinations:\n  - \"169.254.169.254/32 tcp except=53\"\n";
+
+    fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        proptest::collection::btree_map("[a-z]{1,4}", "[a-z0-9]{0,4}", 0..4)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,400}") {
+            let _ = Policy::from_yaml(&text);
+        }
+
+        /// Single-byte mutations of a valid policy: the parser either
+        /// accepts a policy (which then evaluates) or names an error.
+        #[test]
+        fn mutated_seed_parses_or_errors(pos in 0usize..SEED.len(), byte in any::<u8>(), ns in "[a-z]{1,5}", ns_labels in labels(), pod_labels in labels()) {
+            let mut bytes = SEED.as_bytes().to_vec();
+            bytes[pos] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            match Policy::from_yaml(&text) {
+                Ok(p) => {
+                    let _ = p.evaluate(&ns, &ns_labels, &pod_labels);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}
