@@ -11,6 +11,15 @@ pub struct PrivateBpffs {
 
 impl PrivateBpffs {
     pub fn mount(name: &str) -> anyhow::Result<Self> {
+        Self::mount_with_flags(name, 0)
+    }
+
+    /// A read-only instance: nothing can be pinned in it.
+    pub fn mount_readonly(name: &str) -> anyhow::Result<Self> {
+        Self::mount_with_flags(name, libc::MS_RDONLY)
+    }
+
+    fn mount_with_flags(name: &str, flags: libc::c_ulong) -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join(name);
         fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         let c = CString::new(path.as_os_str().as_bytes())?;
@@ -20,7 +29,7 @@ impl PrivateBpffs {
                 c"bpf".as_ptr(),
                 c.as_ptr(),
                 c"bpf".as_ptr(),
-                0,
+                flags,
                 std::ptr::null(),
             )
         };

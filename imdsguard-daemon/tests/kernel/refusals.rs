@@ -9,10 +9,13 @@ use libtest_mimic::Trial;
 use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "bad_input_is_refused_and_nothing_attached",
-        bad_input_is_refused_and_nothing_attached,
-    )]
+    vec![
+        trial(
+            "bad_input_is_refused_and_nothing_attached",
+            bad_input_is_refused_and_nothing_attached,
+        ),
+        trial("bad_environments_are_refused", bad_environments_are_refused),
+    ]
 }
 
 fn run_expecting_failure(args: &[String], needle: &str) {
@@ -109,4 +112,109 @@ fn bad_input_is_refused_and_nothing_attached() {
                 .next()
                 .is_none()
     );
+}
+
+/// A node where the programs cannot work is refused at start, never run
+/// half-enforcing.
+fn bad_environments_are_refused() {
+    let lab = lab("bad-env");
+    let root = lab.root().path().display().to_string();
+
+    // A cgroup v1 hierarchy (hybrid host: pods in v1 are invisible to the
+    // v2 hooks). A named v1 hierarchy of our own, so this runs anywhere.
+    let v1 = V1Mount::new();
+    run_expecting_failure(
+        &[
+            s("--cgroup-root"),
+            v1.0.display().to_string(),
+            s("--pin-dir"),
+            lab.pin_dir().display().to_string(),
+        ],
+        "is not a cgroup v2 directory",
+    );
+
+    // A read-only bpffs: nothing can be pinned, so nothing may be attached.
+    let ro = imdsguard_testlab::bpffs::PrivateBpffs::mount_readonly(&imdsguard_testlab::unique(
+        "imdsguard-ro-bpffs",
+    ))
+    .unwrap();
+    run_expecting_failure(
+        &[
+            s("--cgroup-root"),
+            root.clone(),
+            s("--pin-dir"),
+            ro.path().join("imdsguard").display().to_string(),
+        ],
+        "Read-only file system",
+    );
+
+    // The node agent on a node whose unified hierarchy has no kubepods
+    // (kubelet on cgroup v1, or no kubelet): discovery fails, clearly.
+    let policy = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-policy.yaml"));
+    std::fs::write(&policy, "rules: []\n").unwrap();
+    let out = daemon::command(
+        bin(),
+        &[
+            "node",
+            "--node-name",
+            "n",
+            "--policy",
+            &policy.display().to_string(),
+            "--pin-dir",
+            &lab.pin_dir().display().to_string(),
+        ],
+    )
+    .unwrap();
+    std::fs::remove_file(&policy).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot find the pods' cgroups") && err.contains("kubepods"),
+        "{err}"
+    );
+
+    let cg = std::fs::File::open(lab.root().path()).unwrap();
+    for t in [10, 11, 14, 15] {
+        assert!(
+            imdsguard::sys::query_cgroup_programs(cg.as_fd(), t)
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+/// A private cgroup v1 hierarchy with no controllers (`-o none,name=...`),
+/// unmounted on drop.
+struct V1Mount(std::path::PathBuf);
+
+impl V1Mount {
+    fn new() -> Self {
+        let name = imdsguard_testlab::unique("imdsguard-v1");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "cgroup",
+                "-o",
+                &format!("none,name={}", &name[..name.len().min(30)]),
+                "cgroup",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mount a cgroup v1 hierarchy at {}",
+            dir.display()
+        );
+        Self(dir)
+    }
+}
+
+impl Drop for V1Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
