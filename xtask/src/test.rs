@@ -36,6 +36,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // The control-plane tests run a real kube-apiserver: built once per
     // machine and cached (about 5 minutes the first time).
     crate::kube_apiserver::ensure_built()?;
+    // helm and a kubectl that speaks to the 1.20 test apiserver, for the
+    // deploy/ manifests and chart tests.
+    crate::deploy::prepare()?;
     // Unit tests, the testlab's tests and the root kernel tests (which run
     // one at a time by their own harness).
     status(cargo().args(["test", "--workspace", "--exclude", "imdsguard-ebpf"]))?;
@@ -74,6 +77,9 @@ pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> any
     crate::setup::run()?;
     if needs_apiserver {
         crate::kube_apiserver::ensure_built()?;
+        // helm and a kubectl that speaks to the 1.20 test apiserver, for the
+        // deploy/ manifests and chart tests.
+        crate::deploy::prepare()?;
     }
     status(cargo().args([
         "build",
