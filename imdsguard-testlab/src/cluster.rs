@@ -22,6 +22,54 @@ use crate::{cgroups::TestCgroup, kube_apiserver::KubeApiserver, lab::Lab};
 /// The node name test pods are placed on.
 pub const NODE: &str = "imdsguard-test-node";
 
+/// The seed story: in namespace `imds`, pods labelled app=prod may reach
+/// the metadata service and pods labelled app=test may not.
+pub const SEED_POLICY: &str = r#"defaultMode: enforce
+rules:
+  - name: prod-reads-imds
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: prod}
+    access: allow
+  - name: test-denied
+    namespaces: [imds]
+    podSelector:
+      matchLabels: {app: test}
+    access: deny
+"#;
+
+/// Starts `imdsguard node` on the lab as the daemon's ServiceAccount (so
+/// with exactly the RBAC of deploy/manifests/rbac.yaml), attached at
+/// `kubepods`, with the policy file at `policy`. Writes the kubeconfig into
+/// `scratch`. Waits for the agent's `ready` line.
+pub fn start_agent(
+    bin: &Path,
+    api: &KubeApiserver,
+    lab: &Lab,
+    kubepods: &Path,
+    policy: &Path,
+    scratch: &Path,
+    extra: &[&str],
+) -> anyhow::Result<crate::daemon::Daemon> {
+    let kubeconfig = scratch.join("daemon.kubeconfig");
+    api.write_kubeconfig(&kubeconfig, api.daemon_token())?;
+    let mut args: Vec<String> = [
+        "--node-name",
+        NODE,
+        "--policy",
+        &policy.display().to_string(),
+        "--kubepods-root",
+        &kubepods.display().to_string(),
+        "--pin-dir",
+        &lab.pin_dir().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let kc = kubeconfig.display().to_string();
+    crate::daemon::Daemon::start_subcommand(bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
+}
+
 pub struct Cluster {
     pub rt: tokio::runtime::Runtime,
     pub admin: Client,

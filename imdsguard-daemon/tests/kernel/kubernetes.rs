@@ -10,8 +10,7 @@ use std::{
 
 use imdsguard_testlab::{
     cgroups::TestCgroup,
-    cluster::{Cluster, NODE, pod_cgroup},
-    daemon::Daemon,
+    cluster::{Cluster, SEED_POLICY, pod_cgroup, start_agent},
     kube_apiserver::KubeApiserver,
     lab::Lab,
     probe::Outcome,
@@ -32,21 +31,6 @@ pub fn trials() -> Vec<Trial> {
         ),
     ]
 }
-
-const POLICY: &str = r#"
-defaultMode: enforce
-rules:
-  - name: prod-reads-imds
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: prod}
-    access: allow
-  - name: test-denied
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: test}
-    access: deny
-"#;
 
 /// Probes until the outcome matches or 10 s pass; returns how long it took.
 #[track_caller]
@@ -92,27 +76,18 @@ fn node_agent_follows_labels_policy_and_outages() {
     let test = pod_cgroup(&lab, &test_uid);
 
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
-    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())
-        .unwrap();
-    let args = vec![
-        s("--node-name"),
-        s(NODE),
-        s("--policy"),
-        policy.display().to_string(),
-        s("--kubepods-root"),
-        kubepods.path().display().to_string(),
-        s("--pin-dir"),
-        lab.pin_dir().display().to_string(),
-        s("--policy-poll-ms"),
-        s("100"),
-        s("--metrics-addr"),
-        s("127.0.0.1:0"),
-    ];
-    let kc = daemon_kubeconfig.display().to_string();
-    let mut d = Daemon::start_subcommand(bin(), "node", &args, &[("KUBECONFIG", kc.as_str())])
-        .expect("start the node agent");
+    std::fs::write(&policy, SEED_POLICY).unwrap();
+    let mut d = start_agent(
+        bin(),
+        &api,
+        &lab,
+        kubepods.path(),
+        &policy,
+        &dir.0,
+        &["--policy-poll-ms", "100", "--metrics-addr", "127.0.0.1:0"],
+    )
+    .expect("start the node agent");
+    let kc = dir.join("daemon.kubeconfig").display().to_string();
 
     eventually(&lab, &prod, true);
     eventually(&lab, &test, false);
@@ -280,9 +255,13 @@ fn node_agent_follows_labels_policy_and_outages() {
     loops.check("invalid policy reload");
     assert!(http_get(&addr, "/metrics").contains("imdsguard_policy_reload_failures_total 1"));
     // ... and a good one takes effect: allow test pods too.
-    std::fs::write(&policy, POLICY.replace("access: deny", "access: allow")).unwrap();
+    std::fs::write(
+        &policy,
+        SEED_POLICY.replace("access: deny", "access: allow"),
+    )
+    .unwrap();
     eventually(&lab, &test, true);
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, SEED_POLICY).unwrap();
     eventually(&lab, &test, false);
 
     // API server outage: verdicts stay as they are, nothing is opened.
@@ -365,11 +344,7 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
     cluster.apply_rbac();
     cluster.create_namespace("imds");
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
-    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())
-        .unwrap();
-    let kc = daemon_kubeconfig.display().to_string();
+    std::fs::write(&policy, SEED_POLICY).unwrap();
 
     for (driver, root) in [("systemd", "kubepods.slice"), ("cgroupfs", "kubepods")] {
         let kubepods = lab.cgroup(root).unwrap();
@@ -393,17 +368,7 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
                 .unwrap();
             containers.push((name, app, ctr, pod));
         }
-        let args = vec![
-            s("--node-name"),
-            s(NODE),
-            s("--policy"),
-            policy.display().to_string(),
-            s("--kubepods-root"),
-            kubepods.path().display().to_string(),
-            s("--pin-dir"),
-            lab.pin_dir().display().to_string(),
-        ];
-        let d = Daemon::start_subcommand(bin(), "node", &args, &[("KUBECONFIG", kc.as_str())])
+        let d = start_agent(bin(), &api, &lab, kubepods.path(), &policy, &dir.0, &[])
             .expect("start the node agent");
         for (name, app, ctr, _) in &containers {
             let o = probe(&lab, Some(ctr), "tcp", "169.254.169.254:80");

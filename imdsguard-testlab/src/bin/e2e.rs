@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail, ensure};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     cluster::{Cluster, NODE, pod_cgroup},
+    cluster::{SEED_POLICY, start_agent},
     daemon::{self, Daemon},
     fake_imds::INSTANCE_ID,
     kube_apiserver::KubeApiserver,
@@ -49,22 +50,7 @@ const IMDS: &str = "169.254.169.254:80";
 const PROBE_GAP: Duration = Duration::from_millis(5);
 const FLIP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The seed policy (as in the kernel test of the node agent).
-const POLICY: &str = r#"defaultMode: enforce
-rules:
-  - name: prod-reads-imds
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: prod}
-    access: allow
-  - name: test-denied
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: test}
-    access: deny
-"#;
-
-/// The rule of [`POLICY`] that decides a pod of namespace `imds` with this
+/// The rule of [`SEED_POLICY`] that decides a pod of namespace `imds` with this
 /// `app` label. The agent does not report it, so it is read off the policy.
 fn rule_for(app: &str) -> &'static str {
     match app {
@@ -123,32 +109,24 @@ fn main() -> anyhow::Result<()> {
     }
 
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).context("write the policy")?;
+    std::fs::write(&policy, SEED_POLICY).context("write the policy")?;
     println!("\npolicy {}:", policy.display());
-    for line in POLICY.lines() {
+    for line in SEED_POLICY.lines() {
         println!("  {line}");
     }
 
     // The agent authenticates as its service account: it can only do what
     // rbac.yaml grants (read pods and namespaces, write events).
-    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
-    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())?;
-    let args = [
-        "--node-name",
-        NODE,
-        "--policy",
-        &policy.display().to_string(),
-        "--kubepods-root",
-        &kubepods.path().display().to_string(),
-        "--pin-dir",
-        &lab.pin_dir().display().to_string(),
-        "--policy-poll-ms",
-        "100",
-    ]
-    .map(String::from);
-    let kc = daemon_kubeconfig.display().to_string();
-    let mut daemon = Daemon::start_subcommand(&bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
-        .context("start the node agent")?;
+    let mut daemon = start_agent(
+        &bin,
+        &api,
+        &lab,
+        kubepods.path(),
+        &policy,
+        &dir.0,
+        &["--policy-poll-ms", "100"],
+    )
+    .context("start the node agent")?;
     println!(
         "\nimdsguard node is running (pid {}) as {}, programs attached to kubepods.slice\n",
         daemon.pid(),

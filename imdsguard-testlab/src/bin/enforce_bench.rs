@@ -29,29 +29,14 @@ use imdsguard::{pins::PinLayout, sys};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     cluster::{Cluster, NODE},
-    daemon::{self, Daemon},
+    cluster::{SEED_POLICY, start_agent},
+    daemon,
     kube_apiserver::KubeApiserver,
     lab::Lab,
     probe,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::ListParams};
-
-/// The seed policy of the Kubernetes kernel test.
-const POLICY: &str = r#"
-defaultMode: enforce
-rules:
-  - name: prod-reads-imds
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: prod}
-    access: allow
-  - name: test-denied
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: test}
-    access: deny
-"#;
 
 /// `imdsguard_common::map_names::ALLOWED` (that crate is not a dependency
 /// of the testlab).
@@ -120,25 +105,17 @@ fn main() -> anyhow::Result<()> {
     let label_cg = TestCgroup::create(pod_dir(&label_uid))?;
 
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY)?;
-    let daemon_kubeconfig = dir.join("daemon.kubeconfig");
-    api.write_kubeconfig(&daemon_kubeconfig, api.daemon_token())?;
-    let args = [
-        "--node-name",
-        NODE,
-        "--policy",
-        &policy.display().to_string(),
-        "--kubepods-root",
-        &kubepods.path().display().to_string(),
-        "--pin-dir",
-        &lab.pin_dir().display().to_string(),
-        "--policy-poll-ms",
-        "1000",
-    ]
-    .map(String::from);
-    let kc = daemon_kubeconfig.display().to_string();
-    let agent = Daemon::start_subcommand(&bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
-        .context("start the node agent")?;
+    std::fs::write(&policy, SEED_POLICY)?;
+    let agent = start_agent(
+        &bin,
+        &api,
+        &lab,
+        kubepods.path(),
+        &policy,
+        &dir.0,
+        &["--policy-poll-ms", "1000"],
+    )
+    .context("start the node agent")?;
     let map = AllowMap::open(&PinLayout::new(lab.pin_dir()).map(ALLOWED_MAP))?;
 
     let label_id = label_cg.id();
