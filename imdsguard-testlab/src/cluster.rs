@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Pod, PodSpec, ResourceRequirements},
+        core::v1::{Container, Namespace, Node, Pod, PodSpec, ResourceRequirements},
         events::v1::Event as K8sEvent,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -111,6 +111,53 @@ impl Cluster {
                 .await
                 .unwrap();
         });
+    }
+
+    /// What the chart adds with `startupTaint.enabled`: get/patch on nodes.
+    pub fn grant_startup_taint_rbac(&self) {
+        let patch = serde_json::json!([{"op": "add", "path": "/rules/-", "value": {
+            "apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]
+        }}]);
+        let patch: json_patch::Patch = serde_json::from_value(patch).unwrap();
+        self.rt
+            .block_on(Api::<ClusterRole>::all(self.admin.clone()).patch(
+                "imdsguard",
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch),
+            ))
+            .unwrap();
+    }
+
+    /// Registers the test node with NoSchedule taints, as a kubelet
+    /// started with `--register-with-taints` would.
+    pub fn create_tainted_node(&self, taints: &[&str]) {
+        let taints: Vec<_> = taints
+            .iter()
+            .map(|t| serde_json::json!({"key": t, "effect": "NoSchedule"}))
+            .collect();
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE},
+            "spec": {"taints": taints}
+        }))
+        .unwrap();
+        self.rt
+            .block_on(Api::<Node>::all(self.admin.clone()).create(&PostParams::default(), &node))
+            .unwrap();
+    }
+
+    /// The test node's taint keys.
+    pub fn node_taints(&self) -> Vec<String> {
+        let node = self
+            .rt
+            .block_on(Api::<Node>::all(self.admin.clone()).get(NODE))
+            .unwrap();
+        node.spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.key)
+            .collect()
     }
 
     pub fn create_namespace(&self, name: &str) {

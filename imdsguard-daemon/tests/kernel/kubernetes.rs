@@ -342,6 +342,8 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
     let dir = TempDir::new();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
+    cluster.grant_startup_taint_rbac();
+    cluster.create_tainted_node(&["imdsguard.io/not-ready", "other.example/keep"]);
     cluster.create_namespace("imds");
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, SEED_POLICY).unwrap();
@@ -368,8 +370,34 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
                 .unwrap();
             containers.push((name, app, ctr, pod));
         }
-        let d = start_agent(bin(), &api, &lab, kubepods.path(), &policy, &dir.0, &[])
+        // The first round also removes the node's startup taint once ready.
+        let taint = ["--remove-startup-taint", "imdsguard.io/not-ready"];
+        let extra: &[&str] = if driver == "systemd" { &taint } else { &[] };
+        let d = start_agent(bin(), &api, &lab, kubepods.path(), &policy, &dir.0, extra)
             .expect("start the node agent");
+        if driver == "systemd" {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cluster
+                .node_taints()
+                .iter()
+                .any(|t| t == "imdsguard.io/not-ready")
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "startup taint not removed: {:?}",
+                    cluster.node_taints()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Other taints (ours to keep, and the API server's own
+            // node.kubernetes.io/not-ready) are left alone.
+            assert!(
+                cluster
+                    .node_taints()
+                    .iter()
+                    .any(|t| t == "other.example/keep")
+            );
+        }
         for (name, app, ctr, _) in &containers {
             let o = probe(&lab, Some(ctr), "tcp", "169.254.169.254:80");
             match *app {
