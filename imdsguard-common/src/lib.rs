@@ -119,7 +119,8 @@ pub struct Config {
     pub layout_version: u32,
 }
 
-/// Indices into the per-CPU counter array.
+/// Indices into the per-CPU counter array. A raw socket's socket() under
+/// `--deny-raw-sockets` counts like a protected destination.
 pub mod counter {
     /// Protected destination, allowed by an allow entry.
     pub const ALLOWED: u32 = 0;
@@ -138,6 +139,9 @@ pub mod hook {
     pub const CONNECT6: u32 = 2;
     pub const SENDMSG4: u32 = 3;
     pub const SENDMSG6: u32 = 4;
+    /// A raw socket's socket() (`--deny-raw-sockets`). The event's address
+    /// and port are zero and its `proto` is `PROTO_ANY`.
+    pub const SOCK_CREATE: u32 = 5;
 }
 
 /// Verdict recorded in an event.

@@ -65,6 +65,13 @@ pub struct RunArgs {
     /// makes every UDP send on the machine take the socket lock for a check).
     #[arg(long)]
     pub udp: bool,
+    /// Also deny raw sockets (SOCK_RAW in AF_INET/AF_INET6) to cgroups
+    /// whose action is not allow: socket() fails with EPERM (audit: allowed
+    /// and reported). Raw sockets reach protected destinations without any
+    /// connect() or sendmsg() check. ICMP ping sockets stay open to everyone.
+    /// AF_PACKET sockets are not covered: drop CAP_NET_RAW for those.
+    #[arg(long)]
+    pub deny_raw_sockets: bool,
     /// Extra protected destination: `CIDR [tcp|udp|any] [ports=..] [except=..] [name=..]`.
     #[arg(long = "protect", value_name = "SPEC")]
     pub protect: Vec<String>,

@@ -17,7 +17,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, ProgramFd,
+        links::FdLink,
+    },
 };
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, MAX_ALLOWED, MAX_LEVEL_SPAN, PREFILTER_WORDS,
@@ -132,11 +135,23 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 pub struct Enforcer {
     ebpf: Ebpf,
     attachment: Attachment,
+    deny_raw_sockets: bool,
 }
 
 impl Enforcer {
-    /// Installs or re-adopts the installation in `attachment.pins`.
+    /// Installs or re-adopts the installation in `attachment.pins`, without
+    /// raw socket denial (a pinned sock_create link is detached).
     pub fn start(attachment: Attachment, desired: &Desired) -> Result<(Self, StartReport)> {
+        Self::start_with(attachment, desired, false)
+    }
+
+    /// [`Enforcer::start`]; with `deny_raw_sockets` the sock_create program
+    /// is attached too, and a raw socket needs an allow entry.
+    pub fn start_with(
+        attachment: Attachment,
+        desired: &Desired,
+        deny_raw_sockets: bool,
+    ) -> Result<(Self, StartReport)> {
         let pins = &attachment.pins;
         let root = &attachment.cgroup_root;
         if root.level == 0 {
@@ -159,7 +174,11 @@ impl Enforcer {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(object).map_err(Error::Load)?;
-        let mut enforcer = Self { ebpf, attachment };
+        let mut enforcer = Self {
+            ebpf,
+            attachment,
+            deny_raw_sockets,
+        };
 
         enforcer.sync_destinations(&desired.destinations)?;
         match &desired.allowed {
@@ -174,10 +193,15 @@ impl Enforcer {
         &self.attachment
     }
 
+    /// The hooks this enforcer keeps attached.
+    pub fn wanted_hooks(&self) -> Vec<Hook> {
+        Hook::wanted_with(self.attachment.udp, self.deny_raw_sockets)
+    }
+
     fn attach_all(&mut self) -> Result<StartReport> {
         let mut report = StartReport::default();
         let root = self.attachment.cgroup_root.clone();
-        let wanted = Hook::wanted(self.attachment.udp);
+        let wanted = self.wanted_hooks();
         for hook in Hook::ALL {
             let pin = self.attachment.pins.link(hook);
             let existing = if pin.exists() {
@@ -221,55 +245,17 @@ impl Enforcer {
                 continue;
             }
 
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(hook.name())
-                .ok_or(Error::ProgramMissing { name: hook.name() })?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    name: hook.name(),
-                    source,
-                })?;
-            program.load().map_err(|source| Error::Program {
-                name: hook.name(),
-                source,
-            })?;
-            let prog_fd = program.fd().map_err(|source| Error::Program {
-                name: hook.name(),
-                source,
-            })?;
-
+            let mut program = HookProgram::of(&mut self.ebpf, hook)?;
+            program.load()?;
             match existing {
                 Some(link) => {
-                    sys::link_update(link.as_fd(), prog_fd.as_fd(), None)?;
+                    sys::link_update(link.as_fd(), program.fd()?.as_fd(), None)?;
                     report.replaced.push(hook);
                 }
                 None => {
                     let cgroup =
                         fs::File::open(&root.path).map_err(Error::io("open", &root.path))?;
-                    // A cgroup bpf_link is always attached in multi mode (the
-                    // kernel adds BPF_F_ALLOW_MULTI itself) and rejects that
-                    // flag in link_create with EINVAL. aya's `Single` passes
-                    // no flag, so it yields exactly a multi-attach link:
-                    // other tools' programs on this cgroup stay in place and
-                    // run alongside ours, and a deny from any program wins.
-                    let id =
-                        program
-                            .attach(&cgroup, CgroupAttachMode::Single)
-                            .map_err(|source| Error::Program {
-                                name: hook.name(),
-                                source,
-                            })?;
-                    let link = program.take_link(id).map_err(|source| Error::Program {
-                        name: hook.name(),
-                        source,
-                    })?;
-                    // Only bpf_link attachments (kernel >= 5.7) can be pinned
-                    // and so outlive the daemon.
-                    let fd = FdLink::try_from(link).map_err(|source| Error::KernelUnsupported {
-                        what: "cgroup bpf_link (Linux 5.7+), needed to keep enforcement pinned",
-                        source: std::io::Error::other(source),
-                    })?;
+                    let fd = program.attach(&cgroup)?;
                     fd.pin(&pin).map_err(|source| Error::Pin {
                         path: pin.clone(),
                         source,
@@ -460,6 +446,83 @@ impl Enforcer {
     /// Anything missing means someone detached us.
     pub fn attached_hooks(&self) -> Result<BTreeSet<Hook>> {
         attached_hooks(&self.attachment.pins, &self.attachment.cgroup_root)
+    }
+}
+
+/// A hook's program in the object, by kind: connect and sendmsg are
+/// sock_addr programs, sock_create is a sock program.
+enum HookProgram<'a> {
+    SockAddr(Hook, &'a mut CgroupSockAddr),
+    Sock(Hook, &'a mut CgroupSock),
+}
+
+impl<'a> HookProgram<'a> {
+    fn of(ebpf: &'a mut Ebpf, hook: Hook) -> Result<Self> {
+        let name = hook.name();
+        let err = move |source| Error::Program { name, source };
+        let program: &mut Program = ebpf
+            .program_mut(name)
+            .ok_or(Error::ProgramMissing { name })?;
+        Ok(match hook {
+            Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {
+                Self::SockAddr(hook, program.try_into().map_err(err)?)
+            }
+            Hook::SockCreate => Self::Sock(hook, program.try_into().map_err(err)?),
+        })
+    }
+
+    /// Wraps an aya error with the hook's program name.
+    fn error(&self) -> impl Fn(ProgramError) -> Error + use<> {
+        let name = match self {
+            Self::SockAddr(hook, _) | Self::Sock(hook, _) => hook.name(),
+        };
+        move |source| Error::Program { name, source }
+    }
+
+    fn load(&mut self) -> Result<()> {
+        let err = self.error();
+        match self {
+            Self::SockAddr(_, p) => p.load(),
+            Self::Sock(_, p) => p.load(),
+        }
+        .map_err(err)
+    }
+
+    fn fd(&self) -> Result<&ProgramFd> {
+        let err = self.error();
+        match self {
+            Self::SockAddr(_, p) => p.fd(),
+            Self::Sock(_, p) => p.fd(),
+        }
+        .map_err(err)
+    }
+
+    /// Attaches to `cgroup` and hands the link over to the caller, to pin.
+    fn attach(&mut self, cgroup: &fs::File) -> Result<FdLink> {
+        let err = self.error();
+        // A cgroup bpf_link is always attached in multi mode (the kernel
+        // adds BPF_F_ALLOW_MULTI itself) and rejects that flag in
+        // link_create with EINVAL. aya's `Single` passes no flag, so it
+        // yields exactly a multi-attach link: other tools' programs on this
+        // cgroup stay in place and run alongside ours, and a deny from any
+        // program wins.
+        let mode = CgroupAttachMode::Single;
+        // Only bpf_link attachments (kernel >= 5.7) can be pinned and so
+        // outlive the daemon.
+        let unsupported = |source| Error::KernelUnsupported {
+            what: "cgroup bpf_link (Linux 5.7+), needed to keep enforcement pinned",
+            source: std::io::Error::other(source),
+        };
+        match self {
+            Self::SockAddr(_, p) => {
+                let id = p.attach(cgroup, mode).map_err(&err)?;
+                FdLink::try_from(p.take_link(id).map_err(&err)?).map_err(unsupported)
+            }
+            Self::Sock(_, p) => {
+                let id = p.attach(cgroup, mode).map_err(&err)?;
+                FdLink::try_from(p.take_link(id).map_err(&err)?).map_err(unsupported)
+            }
+        }
     }
 }
 

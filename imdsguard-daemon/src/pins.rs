@@ -11,21 +11,24 @@ use crate::sys::attach_type;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imdsguard";
 
-/// A sock_addr hook we attach.
+/// A cgroup hook we attach: the sock_addr hooks, and the opt-in
+/// sock_create hook (a cgroup sock program) that denies raw sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
     Connect4,
     Connect6,
     Sendmsg4,
     Sendmsg6,
+    SockCreate,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    pub const ALL: [Hook; 5] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
         Hook::Sendmsg6,
+        Hook::SockCreate,
     ];
 
     /// Program name in the object, and file name of its link pin.
@@ -35,6 +38,7 @@ impl Hook {
             Hook::Connect6 => "connect6",
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Sendmsg6 => "sendmsg6",
+            Hook::SockCreate => "sock_create",
         }
     }
 
@@ -44,18 +48,28 @@ impl Hook {
             Hook::Connect6 => attach_type::INET6_CONNECT,
             Hook::Sendmsg4 => attach_type::UDP4_SENDMSG,
             Hook::Sendmsg6 => attach_type::UDP6_SENDMSG,
+            Hook::SockCreate => attach_type::INET_SOCK_CREATE,
         }
     }
 
-    /// The hooks attached for a configuration: connect always, sendmsg only
-    /// with UDP enforcement, because any attached sendmsg program makes
-    /// every UDP send on the machine take the socket lock for the check.
+    /// The hooks attached for a configuration without raw socket denial:
+    /// connect always, sendmsg only with UDP enforcement, because any
+    /// attached sendmsg program makes every UDP send on the machine take the
+    /// socket lock for the check.
     pub fn wanted(udp: bool) -> Vec<Hook> {
+        Self::wanted_with(udp, false)
+    }
+
+    /// [`Hook::wanted`], plus sock_create when raw sockets are denied.
+    pub fn wanted_with(udp: bool, deny_raw_sockets: bool) -> Vec<Hook> {
+        let mut hooks = vec![Hook::Connect4, Hook::Connect6];
         if udp {
-            Self::ALL.to_vec()
-        } else {
-            vec![Hook::Connect4, Hook::Connect6]
+            hooks.extend([Hook::Sendmsg4, Hook::Sendmsg6]);
         }
+        if deny_raw_sockets {
+            hooks.push(Hook::SockCreate);
+        }
+        hooks
     }
 
     pub fn from_attach_type(t: u32) -> Option<Hook> {

@@ -18,13 +18,14 @@ use crate::{
     destinations::{self, Destination},
     enforcer::{AllowTarget, Attachment, Desired, Enforcer},
     events::{self, Attribution, Attributor},
-    pins::{Hook, PinLayout},
+    pins::PinLayout,
 };
 
 /// Validated inputs of `run`.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub attachment: Attachment,
+    pub deny_raw_sockets: bool,
     pub desired: Desired,
     pub allowed_paths: BTreeMap<u64, PathBuf>,
 }
@@ -73,6 +74,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             pins: PinLayout::new(&args.pin_dir),
             udp: args.udp,
         },
+        deny_raw_sockets: args.deny_raw_sockets,
         desired: Desired {
             mode: args.mode,
             allowed: Some(allowed),
@@ -88,12 +90,20 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
 pub async fn run(args: RunArgs) -> Result<()> {
     let plan = plan(&args)?;
     let root = plan.attachment.cgroup_root.clone();
-    let (mut enforcer, _report) = Enforcer::start(plan.attachment.clone(), &plan.desired)?;
+    let start = || {
+        Enforcer::start_with(
+            plan.attachment.clone(),
+            &plan.desired,
+            plan.deny_raw_sockets,
+        )
+    };
+    let (mut enforcer, _report) = start()?;
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
     let events = tokio::spawn(events::report(ring, names, None));
 
-    let hooks: Vec<&str> = Hook::wanted(args.udp).iter().map(|h| h.name()).collect();
+    let wanted = enforcer.wanted_hooks();
+    let hooks: Vec<&str> = wanted.iter().map(|h| h.name()).collect();
     info!(
         cgroup_root = %root.path.display(),
         pin_dir = %args.pin_dir.display(),
@@ -116,12 +126,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = term.recv() => break,
             _ = check.tick() => {
                 // Someone may have removed our pins/links: put them back.
-                let wanted = Hook::wanted(args.udp);
                 let attached = enforcer.attached_hooks()?;
                 let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
                 if !missing.is_empty() {
                     warn!(?missing, "programs were detached behind our back; re-attaching");
-                    let (e, _) = Enforcer::start(plan.attachment.clone(), &plan.desired)?;
+                    let (e, _) = start()?;
                     enforcer = e;
                 }
             }

@@ -1,26 +1,15 @@
 //! The slow path: the destination's top 16 bits matched a protected prefix.
-//! Look it up exactly, then find the caller's allow entry and report.
+//! Look it up exactly, then let `caller` judge the caller.
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid,
-    },
-    maps::lpm_trie::Key,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
 use imdsguard_common::{
-    AddrKey, Config, Event, FULL_PREFIX, LAYOUT_VERSION, MAX_LEVEL_SPAN, MAX_PORT_RANGES,
-    PROTO_ANY, PROTO_TCP, PROTO_UDP, Protected, action, counter, verdict,
+    AddrKey, FULL_PREFIX, MAX_PORT_RANGES, PROTO_ANY, PROTO_TCP, PROTO_UDP, Protected,
 };
 
 use crate::{
-    dest::PROCEED,
-    maps::{ALLOWED, CONFIG, EVENTS, PROTECTED, count},
+    caller::{self, PROCEED, Subject},
+    maps::PROTECTED,
 };
-
-/// Return value that makes connect()/sendmsg() fail with EPERM.
-const REJECT: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -44,23 +33,13 @@ pub fn protected_destination(ctx: &SockAddrContext, hook: u32, addr: AddrKey, fo
     if !port_protected(protected, proto, port) {
         return PROCEED;
     }
-    match caller_action() {
-        action::ALLOW => {
-            count(counter::ALLOWED);
-            PROCEED
-        }
-        action::AUDIT => {
-            count(counter::AUDITED);
-            report(hook, addr, port, proto, form, verdict::AUDITED);
-            PROCEED
-        }
-        // ENFORCE, and any value we do not know: fail closed.
-        _ => {
-            count(counter::DENIED);
-            report(hook, addr, port, proto, form, verdict::DENIED);
-            REJECT
-        }
-    }
+    caller::judge(&Subject {
+        hook,
+        addr,
+        port,
+        proto,
+        form,
+    })
 }
 
 #[inline(always)]
@@ -78,61 +57,4 @@ fn port_protected(protected: &Protected, proto: u16, port: u16) -> bool {
         i += 1;
     }
     false
-}
-
-/// The action of the deepest allow entry on the caller's cgroup path, or the
-/// global default.
-///
-/// `bpf_get_current_ancestor_cgroup_id(level)` takes absolute levels, so we
-/// walk from the deepest level that holds any entry up to the shallowest,
-/// bounded by `MAX_LEVEL_SPAN` for the verifier. A level deeper than the
-/// caller's own cgroup yields id 0 and is skipped.
-#[inline(always)]
-fn caller_action() -> u32 {
-    let cfg: Config = match CONFIG.get(0) {
-        Some(cfg) if cfg.layout_version == LAYOUT_VERSION => *cfg,
-        // Not configured by a daemon of this layout: deny.
-        _ => return action::ENFORCE,
-    };
-    let mut level = cfg.max_level;
-    let mut step = 0;
-    while step < MAX_LEVEL_SPAN {
-        if level < cfg.min_level {
-            break;
-        }
-        // SAFETY: helper call with a scalar argument.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id != 0 {
-            if let Some(entry) = ALLOWED.get_ptr(id) {
-                // SAFETY: the verifier checked the pointer is a map value.
-                return unsafe { (*entry).action };
-            }
-        }
-        if level == 0 {
-            break;
-        }
-        level -= 1;
-        step += 1;
-    }
-    cfg.default_action
-}
-
-#[inline(always)]
-fn report(hook: u32, addr: AddrKey, port: u16, proto: u16, form: u32, verdict: u32) {
-    let event = Event {
-        // SAFETY: helper calls without pointer arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid_tgid: bpf_get_current_pid_tgid(),
-        addr,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        port: port as u32,
-        proto: proto as u32,
-        hook,
-        verdict,
-        addr_form: form,
-        _pad: 0,
-    };
-    if EVENTS.output::<Event>(&event, 0).is_err() {
-        count(counter::EVENTS_DROPPED);
-    }
 }

@@ -8,10 +8,7 @@
 use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{AddrKey, addr_form, prefilter_slot};
 
-use crate::{decide, maps::PREFILTER};
-
-/// Return value that lets the operation proceed.
-pub const PROCEED: i32 = 1;
+use crate::{caller::PROCEED, decide, maps::PREFILTER};
 
 /// `::ffff:0:0/96` in network byte order, third word.
 const V4_MAPPED_WORD2: u32 = 0x0000_ffff;

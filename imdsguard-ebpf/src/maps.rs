@@ -42,7 +42,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: the pointer is this CPU's slot; sock_addr programs run with
+        // SAFETY: the pointer is this CPU's slot; cgroup programs run with
         // migration disabled, so no other writer touches it concurrently.
         unsafe { *slot += 1 };
     }

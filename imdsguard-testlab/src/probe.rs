@@ -141,6 +141,14 @@ fn probe_main(args: &[String]) -> anyhow::Result<String> {
         "io-uring-udp-sendmsg-sqpoll" => {
             serde_json::to_string(&io_uring_udp_sendmsg(target, uring::Issue::SqPoll))?
         }
+        "raw-icmp" => serde_json::to_string(&icmp_echo(target, Icmp::Raw))?,
+        "ping" => serde_json::to_string(&icmp_echo(target, Icmp::Ping))?,
+        // The target is not used.
+        "packet-socket" => serde_json::to_string(&packet_socket())?,
+        "socket-loop" => {
+            let iterations: u32 = args.get(2).context("iterations missing")?.parse()?;
+            serde_json::to_string(&socket_loop(target, iterations))?
+        }
         other => bail!("unknown probe kind {other:?}"),
     };
     Ok(out)
@@ -718,6 +726,181 @@ fn io_uring_udp_sendmsg(target: SocketAddr, issue: uring::Issue) -> Outcome {
         Ok(recv_echo(&sock))
     })();
     result.unwrap_or_else(|o| o)
+}
+
+// Probes for raw sockets (`--deny-raw-sockets`). Here socket() is the call
+// the sock_create hook judges, so its EPERM is reported as `Eperm`; every
+// later failure is `Failed`. Nothing leaves the lab namespace: the targets
+// are addresses on its `lo`.
+
+/// How an ICMP echo probe opens its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Icmp {
+    /// SOCK_RAW (needs CAP_NET_RAW): the probe writes the whole ICMP message.
+    Raw,
+    /// SOCK_DGRAM "ping socket" (needs the gid in `net.ipv4.ping_group_range`):
+    /// the kernel sets the echo id and checksum.
+    Ping,
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// RFC 1071 Internet checksum.
+fn inet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// One ICMP echo request to `target` (its port is ignored) and its reply.
+/// Reached means the reply came back.
+fn icmp_echo(target: SocketAddr, via: Icmp) -> Outcome {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v4 = target.is_ipv4();
+    let (domain, protocol, request, reply) = if v4 {
+        (
+            Domain::IPV4,
+            Protocol::ICMPV4,
+            ICMP_ECHO_REQUEST,
+            ICMP_ECHO_REPLY,
+        )
+    } else {
+        (
+            Domain::IPV6,
+            Protocol::ICMPV6,
+            ICMPV6_ECHO_REQUEST,
+            ICMPV6_ECHO_REPLY,
+        )
+    };
+    let ty = match via {
+        Icmp::Raw => Type::RAW,
+        Icmp::Ping => Type::DGRAM,
+    };
+    let sock = match Socket::new(domain, ty, Some(protocol)) {
+        Ok(s) => s,
+        Err(e) => return Outcome::from_io(&e, "socket"),
+    };
+    let result = (|| {
+        sock.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| setup_failed(&e, "SO_RCVTIMEO"))?;
+        // A ping socket replaces the id with its own; a raw one keeps ours.
+        let id = (std::process::id() as u16).to_be_bytes();
+        let mut msg = vec![request, 0, 0, 0, id[0], id[1], 0, 1];
+        msg.extend_from_slice(UDP_PAYLOAD);
+        if v4 {
+            // ICMPv6 checksums cover a pseudo-header: the kernel fills them in.
+            let sum = inet_checksum(&msg).to_be_bytes();
+            msg[2..4].copy_from_slice(&sum);
+        }
+        sock.send_to(&msg, &socket2::SockAddr::from(target))
+            .map_err(|e| Outcome::from_io(&e, "sendto"))?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while Instant::now() < deadline {
+            let (n, from) = sock
+                .recv_from(&mut buf)
+                .map_err(|e| Outcome::from_io(&e, "recv"))?;
+            // SAFETY: recv_from initialised the first `n` bytes.
+            let got: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+            // Raw IPv4 sockets receive the IP header too.
+            let icmp = if v4 && via == Icmp::Raw {
+                got.get(usize::from(got.first().copied().unwrap_or(0) & 0x0f) * 4..)
+                    .unwrap_or(&[])
+            } else {
+                got
+            };
+            // A raw socket on `lo` also sees its own request: skip it, and
+            // anyone else's reply.
+            let ours = via == Icmp::Ping || icmp.get(4..6) == Some(&id[..]);
+            if icmp.first() == Some(&reply) && ours {
+                return Ok(Outcome::Reached {
+                    detail: format!(
+                        "echo reply from {:?} via a {via:?} socket",
+                        from.as_socket().map(|a| a.ip())
+                    ),
+                });
+            }
+        }
+        Err(Outcome::Failed {
+            errno: None,
+            detail: "no echo reply".into(),
+        })
+    })();
+    result.unwrap_or_else(|o| o)
+}
+
+/// socket(AF_PACKET, SOCK_RAW, ETH_P_ALL), and nothing else: Reached means
+/// it was created (nothing is sent).
+fn packet_socket() -> Outcome {
+    const ETH_P_ALL: u16 = 0x0003;
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ALL.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Outcome::from_io(&last_error(), "socket(AF_PACKET)");
+    }
+    // SAFETY: socket(2) returned a new fd that nobody else owns.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Outcome::Reached {
+        detail: "created an AF_PACKET socket".into(),
+    }
+}
+
+/// Time per socket()+close() of a datagram socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SocketLoopReport {
+    pub iterations: u32,
+    pub ns_per_socket: f64,
+    /// socket() calls that failed (none should).
+    pub failed: u64,
+}
+
+/// `iterations` × socket(SOCK_DGRAM)+close() in `target`'s family, after a
+/// tenth as many to warm up.
+fn socket_loop(target: SocketAddr, iterations: u32) -> SocketLoopReport {
+    let family = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let mut failed = 0;
+    let mut once = || {
+        // SAFETY: plain socket(2) and close(2) of the fd it returned.
+        unsafe {
+            let fd = libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                failed += 1;
+            } else {
+                libc::close(fd);
+            }
+        }
+    };
+    for _ in 0..iterations / 10 {
+        once();
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        once();
+    }
+    let elapsed = start.elapsed();
+    SocketLoopReport {
+        iterations,
+        ns_per_socket: elapsed.as_nanos() as f64 / f64::from(iterations.max(1)),
+        failed,
+    }
 }
 
 /// Just enough io_uring to run one operation: a one-entry ring set up with

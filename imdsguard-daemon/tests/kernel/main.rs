@@ -10,6 +10,7 @@ mod hardening;
 mod kubernetes;
 mod lifecycle;
 mod modes;
+mod raw_sockets;
 mod refusals;
 
 use libtest_mimic::{Arguments, Trial};
@@ -27,6 +28,7 @@ fn main() {
     trials.extend(refusals::trials());
     trials.extend(kubernetes::trials());
     trials.extend(hardening::trials());
+    trials.extend(raw_sockets::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

@@ -1,0 +1,107 @@
+//! Who is calling, and what their cgroup's allow entry says: the one verdict
+//! every program shares, with its counting and reporting.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+    bpf_get_current_pid_tgid,
+};
+use imdsguard_common::{
+    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, action, counter, verdict,
+};
+
+use crate::maps::{ALLOWED, CONFIG, EVENTS, count};
+
+/// Return value that lets the operation proceed.
+pub const PROCEED: i32 = 1;
+/// Return value that makes the operation fail with EPERM: connect(),
+/// sendmsg() or socket(), depending on the hook.
+const REJECT: i32 = 0;
+
+/// What an event says about the judged operation.
+pub struct Subject {
+    pub hook: u32,
+    pub addr: AddrKey,
+    pub port: u16,
+    pub proto: u16,
+    pub form: u32,
+}
+
+/// Applies the caller's action to `subject`: allow silently, allow and
+/// report (audit), or deny and report. Counts every outcome.
+#[inline(always)]
+pub fn judge(subject: &Subject) -> i32 {
+    match caller_action() {
+        action::ALLOW => {
+            count(counter::ALLOWED);
+            PROCEED
+        }
+        action::AUDIT => {
+            count(counter::AUDITED);
+            report(subject, verdict::AUDITED);
+            PROCEED
+        }
+        // ENFORCE, and any value we do not know: fail closed.
+        _ => {
+            count(counter::DENIED);
+            report(subject, verdict::DENIED);
+            REJECT
+        }
+    }
+}
+
+/// The action of the deepest allow entry on the caller's cgroup path, or the
+/// global default.
+///
+/// `bpf_get_current_ancestor_cgroup_id(level)` takes absolute levels, so we
+/// walk from the deepest level that holds any entry up to the shallowest,
+/// bounded by `MAX_LEVEL_SPAN` for the verifier. A level deeper than the
+/// caller's own cgroup yields id 0 and is skipped.
+#[inline(always)]
+fn caller_action() -> u32 {
+    let cfg: Config = match CONFIG.get(0) {
+        Some(cfg) if cfg.layout_version == LAYOUT_VERSION => *cfg,
+        // Not configured by a daemon of this layout: deny.
+        _ => return action::ENFORCE,
+    };
+    let mut level = cfg.max_level;
+    let mut step = 0;
+    while step < MAX_LEVEL_SPAN {
+        if level < cfg.min_level {
+            break;
+        }
+        // SAFETY: helper call with a scalar argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id != 0 {
+            if let Some(entry) = ALLOWED.get_ptr(id) {
+                // SAFETY: the verifier checked the pointer is a map value.
+                return unsafe { (*entry).action };
+            }
+        }
+        if level == 0 {
+            break;
+        }
+        level -= 1;
+        step += 1;
+    }
+    cfg.default_action
+}
+
+#[inline(always)]
+fn report(subject: &Subject, verdict: u32) {
+    let event = Event {
+        // SAFETY: helper calls without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid_tgid: bpf_get_current_pid_tgid(),
+        addr: subject.addr,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        port: subject.port as u32,
+        proto: subject.proto as u32,
+        hook: subject.hook,
+        verdict,
+        addr_form: subject.form,
+        _pad: 0,
+    };
+    if EVENTS.output::<Event>(&event, 0).is_err() {
+        count(counter::EVENTS_DROPPED);
+    }
+}
