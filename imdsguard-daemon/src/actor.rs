@@ -12,7 +12,6 @@ use crate::{
     destinations::Compiled,
     enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
     metrics::{Health, Metrics},
-    pins::Hook,
 };
 
 /// Where the owner task reports what it sees.
@@ -126,7 +125,7 @@ pub fn spawn(
                 }
                 _ = check.tick() => {
                     let attachment: Attachment = enforcer.attachment().clone();
-                    let wanted = Hook::wanted(attachment.udp);
+                    let wanted = enforcer.wanted_hooks();
                     let attached = enforcer.attached_hooks();
                     if let (Some(o), Ok(a)) = (&observers, &attached) {
                         let n = wanted.iter().filter(|h| a.contains(h)).count() as u32;

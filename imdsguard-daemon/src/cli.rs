@@ -110,6 +110,10 @@ pub struct NodeArgs {
     /// the bound address is in the `ready` log line).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Also deny raw sockets (SOCK_RAW) to pods without an allow entry
+    /// (see `run --help`).
+    #[arg(long)]
+    pub deny_raw_sockets: bool,
     /// Remove this node taint (e.g. `imdsguard.io/not-ready`) once ready:
     /// programs attached and the first full sync done. Needs get/patch on nodes.
     #[arg(long, value_name = "KEY")]

@@ -82,6 +82,8 @@ pub struct Attachment {
     pub cgroup_root: CgroupDir,
     pub pins: PinLayout,
     pub udp: bool,
+    /// Also attach sock_create: a raw socket then needs an allow entry.
+    pub deny_raw_sockets: bool,
 }
 
 /// Counter totals across CPUs.
@@ -135,23 +137,13 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 pub struct Enforcer {
     ebpf: Ebpf,
     attachment: Attachment,
-    deny_raw_sockets: bool,
 }
 
 impl Enforcer {
-    /// Installs or re-adopts the installation in `attachment.pins`, without
-    /// raw socket denial (a pinned sock_create link is detached).
+    /// Installs or re-adopts the installation in `attachment.pins`. Pinned
+    /// links of hooks this attachment does not want (sendmsg without `udp`,
+    /// sock_create without `deny_raw_sockets`) are detached.
     pub fn start(attachment: Attachment, desired: &Desired) -> Result<(Self, StartReport)> {
-        Self::start_with(attachment, desired, false)
-    }
-
-    /// [`Enforcer::start`]; with `deny_raw_sockets` the sock_create program
-    /// is attached too, and a raw socket needs an allow entry.
-    pub fn start_with(
-        attachment: Attachment,
-        desired: &Desired,
-        deny_raw_sockets: bool,
-    ) -> Result<(Self, StartReport)> {
         let pins = &attachment.pins;
         let root = &attachment.cgroup_root;
         if root.level == 0 {
@@ -174,11 +166,7 @@ impl Enforcer {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(object).map_err(Error::Load)?;
-        let mut enforcer = Self {
-            ebpf,
-            attachment,
-            deny_raw_sockets,
-        };
+        let mut enforcer = Self { ebpf, attachment };
 
         enforcer.sync_destinations(&desired.destinations)?;
         match &desired.allowed {
@@ -195,7 +183,7 @@ impl Enforcer {
 
     /// The hooks this enforcer keeps attached.
     pub fn wanted_hooks(&self) -> Vec<Hook> {
-        Hook::wanted_with(self.attachment.udp, self.deny_raw_sockets)
+        Hook::wanted_with(self.attachment.udp, self.attachment.deny_raw_sockets)
     }
 
     fn attach_all(&mut self) -> Result<StartReport> {

@@ -86,6 +86,7 @@ impl Decision {
                 hook::CONNECT6 => "connect6",
                 hook::SENDMSG4 => "sendmsg4",
                 hook::SENDMSG6 => "sendmsg6",
+                hook::SOCK_CREATE => "sock_create",
                 _ => return None,
             },
             verdict: match e.verdict {
@@ -281,6 +282,16 @@ pub async fn report(
 fn log_decision(d: &Decision, who: &Attribution) {
     let (pod, container) = (who.pod.as_deref(), who.container.as_deref());
     match d.verdict {
+        Verdict::Denied if d.hook == "sock_create" => warn!(
+            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
+            "raw socket denied"
+        ),
+        Verdict::Audited if d.hook == "sock_create" => info!(
+            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
+            "raw socket would be denied (audit)"
+        ),
         Verdict::Denied => warn!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
             pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,

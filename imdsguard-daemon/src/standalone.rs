@@ -25,7 +25,6 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub attachment: Attachment,
-    pub deny_raw_sockets: bool,
     pub desired: Desired,
     pub allowed_paths: BTreeMap<u64, PathBuf>,
 }
@@ -73,8 +72,8 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             cgroup_root: root,
             pins: PinLayout::new(&args.pin_dir),
             udp: args.udp,
+            deny_raw_sockets: args.deny_raw_sockets,
         },
-        deny_raw_sockets: args.deny_raw_sockets,
         desired: Desired {
             mode: args.mode,
             allowed: Some(allowed),
@@ -90,13 +89,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
 pub async fn run(args: RunArgs) -> Result<()> {
     let plan = plan(&args)?;
     let root = plan.attachment.cgroup_root.clone();
-    let start = || {
-        Enforcer::start_with(
-            plan.attachment.clone(),
-            &plan.desired,
-            plan.deny_raw_sockets,
-        )
-    };
+    let start = || Enforcer::start(plan.attachment.clone(), &plan.desired);
     let (mut enforcer, _report) = start()?;
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());

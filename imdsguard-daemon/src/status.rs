@@ -230,7 +230,7 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<10} {:>6} {:>6}  {:<9} CGROUP",
+        "{:<12} {:>6} {:>6}  {:<9} CGROUP",
         "HOOK", "LINK", "PROG", "ON-HOOK"
     );
     if s.links.is_empty() {
@@ -239,7 +239,7 @@ pub fn render(s: &Status) -> String {
     for l in &s.links {
         let _ = writeln!(
             o,
-            "{:<10} {:>6} {:>6}  {:<9} {} (id {})",
+            "{:<12} {:>6} {:>6}  {:<9} {} (id {})",
             l.hook,
             l.link_id,
             l.program_id,

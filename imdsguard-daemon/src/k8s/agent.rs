@@ -85,6 +85,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         cgroup_root: root.clone(),
         pins: PinLayout::new(&args.pin_dir),
         udp: args.udp,
+        deny_raw_sockets: args.deny_raw_sockets,
     };
     let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
     let ring = enforcer.take_events()?;
@@ -92,7 +93,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     metrics
         .protected_prefixes
         .set(desired.destinations.entries.len() as i64);
-    let health = Health::new(crate::pins::Hook::wanted(args.udp).len() as u32);
+    let health =
+        Health::new(crate::pins::Hook::wanted_with(args.udp, args.deny_raw_sockets).len() as u32);
     let observers = actor::Observers {
         metrics: metrics.clone(),
         health: health.clone(),

@@ -157,7 +157,20 @@ impl Attributor for PodAttributor {
             return;
         };
         let reference = pod.object_ref(&());
+        let what = if d.hook == "sock_create" {
+            "raw socket".to_string()
+        } else {
+            format!("metadata access to {}", d.destination)
+        };
         let (reason, note) = match d.verdict {
+            Verdict::Denied if d.hook == "sock_create" => (
+                "RawSocketDenied",
+                "raw socket denied by imdsguard".to_string(),
+            ),
+            Verdict::Audited if d.hook == "sock_create" => (
+                "RawSocketAudited",
+                format!("{what} would be denied by imdsguard (audit mode)"),
+            ),
             Verdict::Denied => (
                 "MetadataAccessDenied",
                 format!("metadata access denied to {} by imdsguard", d.destination),

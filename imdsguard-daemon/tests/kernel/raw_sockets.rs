@@ -34,6 +34,10 @@ pub fn trials() -> Vec<Trial> {
             raw_sockets_need_an_allow_entry,
         ),
         trial(
+            "raw_socket_denials_are_logged",
+            raw_socket_denials_are_logged,
+        ),
+        trial(
             "raw_sockets_flag_leaves_ping_sockets_open",
             raw_sockets_flag_leaves_ping_sockets_open,
         ),
@@ -394,4 +398,19 @@ fn sock_create_stats(lab: &Lab) -> (u64, u64) {
         .find(|p| p.id() == id)
         .expect("sock_create program loaded");
     (info.run_time().as_nanos() as u64, info.run_count())
+}
+
+/// The daemon decodes the sock_create records and logs them as raw-socket
+/// denials (not as a metadata access to `[::]:0`).
+fn raw_socket_denials_are_logged() {
+    let lab = lab("raw-log");
+    let (prod, test) = pods(&lab);
+    let mut d = start(&lab, &args([&flag("allow-cgroup", &prod), &[s(DENY_RAW)]]));
+    assert_eperm(&lab, Some(&test), "raw-icmp", V4);
+    let line = d
+        .wait_for(std::time::Duration::from_secs(10), |v| {
+            v["message"] == "raw socket denied" && v["cgroup_id"].as_u64() == Some(test.id())
+        })
+        .expect("raw socket denial logged");
+    assert_eq!(line["hook"], "sock_create");
 }

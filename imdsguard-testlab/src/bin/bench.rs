@@ -90,6 +90,7 @@ impl Bench {
             cgroup_root: self.root.clone(),
             pins: self.pins.clone(),
             udp,
+            deny_raw_sockets: false,
         };
         Ok(Enforcer::start(attachment, &self.desired(allowed)?)?.0)
     }
