@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_enforce;
+mod bench_scale;
 mod demo;
 mod deploy;
 mod e2e;
@@ -33,6 +34,8 @@ enum Command {
     E2e(e2e::Options),
     /// Time to enforce: label patch and pod-cgroup creation to map update.
     BenchEnforce(bench_enforce::Options),
+    /// Start-up, footprint, soak, denial flood and an iptables comparison.
+    BenchScale(bench_scale::Options),
     /// Build (once, cached) the kube-apiserver used by the control-plane tests.
     KubeApiserver(kube_apiserver::Options),
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::KubeApiserver(o) => kube_apiserver::run(o),
         Command::E2e(o) => e2e::run(o),
         Command::BenchEnforce(o) => bench_enforce::run(o),
+        Command::BenchScale(o) => bench_scale::run(o),
         Command::Deploy(o) => deploy::run(o),
     }
 }
