@@ -1,0 +1,55 @@
+//! `cargo xtask bench-scale [-- ARGS]`: start-up, footprint, soak, denial
+//! flood and the iptables comparison (release build), against a real
+//! kube-apiserver and the node agent.
+
+use std::process::Command;
+
+use anyhow::bail;
+use clap::Args;
+
+#[derive(Args)]
+pub struct Options {
+    /// Passed to imdsguard-scale-bench, e.g. `--pods 110,1000,10000
+    /// --repeats 5 --soak-secs 3600` (`-- --help` lists them all).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    ensure_netfilter_tools()?;
+    // The kube-apiserver is built once per machine and cached.
+    crate::test::run_release_bin("imdsguard-scale-bench", &o.args, true)
+}
+
+/// iptables (the rules peers install) and nft (to delete the tables again
+/// between arms). The bench runs both only inside its own network
+/// namespace; installing them changes no rule on this machine.
+fn ensure_netfilter_tools() -> anyhow::Result<()> {
+    let works = |bin: &str, arg: &str| {
+        Command::new(bin)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("iptables", "-V") && works("nft", "--version") {
+        return Ok(());
+    }
+    if !crate::test::is_root() {
+        bail!("iptables and nft are missing and we are not root to install them");
+    }
+    eprintln!("xtask: installing iptables and nftables (for the bench's own network namespace)");
+    let install = || {
+        crate::test::status(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "iptables",
+            "nftables",
+        ]))
+    };
+    if install().is_err() {
+        crate::test::status(Command::new("apt-get").arg("update"))?;
+        install()?;
+    }
+    Ok(())
+}
