@@ -57,12 +57,24 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .arg("--imdsguard")
             .arg(bin.join("imdsguard")),
     )?;
-    // A short benchmark smoke run; no timing is asserted.
+    // Short smoke runs of every benchmark so none can rot; no timing is
+    // asserted, the figures come from `cargo xtask bench*` runs.
+    let imdsguard = bin.join("imdsguard").display().to_string();
     status(Command::new(bin.join("imdsguard-bench")).args([
         "--rounds",
         "1",
         "--iterations",
         "200",
+    ]))?;
+    status(Command::new(bin.join("imdsguard-enforce-bench")).args([
+        "--imdsguard",
+        &imdsguard,
+        "--iterations",
+        "3",
+        "--background-pods",
+        "2",
+        "--warmup",
+        "0",
     ]))?;
     Ok(())
 }
