@@ -76,6 +76,28 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "--warmup",
         "0",
     ]))?;
+    status(Command::new(bin.join("imdsguard-scale-bench")).args([
+        "--imdsguard",
+        &imdsguard,
+        "--pods",
+        "20",
+        "--repeats",
+        "1",
+        "--idle-secs",
+        "1",
+        "--soak-secs",
+        "3",
+        "--flood-secs",
+        "3",
+        "--flood-rounds",
+        "1",
+        "--flood-iterations",
+        "200",
+        "--rounds",
+        "1",
+        "--iterations",
+        "200",
+    ]))?;
     Ok(())
 }
 

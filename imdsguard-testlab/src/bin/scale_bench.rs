@@ -50,7 +50,7 @@ use imdsguard::{
 use imdsguard_testlab::{
     bench::WorkerReport,
     cgroups::TestCgroup,
-    cluster::{Cluster, NODE},
+    cluster::{Cluster, NODE, SEED_POLICY},
     daemon::{self, Daemon},
     kube_apiserver::KubeApiserver,
     lab::Lab,
@@ -64,21 +64,6 @@ use kube::{
 };
 use serde_json::Value;
 
-/// The seed policy of the Kubernetes kernel test.
-const POLICY: &str = r#"
-defaultMode: enforce
-rules:
-  - name: prod-reads-imds
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: prod}
-    access: allow
-  - name: test-denied
-    namespaces: [imds]
-    podSelector:
-      matchLabels: {app: test}
-    access: deny
-"#;
 const NS: &str = "imds";
 const QOS_DIR: &str = "kubepods-besteffort.slice";
 const IMDS: &str = "169.254.169.254:80";
@@ -193,9 +178,11 @@ struct Node<'a> {
     bin: PathBuf,
     lab: &'a Lab,
     cluster: &'a Cluster,
+    api: &'a KubeApiserver,
     kubepods: &'a TestCgroup,
-    agent_args: Vec<String>,
-    kubeconfig: String,
+    policy: PathBuf,
+    /// Where the agent's kubeconfig is written.
+    scratch: PathBuf,
     /// Pod `pod-N` and its cgroup, in creation order.
     pods: Vec<TestCgroup>,
 }
@@ -229,11 +216,15 @@ impl Node<'_> {
     fn start_agent(&self) -> anyhow::Result<(Daemon, Startup)> {
         let t0 = SystemTime::now();
         let i0 = Instant::now();
-        let agent = Daemon::start_subcommand(
+        let agent = imdsguard_testlab::cluster::start_agent(
             &self.bin,
-            "node",
-            &self.agent_args,
-            &[("KUBECONFIG", self.kubeconfig.as_str())],
+            self.api,
+            self.lab,
+            self.kubepods.path(),
+            &self.policy,
+            &self.scratch,
+            // Loopback, any free port: never the host's 0.0.0.0:9090.
+            &["--metrics-addr", "127.0.0.1:0"],
         )
         .context("start the node agent")?;
         let wall = i0.elapsed();
@@ -394,31 +385,15 @@ fn main() -> anyhow::Result<()> {
     let kubepods = lab.cgroup("kubepods.slice")?;
     let _besteffort = lab.cgroup(&format!("kubepods.slice/{QOS_DIR}"))?;
     let policy = dir.join("policy.yaml");
-    fs::write(&policy, POLICY)?;
-    let kubeconfig = dir.join("daemon.kubeconfig");
-    api.write_kubeconfig(&kubeconfig, api.daemon_token())?;
-    let agent_args = [
-        "--node-name",
-        NODE,
-        "--policy",
-        &policy.display().to_string(),
-        "--kubepods-root",
-        &kubepods.path().display().to_string(),
-        "--pin-dir",
-        &lab.pin_dir().display().to_string(),
-        // Loopback, any free port: never the host's 0.0.0.0:9090.
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec();
+    fs::write(&policy, SEED_POLICY)?;
     let mut node = Node {
         bin,
         lab: &lab,
         cluster: &cluster,
+        api: &api,
         kubepods: &kubepods,
-        agent_args,
-        kubeconfig: kubeconfig.display().to_string(),
+        policy,
+        scratch: dir.0.clone(),
         pods: Vec::new(),
     };
 
