@@ -60,13 +60,7 @@ fn restart_readopts_pins_without_a_gap() {
 
     // Both pods hammer the metadata service while the daemon is killed and a
     // new one (with one more allowed cgroup) re-adopts the pins.
-    let loop_ms = "4000";
-    let p = lab
-        .spawn_probe(Some(&prod), &["tcp-loop", "169.254.169.254:80", loop_ms])
-        .unwrap();
-    let t = lab
-        .spawn_probe(Some(&test), &["tcp-loop", "169.254.169.254:80", loop_ms])
-        .unwrap();
+    let loops = Loops::start(&lab, &prod, &test, 4000);
     std::thread::sleep(Duration::from_millis(500));
     a.kill();
     std::thread::sleep(Duration::from_millis(300));
@@ -74,23 +68,7 @@ fn restart_readopts_pins_without_a_gap() {
         &lab,
         &args([&flag("allow-cgroup", &prod), &flag("allow-cgroup", &late)]),
     );
-    let prod_loop: LoopReport = probe::wait(p, Duration::from_secs(20)).unwrap();
-    let test_loop: LoopReport = probe::wait(t, Duration::from_secs(20)).unwrap();
-    eprintln!(
-        "fault SIGKILL + restart with re-adoption: denied pod {} attempts, {} got through; allowed pod {} attempts, {} denied",
-        test_loop.reached + test_loop.eperm + test_loop.other,
-        test_loop.reached,
-        prod_loop.reached + prod_loop.eperm + prod_loop.other,
-        prod_loop.eperm
-    );
-    assert!(
-        prod_loop.reached > 0 && prod_loop.eperm == 0,
-        "allowed pod was denied during restart: {prod_loop:?}"
-    );
-    assert!(
-        test_loop.eperm > 0 && test_loop.reached == 0,
-        "denied pod got through during restart: {test_loop:?}"
-    );
+    loops.check("SIGKILL + restart with re-adoption");
 
     let after = link_ids(&status(&lab));
     assert_eq!(before.len(), 2);
@@ -135,21 +113,7 @@ fn uninstall_removes_everything() {
     let test = lab.cgroup("test").unwrap();
     start(&lab, &[s("--udp")]).kill();
     assert_eperm(&lab, Some(&test), "tcp", "169.254.169.254:80");
-    let out = imdsguard_testlab::daemon::command(
-        bin(),
-        &[
-            "uninstall",
-            "--pin-dir",
-            &lab.pin_dir().display().to_string(),
-        ],
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = uninstall(&lab);
     assert!(
         text.contains("connect4, connect6, sendmsg4, sendmsg6"),
         "{text}"

@@ -88,24 +88,6 @@ fn counters(lab: &Lab) -> (u64, u64, u64) {
     )
 }
 
-fn uninstall(lab: &Lab) -> String {
-    let out = daemon::command(
-        bin(),
-        &[
-            "uninstall",
-            "--pin-dir",
-            &lab.pin_dir().display().to_string(),
-        ],
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Programs attached directly to the lab root at BPF_CGROUP_INET_SOCK_CREATE.
 fn sock_create_programs(lab: &Lab) -> Vec<u32> {
     let root = fs::File::open(lab.root().path()).unwrap();

@@ -100,3 +100,65 @@ pub fn wait_decision(d: &mut Daemon, cgroup_id: u64, destination: &str, verdict:
         panic!("no {verdict} decision for cgroup {cgroup_id} -> {destination}: {e:#}")
     })
 }
+
+/// Both pods probing the metadata service in a tight loop during a fault.
+pub struct Loops {
+    prod: std::process::Child,
+    test: std::process::Child,
+}
+
+impl Loops {
+    pub fn start(lab: &Lab, prod: &TestCgroup, test: &TestCgroup, millis: u64) -> Self {
+        let ms = millis.to_string();
+        let spawn = |cg| {
+            lab.spawn_probe(Some(cg), &["tcp-loop", "169.254.169.254:80", &ms])
+                .unwrap()
+        };
+        Self {
+            prod: spawn(prod),
+            test: spawn(test),
+        }
+    }
+
+    /// The allowed pod was never denied and the denied pod never got
+    /// through; prints the counts (the closing note quotes them).
+    pub fn check(self, fault: &str) {
+        use imdsguard_testlab::probe::{LoopReport, wait};
+        let p: LoopReport = wait(self.prod, Duration::from_secs(30)).unwrap();
+        let t: LoopReport = wait(self.test, Duration::from_secs(30)).unwrap();
+        eprintln!(
+            "fault {fault}: denied pod {} attempts, {} got through; allowed pod {} attempts, {} denied",
+            t.reached + t.eperm + t.other,
+            t.reached,
+            p.reached + p.eperm + p.other,
+            p.eperm
+        );
+        assert!(
+            t.eperm > 0 && t.reached == 0,
+            "{fault}: denied pod got through: {t:?}"
+        );
+        assert!(
+            p.reached > 0 && p.eperm == 0,
+            "{fault}: allowed pod was denied: {p:?}"
+        );
+    }
+}
+
+/// `imdsguard uninstall --pin-dir <lab pins>`; returns its stdout.
+pub fn uninstall(lab: &Lab) -> String {
+    let out = daemon::command(
+        bin(),
+        &[
+            "uninstall",
+            "--pin-dir",
+            &lab.pin_dir().display().to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
