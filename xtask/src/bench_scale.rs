@@ -24,7 +24,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 /// iptables (the rules peers install) and nft (to delete the tables again
 /// between arms). The bench runs both only inside its own network
 /// namespace; installing them changes no rule on this machine.
-fn ensure_netfilter_tools() -> anyhow::Result<()> {
+pub fn ensure_netfilter_tools() -> anyhow::Result<()> {
     let works = |bin: &str, arg: &str| {
         Command::new(bin)
             .arg(arg)

@@ -39,6 +39,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // helm and a kubectl that speaks to the 1.20 test apiserver, for the
     // deploy/ manifests and chart tests.
     crate::deploy::prepare()?;
+    // iptables/nft for the scale bench's comparison arms (inside its own
+    // network namespace only).
+    crate::bench_scale::ensure_netfilter_tools()?;
     // Unit tests, the testlab's tests and the root kernel tests (which run
     // one at a time by their own harness).
     status(cargo().args(["test", "--workspace", "--exclude", "imdsguard-ebpf"]))?;
