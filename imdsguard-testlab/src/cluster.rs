@@ -199,24 +199,7 @@ impl Cluster {
             }),
             _ => None,
         };
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(NODE.into()),
-                containers: vec![Container {
-                    name: "app".into(),
-                    image: Some("registry.invalid/app:1".into()),
-                    resources,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let pod = pod_manifest(name, app, resources);
         let created = self
             .rt
             .block_on(
@@ -268,6 +251,29 @@ impl Cluster {
         self.rt
             .block_on(Api::<Pod>::namespaced(self.admin.clone(), ns).delete(name, &dp))
             .unwrap();
+    }
+}
+
+/// A one-container pod labelled `app=<app>`, placed on the test node
+/// (`spec.nodeName`), with the given resources (None: BestEffort).
+pub fn pod_manifest(name: &str, app: &str, resources: Option<ResourceRequirements>) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(NODE.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.invalid/app:1".into()),
+                resources,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

@@ -20,6 +20,7 @@ pub mod lab;
 pub mod netns;
 pub mod noop;
 pub mod probe;
+pub mod scratch;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -3,10 +3,7 @@
 //! deploy/manifests/rbac.yaml. Pods are placed on the test node with
 //! `spec.nodeName`; the test plays kubelet by creating their cgroups.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use imdsguard_testlab::{
     cgroups::TestCgroup,
@@ -59,7 +56,7 @@ fn node_agent_follows_labels_policy_and_outages() {
     let lab = lab("k8s");
     let mut api = KubeApiserver::start()
         .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
-    let dir = TempDir::new();
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace("imds");
@@ -83,7 +80,7 @@ fn node_agent_follows_labels_policy_and_outages() {
         &lab,
         kubepods.path(),
         &policy,
-        &dir.0,
+        dir.path(),
         &["--policy-poll-ms", "100", "--metrics-addr", "127.0.0.1:0"],
     )
     .expect("start the node agent");
@@ -118,8 +115,8 @@ fn node_agent_follows_labels_policy_and_outages() {
     let pins = lab.pin_dir().display().to_string();
     let root_s = kubepods.path().display().to_string();
     let pol = policy.display().to_string();
-    let out = std::process::Command::new(bin())
-        .args([
+    let e = cli_json(
+        &[
             "explain",
             "--pod",
             "imds/test-1",
@@ -129,41 +126,23 @@ fn node_agent_follows_labels_policy_and_outages() {
             &root_s,
             "--pin-dir",
             &pins,
-            "-o",
-            "json",
-        ])
-        .env("KUBECONFIG", &kc)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &kc,
     );
-    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["policy_rule"], "rule 1 (test-denied) -> enforce");
     assert_eq!(e["destinations"][0]["verdict"], "EPERM");
     // `status` shows the policy in force and the allowed pods by name.
-    let out = std::process::Command::new(bin())
-        .args([
+    let st = cli_json(
+        &[
             "status",
             "--policy",
             &pol,
             "--kubernetes",
             "--pin-dir",
             &pins,
-            "-o",
-            "json",
-        ])
-        .env("KUBECONFIG", &kc)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &kc,
     );
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         st["policy"]["rules"],
         serde_json::json!(["prod-reads-imds: allow", "test-denied: deny"])
@@ -288,26 +267,6 @@ fn node_agent_follows_labels_policy_and_outages() {
     drop(d);
 }
 
-/// A scratch directory for kubeconfigs and the policy file.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-k8s"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// kubelet's pod cgroup paths, written out here rather than taken from the
 /// agent's own resolver so the test checks the agent against kubelet.
 fn kubelet_pod_path(driver: &str, qos: &str, uid: &str) -> String {
@@ -339,7 +298,7 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
     let lab = lab("k8s-qos");
     let api = KubeApiserver::start()
         .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
-    let dir = TempDir::new();
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.grant_startup_taint_rbac();
@@ -373,8 +332,16 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
         // The first round also removes the node's startup taint once ready.
         let taint = ["--remove-startup-taint", "imdsguard.io/not-ready"];
         let extra: &[&str] = if driver == "systemd" { &taint } else { &[] };
-        let d = start_agent(bin(), &api, &lab, kubepods.path(), &policy, &dir.0, extra)
-            .expect("start the node agent");
+        let d = start_agent(
+            bin(),
+            &api,
+            &lab,
+            kubepods.path(),
+            &policy,
+            dir.path(),
+            extra,
+        )
+        .expect("start the node agent");
         if driver == "systemd" {
             let deadline = Instant::now() + Duration::from_secs(10);
             while cluster
@@ -431,4 +398,20 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// `imdsguard ARGS -o json` with the agent's kubeconfig, parsed.
+fn cli_json(args: &[&str], kubeconfig: &str) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .args(["-o", "json"])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -14,8 +14,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::DirBuilderExt as _,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -73,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     // Declaration order is the reverse of drop order: the agent dies first,
     // then the cgroups and the lab (pins, netns), then the API server, and
     // the scratch dir last.
-    let dir = TempDir::new()?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-e2e")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (`cargo xtask kube-apiserver` builds it)")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
@@ -123,7 +121,7 @@ fn main() -> anyhow::Result<()> {
         &lab,
         kubepods.path(),
         &policy,
-        &dir.0,
+        dir.path(),
         &["--policy-poll-ms", "100"],
     )
     .context("start the node agent")?;
@@ -544,29 +542,5 @@ fn cell(o: &Outcome) -> String {
         Outcome::Reached { detail } => format!("reached (instance id {detail})"),
         Outcome::Eperm => "EPERM (denied)".into(),
         Outcome::Failed { detail, .. } => format!("failed: {detail}"),
-    }
-}
-
-/// A scratch directory for the kubeconfigs (they hold tokens) and the policy.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-e2e"));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

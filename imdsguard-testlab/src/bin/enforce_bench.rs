@@ -20,7 +20,7 @@ use std::{
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::new("enforce-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (run `cargo xtask kube-apiserver` once)")?;
-    let dir = TempDir::new()?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-enforce-bench")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace("imds");
@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         &lab,
         kubepods.path(),
         &policy,
-        &dir.0,
+        dir.path(),
         &["--policy-poll-ms", "1000"],
     )
     .context("start the node agent")?;
@@ -374,25 +374,5 @@ impl AllowMap {
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
             }
         }
-    }
-}
-
-/// A scratch directory for kubeconfigs and the policy file.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-enforce-bench"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -50,18 +50,15 @@ use imdsguard::{
 use imdsguard_testlab::{
     bench::WorkerReport,
     cgroups::TestCgroup,
-    cluster::{Cluster, NODE, SEED_POLICY},
+    cluster::{Cluster, SEED_POLICY},
     daemon::{self, Daemon},
     kube_apiserver::KubeApiserver,
     lab::Lab,
     netns::NetNs,
     probe::{self, LoopReport, Outcome},
 };
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kube::{
-    Api,
-    api::{ObjectMeta, PostParams},
-};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::PostParams};
 use serde_json::Value;
 
 const NS: &str = "imds";
@@ -313,23 +310,7 @@ fn app_of(name: &str) -> &'static str {
 }
 
 async fn create_pod(api: &Api<Pod>, name: &str, app: &str) -> anyhow::Result<String> {
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("registry.invalid/app:1".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let pod = imdsguard_testlab::cluster::pod_manifest(name, app, None);
     let created = api
         .create(&PostParams::default(), &pod)
         .await
@@ -378,7 +359,7 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::new("scale-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (run `cargo xtask kube-apiserver` once)")?;
-    let dir = TempDir::new()?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-scale-bench")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace(NS);
@@ -393,7 +374,7 @@ fn main() -> anyhow::Result<()> {
         api: &api,
         kubepods: &kubepods,
         policy,
-        scratch: dir.0.clone(),
+        scratch: dir.path().to_path_buf(),
         pods: Vec::new(),
     };
 
@@ -1465,26 +1446,6 @@ fn max(v: &[f64]) -> f64 {
 
 fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::min)
-}
-
-/// A scratch directory for kubeconfigs and the policy file.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-scale-bench"));
-        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]
