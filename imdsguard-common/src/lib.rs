@@ -12,6 +12,9 @@ pub mod map_names {
     pub const CONFIG: &str = "IMDSG_CONFIG";
     pub const COUNTERS: &str = "IMDSG_COUNTERS";
     pub const EVENTS: &str = "IMDSG_EVENTS";
+    /// Socket-local storage: the creator's action, stamped at socket().
+    pub const SOCKET_OWNER: &str = "IMDSG_SOCKET_OWNER";
+    pub const SCOPE: &str = "IMDSG_SCOPE";
 }
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps of
@@ -104,6 +107,45 @@ pub struct AllowEntry {
     pub _pad: u32,
 }
 
+/// Socket-local storage value, written by sock_create when the creating
+/// cgroup is not allowed (audit or enforce). A socket without one was
+/// created by an allowed cgroup, by the kernel on a process's behalf
+/// (MPTCP subflows), outside the judged subtree, or before imdsguard
+/// attached: it is judged on its caller alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// The creating task's cgroup id.
+    pub cgroup_id: u64,
+    /// One of [`action`]: the creator's action when socket() ran.
+    pub action: u32,
+    pub _pad: u32,
+}
+
+/// Single entry (index 0) of the scope array: which callers are judged
+/// when the programs are attached above the judged subtree (`--attach-at`),
+/// and whether socket creators are recorded.
+/// Callers outside it (host processes) are let through unjudged; the
+/// point of attaching higher is that sockets they create are judged when
+/// a pod uses them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The judged subtree's root; 0 judges everything below the attach point.
+    pub cgroup_id: u64,
+    /// Its absolute level.
+    pub level: u32,
+    /// [`scope_flag`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`Scope::flags`].
+pub mod scope_flag {
+    /// sock_create records creators that are not allowed, and connect() and
+    /// sendmsg() judge them too (`--judge-socket-creators`).
+    pub const RECORD_CREATORS: u32 = 1;
+}
+
 /// Single entry (index 0) of the config array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,7 +220,19 @@ pub struct Event {
     pub hook: u32,
     pub verdict: u32,
     pub addr_form: u32,
-    pub _pad: u32,
+    /// One of [`cause`]: whose action decided.
+    pub cause: u32,
+}
+
+/// Whose action decided a verdict. connect() and sendmsg() are judged on
+/// both the calling task's cgroup and the socket's creator; the stricter
+/// wins.
+pub mod cause {
+    /// The calling task's cgroup.
+    pub const CALLER: u32 = 0;
+    /// The cgroup that created the socket (a socket passed over SCM_RIGHTS,
+    /// or inherited across fork/exec into another cgroup).
+    pub const CREATOR: u32 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -190,6 +244,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::AllowEntry {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SocketOwner {}
+    unsafe impl aya::Pod for super::Scope {}
 }
 
 #[cfg(test)]
@@ -204,6 +260,8 @@ mod tests {
         assert_eq!(size_of::<AllowEntry>(), 8);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 6 * 4);
+        assert_eq!(size_of::<SocketOwner>(), 16);
+        assert_eq!(size_of::<Scope>(), 16);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::{
     destinations::Compiled,
     enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
     metrics::{Health, Metrics},
+    revoke::{sweep::Policy, task::Revoker},
 };
 
 /// Where the owner task reports what it sees.
@@ -19,6 +20,23 @@ use crate::{
 pub struct Observers {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+}
+
+/// Asks for a revocation sweep after a change that can take an allow away:
+/// the first full allow set, any entry removed or changed, a new default,
+/// or new protected destinations.
+fn revoke_after(
+    revoker: Option<&Revoker>,
+    allowed: &Option<BTreeMap<u64, AllowTarget>>,
+    desired: &Desired,
+) {
+    if let (Some(r), Some(allowed)) = (revoker, allowed) {
+        r.sweep(Policy {
+            allowed: allowed.clone(),
+            mode: desired.mode,
+            destinations: desired.destinations.clone(),
+        });
+    }
 }
 
 enum Command {
@@ -87,14 +105,19 @@ impl EnforcerHandle {
 }
 
 /// Spawns the owner task. `desired` is what a re-attach after tampering
-/// re-installs (its allow set is left as it is in the map).
+/// re-installs (its allow set is left as it is in the map). With a
+/// `revoker`, changes that can take an allow away trigger a sweep.
 pub fn spawn(
     mut enforcer: Enforcer,
     mut desired: Desired,
     check_every: Duration,
     observers: Option<Observers>,
+    revoker: Option<Revoker>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
+    // The last allow set written; None until the first full sync, before
+    // which nothing may be revoked.
+    let mut synced: Option<BTreeMap<u64, AllowTarget>> = None;
     let task = tokio::spawn(async move {
         let mut check = tokio::time::interval(check_every);
         loop {
@@ -103,10 +126,18 @@ pub fn spawn(
                     let Some(cmd) = cmd else { return Ok(()) };
                     match cmd {
                         Command::SyncAllowed { mode, allowed, reply } => {
+                            let mode_changed = desired.mode != mode;
                             desired.mode = mode;
                             let r = enforcer.sync_allowed(mode, &allowed);
                             if let (Some(o), Ok(_)) = (&observers, &r) {
                                 o.metrics.allow_map_entries.set(allowed.len() as i64);
+                            }
+                            if let Ok(report) = &r {
+                                let first = synced.is_none();
+                                synced = Some(allowed);
+                                if first || mode_changed || report.removed > 0 || report.updated > 0 {
+                                    revoke_after(revoker.as_ref(), &synced, &desired);
+                                }
                             }
                             let _ = reply.send(r);
                         }
@@ -116,6 +147,9 @@ pub fn spawn(
                                 o.metrics.protected_prefixes.set(compiled.entries.len() as i64);
                             }
                             desired.destinations = compiled;
+                            if matches!(&r, Ok(report) if report.inserted > 0 || report.updated > 0) {
+                                revoke_after(revoker.as_ref(), &synced, &desired);
+                            }
                             let _ = reply.send(r);
                         }
                         Command::Counters { reply } => {

@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// AF_PACKET sockets are not covered: drop CAP_NET_RAW for those.
     #[arg(long)]
     pub deny_raw_sockets: bool,
+    /// Also judge each socket's creator, not only the task that calls
+    /// connect()/sendmsg(): a socket created by a cgroup that is not allowed
+    /// stays denied in an allowed pod's hands (SCM_RIGHTS). Attaches
+    /// sock_create, which then allocates a record on every socket() of every
+    /// pod that is not allowed (see BENCHMARKS.md for the cost).
+    #[arg(long)]
+    pub judge_socket_creators: bool,
     /// Extra protected destination: `CIDR [tcp|udp|any] [ports=..] [except=..] [name=..]`.
     #[arg(long = "protect", value_name = "SPEC")]
     pub protect: Vec<String>,
@@ -81,6 +88,27 @@ pub struct RunArgs {
     /// Seconds between checks that our links are still attached.
     #[arg(long, default_value_t = 2)]
     pub check_interval_secs: u64,
+    /// Do not close open connections to protected destinations whose owner
+    /// is denied (at start, and after every change that takes an allow
+    /// away). Revocation enters the network namespaces of the judged
+    /// processes (CAP_SYS_ADMIN) and destroys sockets like `ss -K`
+    /// (CAP_NET_ADMIN, CONFIG_INET_DIAG_DESTROY).
+    #[arg(long)]
+    pub no_revoke: bool,
+    /// Also sweep the network namespaces bind-mounted in this directory
+    /// (repeatable).
+    #[arg(long = "netns-dir", value_name = "DIR")]
+    pub netns_dirs: Vec<PathBuf>,
+    /// Seconds between backstop revocation sweeps.
+    #[arg(long, default_value_t = 60)]
+    pub revoke_interval_secs: u64,
+    /// Attach the programs here instead, an ancestor of the judged root
+    /// (up to the hierarchy root itself). Processes outside the judged root
+    /// stay unjudged, but a socket they create and hand to a pod (SCM_RIGHTS)
+    /// is then judged when the pod uses it. The price: every socket below
+    /// this point runs the programs (connect's fast path, and socket()).
+    #[arg(long, value_name = "CGROUP")]
+    pub attach_at: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -98,6 +126,14 @@ pub struct NodeArgs {
     /// The kubepods cgroup; discovered below the cgroup v2 mount when absent.
     #[arg(long)]
     pub kubepods_root: Option<PathBuf>,
+    /// Attach the programs here instead, an ancestor of the kubepods root
+    /// (up to the hierarchy root itself). Processes outside the kubepods root
+    /// stay unjudged, but a socket they create and hand to a pod (SCM_RIGHTS)
+    /// is then judged when the pod uses it. The price: every socket below
+    /// this point runs the programs (connect's fast path, and socket()).
+    #[arg(long, value_name = "CGROUP")]
+    pub attach_at: Option<PathBuf>,
+
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// Also enforce unconnected UDP sends (see `run --help`).
@@ -114,6 +150,28 @@ pub struct NodeArgs {
     /// (see `run --help`).
     #[arg(long)]
     pub deny_raw_sockets: bool,
+    /// Also judge each socket's creator (see `run --help`).
+    #[arg(long)]
+    pub judge_socket_creators: bool,
+    /// Do not close open connections to protected destinations whose owner
+    /// is denied (at start, and after every change that takes an allow
+    /// away). Revocation enters the network namespaces of the judged
+    /// processes (CAP_SYS_ADMIN) and destroys sockets like `ss -K`
+    /// (CAP_NET_ADMIN, CONFIG_INET_DIAG_DESTROY).
+    #[arg(long)]
+    pub no_revoke: bool,
+    /// Also sweep the network namespaces bind-mounted in this directory
+    /// (repeatable), where container runtimes keep pod namespaces.
+    #[arg(
+        long = "netns-dir",
+        value_name = "DIR",
+        default_value = "/var/run/netns"
+    )]
+    pub netns_dirs: Vec<PathBuf>,
+    /// Seconds between backstop revocation sweeps.
+    #[arg(long, default_value_t = 60)]
+    pub revoke_interval_secs: u64,
+
     /// Remove this node taint (e.g. `imdsguard.io/not-ready`) once ready:
     /// programs attached and the first full sync done. Needs get/patch on nodes.
     #[arg(long, value_name = "KEY")]

@@ -290,6 +290,35 @@ pub struct Compiled {
     pub prefilter: Vec<u64>,
 }
 
+impl Compiled {
+    /// Whether the kernel programs would judge a connection to `ip`:`port`
+    /// over `proto` (`PROTO_TCP` or `PROTO_UDP`): the same normalisation of
+    /// IPv4-embedding forms, the longest matching prefix, then its port
+    /// ranges. Used to pick the open connections to revoke.
+    pub fn protects(&self, ip: IpAddr, port: u16, proto: u16) -> bool {
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        let Ok(prefix) = Prefix::new(ip, full) else {
+            return false;
+        };
+        let (_, key) = prefix.trie_key();
+        let bits = u128::from(addr_of_words(key));
+        let longest = self
+            .entries
+            .iter()
+            .filter(|((len, k), _)| {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                u128::from(addr_of_words(*k)) & mask == bits & mask
+            })
+            .max_by_key(|((len, _), _)| *len);
+        longest.is_some_and(|(_, p)| {
+            p.ranges
+                .iter()
+                .take_while(|r| r.proto_mask != 0)
+                .any(|r| r.proto_mask & proto != 0 && r.lo <= port && port <= r.hi)
+        })
+    }
+}
+
 pub fn compile(destinations: &[Destination]) -> Result<Compiled> {
     let mut by_prefix: BTreeMap<Prefix, Vec<PortRange>> = BTreeMap::new();
     for d in destinations {
@@ -357,6 +386,34 @@ mod tests {
 
     fn d(s: &str) -> Destination {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn protects_matches_what_the_kernel_judges() {
+        let c = compile(&defaults()).unwrap();
+        let p = |a: &str, port, proto| c.protects(a.parse().unwrap(), port, proto);
+        assert!(p("169.254.169.254", 80, PROTO_TCP));
+        assert!(p("169.254.169.254", 8264, PROTO_UDP));
+        // DNS on the same address is left open.
+        assert!(!p("169.254.169.254", 53, PROTO_TCP));
+        // IPv4-embedding IPv6 forms count as the IPv4 address.
+        assert!(p("::ffff:169.254.169.254", 80, PROTO_TCP));
+        assert!(p("::169.254.169.254", 80, PROTO_TCP));
+        assert!(p("64:ff9b::a9fe:a9fe", 80, PROTO_TCP));
+        assert!(p("fd00:ec2::254", 80, PROTO_TCP));
+        assert!(!p("fd00:ec2::253", 80, PROTO_TCP));
+        // Port-limited entries.
+        assert!(p("168.63.129.16", 32526, PROTO_TCP));
+        assert!(!p("168.63.129.16", 443, PROTO_TCP));
+        assert!(!p("127.0.0.1", 8080, PROTO_TCP));
+        assert!(!p("::1", 80, PROTO_TCP));
+        // The longest prefix decides, as in the kernel's trie: a host entry
+        // with only port 80 shadows a wider one protecting everything.
+        let c = compile(&[d("10.0.0.0/8 tcp"), d("10.1.2.3/32 tcp ports=80")]).unwrap();
+        assert!(c.protects("10.9.9.9".parse().unwrap(), 443, PROTO_TCP));
+        assert!(c.protects("10.1.2.3".parse().unwrap(), 80, PROTO_TCP));
+        assert!(!c.protects("10.1.2.3".parse().unwrap(), 443, PROTO_TCP));
+        assert!(!c.protects("10.1.2.3".parse().unwrap(), 80, PROTO_UDP));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use aya::{
 };
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, MAX_ALLOWED, MAX_LEVEL_SPAN, PREFILTER_WORDS,
-    Protected, action, counter, map_names,
+    Protected, Scope, SocketOwner, action, counter, map_names, scope_flag,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -79,11 +79,33 @@ pub struct Desired {
 /// Where and how to attach.
 #[derive(Clone, Debug)]
 pub struct Attachment {
+    /// The judged subtree: its processes need an allow entry.
     pub cgroup_root: CgroupDir,
+    /// Where the programs are attached, when above `cgroup_root` (up to
+    /// the hierarchy root): sockets that host processes create are then
+    /// judged too when a pod uses them, at the price of every socket below
+    /// this point running the programs. None attaches at `cgroup_root`.
+    pub attach_at: Option<CgroupDir>,
     pub pins: PinLayout,
     pub udp: bool,
-    /// Also attach sock_create: a raw socket then needs an allow entry.
+    /// Attach sock_create, in its variant that makes a raw socket need an
+    /// allow entry.
     pub deny_raw_sockets: bool,
+    /// Attach sock_create and have it record socket creators that are not
+    /// allowed, so that connect() and sendmsg() judge them too.
+    pub judge_socket_creators: bool,
+}
+
+impl Attachment {
+    /// The cgroup the programs are attached to.
+    pub fn attach_point(&self) -> &CgroupDir {
+        self.attach_at.as_ref().unwrap_or(&self.cgroup_root)
+    }
+
+    /// Whether sock_create is attached at all.
+    pub fn sock_create(&self) -> bool {
+        self.deny_raw_sockets || self.judge_socket_creators
+    }
 }
 
 /// Counter totals across CPUs.
@@ -111,13 +133,15 @@ pub struct StartReport {
     pub detached: Vec<Hook>,
 }
 
-const MAP_NAMES: [&str; 6] = [
+const MAP_NAMES: [&str; 8] = [
     map_names::ALLOWED,
     map_names::PROTECTED,
     map_names::PREFILTER,
     map_names::CONFIG,
     map_names::COUNTERS,
     map_names::EVENTS,
+    map_names::SOCKET_OWNER,
+    map_names::SCOPE,
 ];
 
 /// Expected (key, value) sizes of each pinned map; the ring buffer has none.
@@ -130,6 +154,9 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         map_names::PREFILTER => Some((4, 8)),
         map_names::CONFIG => Some((4, s(size_of::<Config>()))),
         map_names::COUNTERS => Some((4, 8)),
+        // Socket-local storage is keyed by a socket fd (an int).
+        map_names::SOCKET_OWNER => Some((4, s(size_of::<SocketOwner>()))),
+        map_names::SCOPE => Some((4, s(size_of::<Scope>()))),
         _ => None,
     }
 }
@@ -142,7 +169,8 @@ pub struct Enforcer {
 impl Enforcer {
     /// Installs or re-adopts the installation in `attachment.pins`. Pinned
     /// links of hooks this attachment does not want (sendmsg without `udp`,
-    /// sock_create without `deny_raw_sockets`) are detached.
+    /// sock_create without `deny_raw_sockets` or `judge_socket_creators`)
+    /// are detached.
     pub fn start(attachment: Attachment, desired: &Desired) -> Result<(Self, StartReport)> {
         let pins = &attachment.pins;
         let root = &attachment.cgroup_root;
@@ -150,6 +178,13 @@ impl Enforcer {
             // Attaching at the hierarchy root would judge every host process.
             return Err(Error::RootIsHierarchyRoot {
                 path: root.path.clone(),
+            });
+        }
+        let attach_point = attachment.attach_point();
+        if !root.is_within(attach_point) {
+            return Err(Error::AttachBelowRoot {
+                attach_at: attach_point.path.clone(),
+                root: root.path.clone(),
             });
         }
         check_kernel_support()?;
@@ -168,6 +203,7 @@ impl Enforcer {
         let ebpf = loader.load(object).map_err(Error::Load)?;
         let mut enforcer = Self { ebpf, attachment };
 
+        enforcer.write_scope()?;
         enforcer.sync_destinations(&desired.destinations)?;
         match &desired.allowed {
             Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
@@ -181,14 +217,40 @@ impl Enforcer {
         &self.attachment
     }
 
+    /// Tells the programs which callers to judge. Written before any
+    /// attach, like every map.
+    fn write_scope(&mut self) -> Result<()> {
+        let (root, at) = (&self.attachment.cgroup_root, self.attachment.attach_point());
+        let (cgroup_id, level) = if at.id == root.id {
+            (0, 0)
+        } else {
+            (root.id, root.level)
+        };
+        let flags = if self.attachment.judge_socket_creators {
+            scope_flag::RECORD_CREATORS
+        } else {
+            0
+        };
+        let scope = Scope {
+            cgroup_id,
+            level,
+            flags,
+        };
+        let name = map_names::SCOPE;
+        let mut map: Array<&mut MapData, Scope> =
+            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
+        map.set(0, scope, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
     /// The hooks this enforcer keeps attached.
     pub fn wanted_hooks(&self) -> Vec<Hook> {
-        Hook::wanted_with(self.attachment.udp, self.attachment.deny_raw_sockets)
+        Hook::wanted_with(self.attachment.udp, self.attachment.sock_create())
     }
 
     fn attach_all(&mut self) -> Result<StartReport> {
         let mut report = StartReport::default();
-        let root = self.attachment.cgroup_root.clone();
+        let root = self.attachment.attach_point().clone();
         let wanted = self.wanted_hooks();
         for hook in Hook::ALL {
             let pin = self.attachment.pins.link(hook);
@@ -233,7 +295,8 @@ impl Enforcer {
                 continue;
             }
 
-            let mut program = HookProgram::of(&mut self.ebpf, hook)?;
+            let name = hook.program(self.attachment.deny_raw_sockets);
+            let mut program = HookProgram::of(&mut self.ebpf, hook, name)?;
             program.load()?;
             match existing {
                 Some(link) => {
@@ -433,7 +496,7 @@ impl Enforcer {
     /// The hooks whose pinned link is still attached to our cgroup root.
     /// Anything missing means someone detached us.
     pub fn attached_hooks(&self) -> Result<BTreeSet<Hook>> {
-        attached_hooks(&self.attachment.pins, &self.attachment.cgroup_root)
+        attached_hooks(&self.attachment.pins, self.attachment.attach_point())
     }
 }
 
@@ -445,8 +508,7 @@ enum HookProgram<'a> {
 }
 
 impl<'a> HookProgram<'a> {
-    fn of(ebpf: &'a mut Ebpf, hook: Hook) -> Result<Self> {
-        let name = hook.name();
+    fn of(ebpf: &'a mut Ebpf, hook: Hook, name: &'static str) -> Result<Self> {
         let err = move |source| Error::Program { name, source };
         let program: &mut Program = ebpf
             .program_mut(name)

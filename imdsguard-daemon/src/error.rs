@@ -34,6 +34,11 @@ pub enum Error {
     RootIsHierarchyRoot { path: PathBuf },
 
     #[error(
+        "--attach-at {attach_at} is not an ancestor of (or equal to) the judged cgroup root {root}"
+    )]
+    AttachBelowRoot { attach_at: PathBuf, root: PathBuf },
+
+    #[error(
         "allow entries span cgroup levels {min}..={max}, more than the {span} levels the kernel walks"
     )]
     LevelSpanTooWide { min: u32, max: u32, span: u32 },

@@ -16,7 +16,7 @@ use std::{
 use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
-use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, hook, verdict};
+use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, cause, hook, verdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
@@ -55,6 +55,10 @@ pub struct Decision {
     pub verdict: Verdict,
     /// How the caller wrote an IPv4 destination on an IPv6 socket, if it did.
     pub address_form: &'static str,
+    /// Whose action decided: `caller` (the calling task's cgroup, which
+    /// `cgroup_id` names) or `socket-creator` (the socket came from a
+    /// cgroup judged more strictly, e.g. passed over SCM_RIGHTS).
+    pub decided_by: &'static str,
 }
 
 impl Decision {
@@ -100,6 +104,11 @@ impl Decision {
                 addr_form::V4_COMPAT => "ipv4-compatible",
                 addr_form::NAT64 => "nat64",
                 _ => "unknown",
+            },
+            decided_by: match e.cause {
+                cause::CALLER => "caller",
+                cause::CREATOR => "socket-creator",
+                _ => return None,
             },
         })
     }
@@ -295,13 +304,13 @@ fn log_decision(d: &Decision, who: &Attribution) {
         Verdict::Denied => warn!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
             pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form,
+            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
             "metadata access denied"
         ),
         Verdict::Audited => info!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
             pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form,
+            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
             "metadata access would be denied (audit)"
         ),
     }
@@ -330,7 +339,7 @@ mod tests {
             hook: hook::CONNECT6,
             verdict: verdict::DENIED,
             addr_form: addr_form::V4_MAPPED,
-            _pad: 0,
+            cause: cause::CALLER,
         }
     }
 

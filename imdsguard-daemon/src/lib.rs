@@ -19,6 +19,7 @@ pub mod http;
 pub mod k8s;
 pub mod metrics;
 pub mod pins;
+pub mod revoke;
 pub mod standalone;
 pub mod status;
 pub mod sys;

@@ -48,6 +48,11 @@ pub struct Metrics {
     /// Number of our hooks attached; drops below the wanted count (to 0)
     /// when someone detaches our programs.
     pub programs_attached: Gauge,
+    /// Open connections to protected destinations closed because their
+    /// owner lost its allow (or never had one, at first attach).
+    pub connections_revoked: Counter,
+    /// Revocation sweeps that hit an error (the rest of the sweep ran).
+    pub revocation_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +77,8 @@ impl Metrics {
             watch_errors: Family::default(),
             policy_reload_failures: Counter::default(),
             programs_attached: Gauge::default(),
+            connections_revoked: Counter::default(),
+            revocation_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -113,6 +120,16 @@ impl Metrics {
             "policy_reload_failures",
             "Policy reloads refused (last good policy kept)",
             m.policy_reload_failures.clone(),
+        );
+        registry.register(
+            "connections_revoked",
+            "Open connections to protected destinations closed after an allow was lost",
+            m.connections_revoked.clone(),
+        );
+        registry.register(
+            "revocation_errors",
+            "Revocation sweeps that could not do everything",
+            m.revocation_errors.clone(),
         );
         registry.register(
             "programs_attached",

@@ -11,8 +11,9 @@ use crate::sys::attach_type;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imdsguard";
 
-/// A cgroup hook we attach: the sock_addr hooks, and the opt-in
-/// sock_create hook (a cgroup sock program) that denies raw sockets.
+/// A cgroup hook we attach: the sock_addr hooks, and the opt-in sock_create
+/// (a cgroup sock program) that denies raw sockets and records socket
+/// creators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
     Connect4,
@@ -31,7 +32,8 @@ impl Hook {
         Hook::SockCreate,
     ];
 
-    /// Program name in the object, and file name of its link pin.
+    /// File name of the link pin, and the program name in the object
+    /// (but see [`Hook::program`]).
     pub const fn name(self) -> &'static str {
         match self {
             Hook::Connect4 => "connect4",
@@ -52,7 +54,17 @@ impl Hook {
         }
     }
 
-    /// The hooks attached for a configuration without raw socket denial:
+    /// The program attached for this hook. sock_create has two: the
+    /// identity-only one, and one that also denies raw sockets; switching
+    /// between them is a BPF_LINK_UPDATE of the same link.
+    pub const fn program(self, deny_raw_sockets: bool) -> &'static str {
+        match self {
+            Hook::SockCreate if deny_raw_sockets => "sock_create_raw",
+            _ => self.name(),
+        }
+    }
+
+    /// The hooks attached without raw socket denial or creator recording:
     /// connect always, sendmsg only with UDP enforcement, because any
     /// attached sendmsg program makes every UDP send on the machine take the
     /// socket lock for the check.
@@ -60,13 +72,15 @@ impl Hook {
         Self::wanted_with(udp, false)
     }
 
-    /// [`Hook::wanted`], plus sock_create when raw sockets are denied.
-    pub fn wanted_with(udp: bool, deny_raw_sockets: bool) -> Vec<Hook> {
+    /// [`Hook::wanted`], plus sock_create when raw sockets are denied or
+    /// socket creators recorded: it runs on every socket() below the
+    /// attach point, so it is only there when asked for.
+    pub fn wanted_with(udp: bool, sock_create: bool) -> Vec<Hook> {
         let mut hooks = vec![Hook::Connect4, Hook::Connect6];
         if udp {
             hooks.extend([Hook::Sendmsg4, Hook::Sendmsg6]);
         }
-        if deny_raw_sockets {
+        if sock_create {
             hooks.push(Hook::SockCreate);
         }
         hooks

@@ -19,6 +19,7 @@ use crate::{
     enforcer::{AllowTarget, Attachment, Desired, Enforcer},
     events::{self, Attribution, Attributor},
     pins::PinLayout,
+    revoke,
 };
 
 /// Validated inputs of `run`.
@@ -70,9 +71,11 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     Ok(Plan {
         attachment: Attachment {
             cgroup_root: root,
+            attach_at: args.attach_at.as_ref().map(CgroupDir::open).transpose()?,
             pins: PinLayout::new(&args.pin_dir),
             udp: args.udp,
             deny_raw_sockets: args.deny_raw_sockets,
+            judge_socket_creators: args.judge_socket_creators,
         },
         desired: Desired {
             mode: args.mode,
@@ -94,6 +97,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
     let events = tokio::spawn(events::report(ring, names, None));
+
+    // First attach (or re-adoption with a new list): close what the
+    // denied cgroups already had open.
+    let _revoker = (!args.no_revoke).then(|| {
+        let (revoker, task) = revoke::task::spawn(
+            revoke::task::Settings {
+                root: root.clone(),
+                netns_dirs: args.netns_dirs.clone(),
+                resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
+            },
+            None,
+        );
+        revoker.sweep(revoke::sweep::Policy {
+            allowed: plan.desired.allowed.clone().unwrap_or_default(),
+            mode: plan.desired.mode,
+            destinations: plan.desired.destinations.clone(),
+        });
+        (revoker, task)
+    });
 
     let wanted = enforcer.wanted_hooks();
     let hooks: Vec<&str> = wanted.iter().map(|h| h.name()).collect();

@@ -23,6 +23,8 @@ pub struct LinkStatus {
     pub hook: &'static str,
     pub link_id: u32,
     pub program_id: u32,
+    /// The program's name: tells `sock_create` from `sock_create_raw`.
+    pub program: String,
     pub cgroup_id: u64,
     pub cgroup: Option<PathBuf>,
     /// Every program attached directly to that cgroup on this hook (ours
@@ -107,10 +109,19 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
             hook: hook.name(),
             link_id: info.id,
             program_id: info.prog_id,
+            program: String::new(),
             cgroup_id: info.cgroup_id,
             cgroup: None,
             programs_on_hook: Vec::new(),
         });
+    }
+
+    // Names are only informative: a program that vanished between the two
+    // reads keeps an empty one.
+    for p in aya::programs::loaded_programs().filter_map(|p| p.ok()) {
+        if let Some(l) = links.iter_mut().find(|l| l.program_id == p.id()) {
+            l.program = p.name_as_str().unwrap_or_default().to_string();
+        }
     }
 
     let name = map_names::CONFIG;
@@ -230,8 +241,8 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<12} {:>6} {:>6}  {:<9} CGROUP",
-        "HOOK", "LINK", "PROG", "ON-HOOK"
+        "{:<12} {:>6} {:>6}  {:<16} {:<9} CGROUP",
+        "HOOK", "LINK", "PROG", "PROGRAM", "ON-HOOK"
     );
     if s.links.is_empty() {
         let _ = writeln!(o, "(no program attached: NOT ENFORCING)");
@@ -239,10 +250,11 @@ pub fn render(s: &Status) -> String {
     for l in &s.links {
         let _ = writeln!(
             o,
-            "{:<12} {:>6} {:>6}  {:<9} {} (id {})",
+            "{:<12} {:>6} {:>6}  {:<16} {:<9} {} (id {})",
             l.hook,
             l.link_id,
             l.program_id,
+            l.program,
             l.programs_on_hook.len(),
             path_or_unknown(&l.cgroup),
             l.cgroup_id

@@ -5,11 +5,15 @@ use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
     bpf_get_current_pid_tgid,
 };
+use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{
-    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, action, counter, verdict,
+    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, action, cause, counter, verdict,
 };
 
-use crate::maps::{ALLOWED, CONFIG, EVENTS, count};
+use crate::{
+    identity,
+    maps::{ALLOWED, CONFIG, EVENTS, SCOPE, count},
+};
 
 /// Return value that lets the operation proceed.
 pub const PROCEED: i32 = 1;
@@ -26,26 +30,63 @@ pub struct Subject {
     pub form: u32,
 }
 
-/// Applies the caller's action to `subject`: allow silently, allow and
-/// report (audit), or deny and report. Counts every outcome.
+/// What a cgroup's allow entry (or the default) says.
+#[derive(Clone, Copy)]
+pub struct CallerAction {
+    pub action: u32,
+    /// False for a caller outside the judged subtree (a host process, when
+    /// attached above it): let through, not counted, not stamped.
+    pub judged: bool,
+}
+
+/// Applies the verdict to `subject`: allow silently, allow and report
+/// (audit), or deny and report. Counts every outcome.
+///
+/// With `socket`, the socket's creator is judged too (see `identity`) and
+/// the stricter action wins. The creator's record is only read when the
+/// caller alone would not be denied, so a denied caller pays nothing more.
 #[inline(always)]
-pub fn judge(subject: &Subject) -> i32 {
-    match caller_action() {
+pub fn judge(subject: &Subject, socket: Option<&SockAddrContext>) -> i32 {
+    let caller = caller_action();
+    if !caller.judged {
+        return PROCEED;
+    }
+    let mut act = caller.action;
+    let mut cause = cause::CALLER;
+    if let Some(ctx) = socket
+        && severity(act) < severity(action::ENFORCE)
+        && let Some(creator) = identity::creator_action(ctx)
+        && severity(creator) > severity(act)
+    {
+        act = creator;
+        cause = cause::CREATOR;
+    }
+    match act {
         action::ALLOW => {
             count(counter::ALLOWED);
             PROCEED
         }
         action::AUDIT => {
             count(counter::AUDITED);
-            report(subject, verdict::AUDITED);
+            report(subject, verdict::AUDITED, cause);
             PROCEED
         }
         // ENFORCE, and any value we do not know: fail closed.
         _ => {
             count(counter::DENIED);
-            report(subject, verdict::DENIED);
+            report(subject, verdict::DENIED, cause);
             REJECT
         }
+    }
+}
+
+/// Orders actions by strictness; a value we do not know counts as ENFORCE.
+#[inline(always)]
+fn severity(act: u32) -> u32 {
+    match act {
+        action::ALLOW => 0,
+        action::AUDIT => 1,
+        _ => 2,
     }
 }
 
@@ -57,11 +98,34 @@ pub fn judge(subject: &Subject) -> i32 {
 /// bounded by `MAX_LEVEL_SPAN` for the verifier. A level deeper than the
 /// caller's own cgroup yields id 0 and is skipped.
 #[inline(always)]
-fn caller_action() -> u32 {
+pub fn caller_action() -> CallerAction {
+    // The scope first: with the programs on the hierarchy root, a host
+    // process must never depend on the rest of our state.
+    if let Some(scope) = SCOPE.get(0)
+        && scope.cgroup_id != 0
+    {
+        // SAFETY: helper call with a scalar argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32) };
+        if id != scope.cgroup_id {
+            return CallerAction {
+                action: action::ALLOW,
+                judged: false,
+            };
+        }
+    }
     let cfg: Config = match CONFIG.get(0) {
         Some(cfg) if cfg.layout_version == LAYOUT_VERSION => *cfg,
         // Not configured by a daemon of this layout: deny.
-        _ => return action::ENFORCE,
+        _ => {
+            return CallerAction {
+                action: action::ENFORCE,
+                judged: true,
+            };
+        }
+    };
+    let found = |action| CallerAction {
+        action,
+        judged: true,
     };
     let mut level = cfg.max_level;
     let mut step = 0;
@@ -74,7 +138,7 @@ fn caller_action() -> u32 {
         if id != 0 {
             if let Some(entry) = ALLOWED.get_ptr(id) {
                 // SAFETY: the verifier checked the pointer is a map value.
-                return unsafe { (*entry).action };
+                return found(unsafe { (*entry).action });
             }
         }
         if level == 0 {
@@ -83,11 +147,11 @@ fn caller_action() -> u32 {
         level -= 1;
         step += 1;
     }
-    cfg.default_action
+    found(cfg.default_action)
 }
 
 #[inline(always)]
-fn report(subject: &Subject, verdict: u32) {
+fn report(subject: &Subject, verdict: u32, cause: u32) {
     let event = Event {
         // SAFETY: helper calls without pointer arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -99,7 +163,7 @@ fn report(subject: &Subject, verdict: u32) {
         hook: subject.hook,
         verdict,
         addr_form: subject.form,
-        _pad: 0,
+        cause,
     };
     if EVENTS.output::<Event>(&event, 0).is_err() {
         count(counter::EVENTS_DROPPED);

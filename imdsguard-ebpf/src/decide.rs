@@ -33,13 +33,16 @@ pub fn protected_destination(ctx: &SockAddrContext, hook: u32, addr: AddrKey, fo
     if !port_protected(protected, proto, port) {
         return PROCEED;
     }
-    caller::judge(&Subject {
-        hook,
-        addr,
-        port,
-        proto,
-        form,
-    })
+    caller::judge(
+        &Subject {
+            hook,
+            addr,
+            port,
+            proto,
+            form,
+        },
+        Some(ctx),
+    )
 }
 
 #[inline(always)]

@@ -1,7 +1,8 @@
 //! imdsguard's kernel side: cgroup sock_addr programs that deny connect()
-//! and sendmsg() to protected metadata destinations unless the calling
-//! task's cgroup (or an ancestor) is in the allow map, and an opt-in
-//! cgroup sock program that denies raw sockets on the same terms.
+//! and sendmsg() to protected metadata destinations unless both the calling
+//! task's cgroup and, when recorded, the socket's creator (or an ancestor
+//! of each) are in the allow map; and opt-in cgroup sock programs that
+//! record socket creators and deny raw sockets.
 //!
 //! Each entry point is thin; the verdict on the caller lives in `caller`.
 #![no_std]
@@ -10,6 +11,7 @@
 mod caller;
 mod decide;
 mod dest;
+mod identity;
 mod maps;
 mod raw_sockets;
 
@@ -39,8 +41,20 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     dest::inet6(&ctx, hook::SENDMSG6)
 }
 
+/// Records who created the socket (see `identity`); attached with
+/// `--judge-socket-creators`.
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
+    if identity::recording() {
+        identity::stamp(&ctx, caller::caller_action());
+    }
+    caller::PROCEED
+}
+
+/// Raw sockets need an allow entry (`--deny-raw-sockets`), plus what
+/// `sock_create` does. Attached in its place, through the same link.
+#[cgroup_sock(sock_create)]
+pub fn sock_create_raw(ctx: SockContext) -> i32 {
     raw_sockets::sock_create(&ctx)
 }
 

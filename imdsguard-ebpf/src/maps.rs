@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, EVENTS_BYTES, MAX_ALLOWED, MAX_PROTECTED, PREFILTER_WORDS,
-    Protected, counter,
+    Protected, Scope, counter,
 };
 
 /// One bit per 16-bit address prefix that has any protected destination.
@@ -28,6 +28,10 @@ pub static ALLOWED: HashMap<u64, AllowEntry> = HashMap::with_max_entries(MAX_ALL
 
 #[map(name = "IMDSG_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// The judged subtree, when attached above it (see `Scope`).
+#[map(name = "IMDSG_SCOPE")]
+pub static SCOPE: Array<Scope> = Array::with_max_entries(1, 0);
 
 /// Verdict counters. Per-CPU so that a denial flood on every core never
 /// contends on a shared cache line.

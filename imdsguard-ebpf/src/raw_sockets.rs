@@ -1,4 +1,4 @@
-//! sock_create (opt-in): raw sockets need an allow entry.
+//! sock_create (opt-in variant): raw sockets need an allow entry.
 //!
 //! A raw socket writes its own IP payload (or, with IP_HDRINCL, the whole
 //! header) and sends it without connect(), so no sock_addr hook ever sees
@@ -14,26 +14,36 @@
 use aya_ebpf::programs::SockContext;
 use imdsguard_common::{PROTO_ANY, addr_form, hook};
 
-use crate::caller::{self, PROCEED, Subject};
+use crate::{
+    caller::{self, PROCEED, Subject},
+    identity,
+};
 
 const SOCK_RAW: u32 = 3;
 
 #[inline(always)]
 pub fn sock_create(ctx: &SockContext) -> i32 {
-    // Cheapest test first: nearly every socket is a stream or datagram one,
-    // and this one context load is all they pay.
     // SAFETY: a context field load, rewritten by the verifier.
     let sock_type = unsafe { (*ctx.sock).type_ };
-    if sock_type != SOCK_RAW {
-        return PROCEED;
+    if sock_type == SOCK_RAW {
+        // A raw socket has no destination yet: the event says which hook,
+        // who, and nothing else. Its creator is the caller.
+        let verdict = caller::judge(
+            &Subject {
+                hook: hook::SOCK_CREATE,
+                addr: [0; 4],
+                port: 0,
+                proto: PROTO_ANY,
+                form: addr_form::PLAIN,
+            },
+            None,
+        );
+        if verdict != PROCEED {
+            return verdict;
+        }
     }
-    // A raw socket has no destination yet: the event says which hook, who,
-    // and nothing else.
-    caller::judge(&Subject {
-        hook: hook::SOCK_CREATE,
-        addr: [0; 4],
-        port: 0,
-        proto: PROTO_ANY,
-        form: addr_form::PLAIN,
-    })
+    if identity::recording() {
+        identity::stamp(ctx, caller::caller_action());
+    }
+    PROCEED
 }

@@ -37,6 +37,9 @@ pub struct Listeners {
     /// data in the SYN once the namespace's `net.ipv4.tcp_fastopen` has the
     /// server bit (2), which a new namespace does not.
     pub tcp_fastopen: Vec<SocketAddr>,
+    /// TCP listeners that keep every connection open and echo what they
+    /// get, for probes that hold a connection (revocation tests).
+    pub hold: Vec<SocketAddr>,
 }
 
 pub struct FakeImds {
@@ -51,7 +54,8 @@ impl FakeImds {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
-            let bound = (|| -> anyhow::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
+            type Bound = (Vec<TcpListener>, Vec<UdpSocket>, Vec<TcpListener>);
+            let bound = (|| -> anyhow::Result<Bound> {
                 // SAFETY: moves only this thread into the namespace; the fd
                 // outlives the thread because FakeImds joins it on drop and
                 // is dropped before the NetNs (Lab field order).
@@ -71,23 +75,28 @@ impl FakeImds {
                         tcp.push(l);
                     }
                 }
+                let hold = listeners
+                    .hold
+                    .iter()
+                    .map(|a| TcpListener::bind(a).with_context(|| format!("bind hold {a}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 let udp = listeners
                     .udp
                     .iter()
                     .map(|a| UdpSocket::bind(a).with_context(|| format!("bind udp {a}")))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                for l in &tcp {
+                for l in tcp.iter().chain(&hold) {
                     l.set_nonblocking(true)?;
                 }
                 for u in &udp {
                     u.set_nonblocking(true)?;
                 }
-                Ok((tcp, udp))
+                Ok((tcp, udp, hold))
             })();
             match bound {
-                Ok((tcp, udp)) => {
+                Ok((tcp, udp, hold)) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(&tcp, &udp, &stop2);
+                    serve(&tcp, &udp, &hold, &stop2);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -111,39 +120,67 @@ impl Drop for FakeImds {
     }
 }
 
-fn serve(tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) {
-    let mut fds: Vec<libc::pollfd> = tcp
-        .iter()
-        .map(|l| l.as_raw_fd())
-        .chain(udp.iter().map(|u| u.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+fn serve(tcp: &[TcpListener], udp: &[UdpSocket], hold: &[TcpListener], stop: &AtomicBool) {
+    // Connections accepted on `hold` listeners, kept until the peer goes.
+    let mut held: Vec<TcpStream> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        let mut fds: Vec<libc::pollfd> = tcp
+            .iter()
+            .map(|l| l.as_raw_fd())
+            .chain(udp.iter().map(|u| u.as_raw_fd()))
+            .chain(hold.iter().map(|l| l.as_raw_fd()))
+            .chain(held.iter().map(|c| c.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         // SAFETY: fds is a valid array of pollfd.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
         if n <= 0 {
             continue;
         }
-        for (i, p) in fds.iter_mut().enumerate() {
+        let (n_tcp, n_udp, n_hold) = (tcp.len(), udp.len(), hold.len());
+        let mut gone = Vec::new();
+        for (i, p) in fds.iter().enumerate() {
             if p.revents == 0 {
                 continue;
             }
-            p.revents = 0;
-            if i < tcp.len() {
+            if i < n_tcp {
                 while let Ok((stream, _)) = tcp[i].accept() {
                     handle_http(stream);
                 }
-            } else {
-                let sock = &udp[i - tcp.len()];
+            } else if i < n_tcp + n_udp {
+                let sock = &udp[i - n_tcp];
                 let mut buf = [0u8; 2048];
                 while let Ok((len, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..len], from);
                 }
+            } else if i < n_tcp + n_udp + n_hold {
+                while let Ok((stream, _)) = hold[i - n_tcp - n_udp].accept() {
+                    if stream.set_nonblocking(true).is_ok() {
+                        held.push(stream);
+                    }
+                }
+            } else {
+                let j = i - n_tcp - n_udp - n_hold;
+                let mut buf = [0u8; 512];
+                match (&held[j]).read(&mut buf) {
+                    Ok(0) => gone.push(j),
+                    Ok(len) => {
+                        if (&held[j]).write_all(&buf[..len]).is_err() {
+                            gone.push(j);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => gone.push(j),
+                }
             }
+        }
+        // Highest index first, so the earlier ones stay valid.
+        for j in gone.into_iter().rev() {
+            held.swap_remove(j);
         }
     }
 }
@@ -323,5 +360,13 @@ pub fn lab_listeners() -> Listeners {
             .iter()
             .map(|x| s(x))
             .collect(),
+        hold: [
+            "169.254.169.254:8264",
+            "[fd00:ec2::254]:8264",
+            "127.0.0.1:8264",
+        ]
+        .iter()
+        .map(|x| s(x))
+        .collect(),
     }
 }

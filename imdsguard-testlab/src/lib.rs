@@ -15,6 +15,7 @@ pub mod cgroups;
 pub mod cluster;
 pub mod daemon;
 pub mod fake_imds;
+pub mod handoff;
 pub mod kube_apiserver;
 pub mod lab;
 pub mod netns;

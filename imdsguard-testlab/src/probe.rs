@@ -48,7 +48,7 @@ impl Outcome {
     pub fn eperm(&self) -> bool {
         matches!(self, Outcome::Eperm)
     }
-    fn from_io(e: &std::io::Error, what: &str) -> Self {
+    pub(crate) fn from_io(e: &std::io::Error, what: &str) -> Self {
         match e.raw_os_error() {
             Some(EPERM) => Outcome::Eperm,
             errno => Outcome::Failed {
@@ -145,6 +145,9 @@ fn probe_main(args: &[String]) -> anyhow::Result<String> {
         "ping" => serde_json::to_string(&icmp_echo(target, Icmp::Ping))?,
         // The target is not used.
         "packet-socket" => serde_json::to_string(&packet_socket())?,
+        "pass-socket" | "receive-socket" | "hold" => {
+            return handoff_probe(kind, target, &args[2..]);
+        }
         "socket-loop" => {
             let iterations: u32 = args.get(2).context("iterations missing")?.parse()?;
             serde_json::to_string(&socket_loop(target, iterations))?
@@ -152,6 +155,21 @@ fn probe_main(args: &[String]) -> anyhow::Result<String> {
         other => bail!("unknown probe kind {other:?}"),
     };
     Ok(out)
+}
+
+/// The probes of [`crate::handoff`]: `KIND TARGET ARG TRANSPORT`.
+fn handoff_probe(kind: &str, target: SocketAddr, rest: &[String]) -> anyhow::Result<String> {
+    use crate::handoff::{self, Transport};
+    let arg = rest.first().context("probe argument missing")?;
+    let transport: Transport = rest.get(1).context("transport missing")?.parse()?;
+    let path = Path::new(arg);
+    Ok(match kind {
+        "pass-socket" => serde_json::to_string(&handoff::pass_socket(target, path, transport))?,
+        "receive-socket" => {
+            serde_json::to_string(&handoff::receive_socket(target, path, transport))?
+        }
+        _ => handoff::hold(target, Duration::from_millis(arg.parse()?), transport)?,
+    })
 }
 
 fn tcp_connect(target: SocketAddr) -> Outcome {

@@ -269,13 +269,35 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
             .collect()
     };
     assert_eq!(caps("drop"), ["ALL"], "{what}");
-    assert_eq!(caps("add"), ["BPF", "NET_ADMIN", "PERFMON"], "{what}");
     let args: Vec<&str> = c["args"]
         .as_sequence()
         .expect("args")
         .iter()
         .map(|a| a.as_str().expect("arg"))
         .collect();
+    // SYS_ADMIN only comes with revocation, which then needs the runtime's
+    // netns directory, read-only.
+    if args.contains(&"--no-revoke") {
+        assert_eq!(caps("add"), ["BPF", "NET_ADMIN", "PERFMON"], "{what}");
+    } else {
+        assert_eq!(
+            caps("add"),
+            ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"],
+            "{what}"
+        );
+        let dir = args[args
+            .iter()
+            .position(|a| *a == "--netns-dir")
+            .expect("--netns-dir")
+            + 1];
+        let mount = c["volumeMounts"]
+            .as_sequence()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(dir))
+            .unwrap_or_else(|| panic!("{what}: no mount of {dir}"));
+        assert_eq!(mount["readOnly"].as_bool(), Some(true), "{what}");
+    }
     assert_eq!(
         args[..5],
         [
@@ -299,18 +321,19 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
         c["readinessProbe"]["httpGet"]["path"].as_str(),
         Some("/readyz")
     );
-    // hostPath: the cgroup tree (read-only) and bpffs, nothing else.
+    // hostPath: the cgroup tree (read-only) and bpffs, plus the runtime's
+    // netns directory with revocation; nothing else.
     let host_paths: BTreeMap<&str, &str> = pod["volumes"]
         .as_sequence()
         .expect("volumes")
         .iter()
         .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
         .collect();
-    assert_eq!(
-        host_paths,
-        BTreeMap::from([("bpffs", "/sys/fs/bpf"), ("cgroup", "/sys/fs/cgroup")]),
-        "{what}"
-    );
+    let mut want = BTreeMap::from([("bpffs", "/sys/fs/bpf"), ("cgroup", "/sys/fs/cgroup")]);
+    if !args.contains(&"--no-revoke") {
+        want.insert("netns", "/var/run/netns");
+    }
+    assert_eq!(host_paths, want, "{what}");
     for m in c["volumeMounts"].as_sequence().expect("volumeMounts") {
         match m["name"].as_str() {
             Some("cgroup") => assert_eq!(m["readOnly"].as_bool(), Some(true), "{what}"),
@@ -332,7 +355,12 @@ fn every_rendering_keeps_the_daemonset_contract() {
     let ds = find(&all, "DaemonSet");
     assert_daemonset_contract(ds, "chart, all features");
     let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].clone();
-    for want in ["--udp", "--kubepods-root", "--remove-startup-taint"] {
+    for want in [
+        "--udp",
+        "--kubepods-root",
+        "--remove-startup-taint",
+        "--netns-dir",
+    ] {
         assert!(
             args.as_sequence()
                 .unwrap()

@@ -83,9 +83,11 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     let attachment = Attachment {
         cgroup_root: root.clone(),
+        attach_at: args.attach_at.as_ref().map(CgroupDir::open).transpose()?,
         pins: PinLayout::new(&args.pin_dir),
         udp: args.udp,
         deny_raw_sockets: args.deny_raw_sockets,
+        judge_socket_creators: args.judge_socket_creators,
     };
     let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
     let ring = enforcer.take_events()?;
@@ -93,17 +95,33 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     metrics
         .protected_prefixes
         .set(desired.destinations.entries.len() as i64);
-    let health =
-        Health::new(crate::pins::Hook::wanted_with(args.udp, args.deny_raw_sockets).len() as u32);
+    let health = Health::new(
+        crate::pins::Hook::wanted_with(
+            args.udp,
+            args.deny_raw_sockets || args.judge_socket_creators,
+        )
+        .len() as u32,
+    );
     let observers = actor::Observers {
         metrics: metrics.clone(),
         health: health.clone(),
     };
+    let revoker = (!args.no_revoke).then(|| {
+        crate::revoke::task::spawn(
+            crate::revoke::task::Settings {
+                root: root.clone(),
+                netns_dirs: args.netns_dirs.clone(),
+                resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
+            },
+            Some(metrics.clone()),
+        )
+    });
     let (handle, owner) = actor::spawn(
         enforcer,
         desired,
         Duration::from_secs(2),
         Some(observers.clone()),
+        revoker.as_ref().map(|(r, _)| r.clone()),
     );
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await

@@ -171,6 +171,13 @@ impl Attributor for PodAttributor {
                 "RawSocketAudited",
                 format!("{what} would be denied by imdsguard (audit mode)"),
             ),
+            Verdict::Denied if d.decided_by == "socket-creator" => (
+                "MetadataAccessDenied",
+                format!(
+                    "metadata access denied to {} by imdsguard: the socket was created by a cgroup that is not allowed",
+                    d.destination
+                ),
+            ),
             Verdict::Denied => (
                 "MetadataAccessDenied",
                 format!("metadata access denied to {} by imdsguard", d.destination),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     cluster::{Cluster, SEED_POLICY, pod_cgroup, start_agent},
+    handoff::Held,
     kube_apiserver::KubeApiserver,
     lab::Lab,
     probe::Outcome,
@@ -178,9 +179,28 @@ fn node_agent_follows_labels_policy_and_outages() {
     let waited = eventually(&lab, &late, true);
     eprintln!("cgroup creation -> allowed in {waited:?}");
 
-    // Relabelling flips the verdict both ways.
+    // Relabelling flips the verdict both ways, and the pod that lost its
+    // allow loses its open connections too (revocation); the other allowed
+    // pod keeps its own.
+    let held = Held::start(&lab, &prod, "169.254.169.254:8264", 15_000, "tcp").unwrap();
+    let mut kept = Held::start(&lab, &late, "169.254.169.254:8264", 15_000, "tcp").unwrap();
     cluster.label("imds", "prod-1", "test");
     eventually(&lab, &prod, false);
+    let r = held.report(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (r.ended.as_str(), r.errno),
+        ("error", Some(libc::ECONNABORTED)),
+        "{r:?}"
+    );
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "revoked a connection to a protected destination"
+            && v["cgroup_id"].as_u64() == Some(prod.id())
+    })
+    .expect("revocation logged");
+    let m = http_get(&addr, "/metrics");
+    assert!(m.contains("imdsguard_connections_revoked_total 1"), "{m}");
+    assert!(kept.still_holding(), "imds/prod-2 is still allowed");
+    drop(kept);
     cluster.label("imds", "prod-1", "prod");
     eventually(&lab, &prod, true);
 

@@ -12,6 +12,8 @@ mod lifecycle;
 mod modes;
 mod raw_sockets;
 mod refusals;
+mod revocation;
+mod socket_identity;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -29,6 +31,8 @@ fn main() {
     trials.extend(kubernetes::trials());
     trials.extend(hardening::trials());
     trials.extend(raw_sockets::trials());
+    trials.extend(socket_identity::trials());
+    trials.extend(revocation::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

@@ -88,6 +88,12 @@ fn bad_input_is_refused_and_nothing_attached() {
         ],
         "is the root of the cgroup v2 hierarchy",
     );
+    // The attach point must be above the judged root, never inside it.
+    let inside = lab.cgroup("inside").unwrap();
+    run_expecting_failure(
+        &base(&["--attach-at", &inside.path().display().to_string()]),
+        "is not an ancestor of (or equal to) the judged cgroup root",
+    );
     run_expecting_failure(
         &base(&["--protect", "169.254.169.254/40"]),
         "prefix length 40 is longer than 32",

@@ -88,9 +88,11 @@ impl Bench {
     fn install(&self, udp: bool, allowed: BTreeMap<u64, AllowTarget>) -> anyhow::Result<Enforcer> {
         let attachment = Attachment {
             cgroup_root: self.root.clone(),
+            attach_at: None,
             pins: self.pins.clone(),
             udp,
             deny_raw_sockets: false,
+            judge_socket_creators: false,
         };
         Ok(Enforcer::start(attachment, &self.desired(allowed)?)?.0)
     }

@@ -1015,9 +1015,11 @@ fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
     let pins = node.pins();
     let attachment = Attachment {
         cgroup_root: CgroupDir::open(node.kubepods.path())?,
+        attach_at: None,
         pins: pins.clone(),
         udp: false,
         deny_raw_sockets: false,
+        judge_socket_creators: false,
     };
     let desired = Desired {
         mode: Mode::Enforce,

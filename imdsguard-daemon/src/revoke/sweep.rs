@@ -1,0 +1,259 @@
+//! One sweep: find the connections to protected destinations whose owner
+//! cgroup is now denied, in every network namespace used below the judged
+//! root, and destroy them.
+//!
+//! A socket's owner is the cgroup that created it (INET_DIAG_CGROUP_ID),
+//! the same cgroup whose programs judged its connect(). Sockets owned
+//! outside the judged subtree (host processes) are never touched.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use imdsguard_common::{PROTO_TCP, PROTO_UDP, action};
+use serde::Serialize;
+
+use super::{
+    netns::{in_netns, netns_below_skipping},
+    sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
+};
+use crate::{
+    cgroup::CgroupDir,
+    destinations::Compiled,
+    enforcer::{AllowTarget, Mode},
+};
+
+/// What decides: the allow entries, the default, and the protected set.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub allowed: BTreeMap<u64, AllowTarget>,
+    pub mode: Mode,
+    pub destinations: Compiled,
+}
+
+/// The judged subtree as the kernel names it: cgroup id to parent id.
+pub struct Tree {
+    root: u64,
+    parent: HashMap<u64, u64>,
+}
+
+impl Tree {
+    /// Walks `root` on cgroupfs. Directories removed meanwhile are skipped.
+    pub fn read(root: &CgroupDir) -> io::Result<Self> {
+        let mut parent = HashMap::new();
+        let mut dirs = vec![(root.path.clone(), root.id)];
+        while let Some((dir, id)) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if id != root.id && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("list {}: {e}", dir.display()),
+                    ));
+                }
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    parent.insert(meta.ino(), id);
+                    dirs.push((entry.path(), meta.ino()));
+                }
+            }
+        }
+        Ok(Self {
+            root: root.id,
+            parent,
+        })
+    }
+
+    /// The action the programs apply to a socket owned by `cgroup_id`: the
+    /// deepest allow entry on its path, or the default. None when the
+    /// cgroup is not in the judged subtree.
+    pub fn action_of(&self, cgroup_id: u64, policy: &Policy) -> Option<u32> {
+        if cgroup_id != self.root && !self.parent.contains_key(&cgroup_id) {
+            return None;
+        }
+        let mut id = cgroup_id;
+        loop {
+            if let Some(t) = policy.allowed.get(&id) {
+                return Some(t.action);
+            }
+            if id == self.root {
+                return Some(policy.mode.action());
+            }
+            id = *self.parent.get(&id)?;
+        }
+    }
+}
+
+/// One destroyed connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Revoked {
+    pub cgroup_id: u64,
+    pub transport: String,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Network namespaces looked into.
+    pub namespaces: usize,
+    /// Sockets examined across them.
+    pub examined: usize,
+    pub revoked: Vec<Revoked>,
+    /// What could not be done; the rest of the sweep went on.
+    pub errors: Vec<String>,
+}
+
+/// Whether `s` is a connection the policy now denies.
+pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &Policy) -> bool {
+    let proto = match s.transport {
+        Transport::Tcp => PROTO_TCP,
+        Transport::Udp => PROTO_UDP,
+    };
+    // An unconnected UDP socket has no destination to judge.
+    if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
+        return false;
+    }
+    let Some(owner) = s.cgroup_id else {
+        return false;
+    };
+    if !policy
+        .destinations
+        .protects(s.dst.ip(), s.dst.port(), proto)
+    {
+        return false;
+    }
+    // Audit never takes anything away; only an enforced verdict revokes.
+    matches!(tree.action_of(owner, policy), Some(a) if a != action::ALLOW && a != action::AUDIT)
+}
+
+/// Sweeps the namespaces of processes below `root`, plus every netns file
+/// in `netns_dirs` (bind mounts such as /var/run/netns, where container
+/// runtimes keep pod namespaces), plus our own.
+pub fn sweep(root: &CgroupDir, policy: &Policy, netns_dirs: &[PathBuf]) -> Report {
+    let mut report = Report::default();
+    let tree = match Tree::read(root) {
+        Ok(t) => t,
+        Err(e) => {
+            report.errors.push(e.to_string());
+            return report;
+        }
+    };
+    let mut namespaces: BTreeMap<u64, Option<File>> = BTreeMap::new();
+    let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino());
+    if let Ok(own) = own {
+        // Ours needs no setns (and so no CAP_SYS_ADMIN): hostNetwork pods.
+        namespaces.insert(own, None);
+    }
+    let mut denied = 0usize;
+    let mut first_denied = None;
+    let below = netns_below_skipping(&root.path, &mut |e| {
+        denied += 1;
+        first_denied.get_or_insert(e.to_string());
+        Ok(())
+    });
+    match below {
+        Ok(found) => {
+            for (ino, f) in found {
+                namespaces.entry(ino).or_insert(Some(f));
+            }
+        }
+        Err(e) => report.errors.push(e.to_string()),
+    }
+    if let Some(e) = first_denied {
+        report.errors.push(format!(
+            "{denied} process namespace(s) could not be opened (needs CAP_SYS_PTRACE), e.g. {e}"
+        ));
+    }
+    for dir in netns_dirs {
+        add_netns_dir(dir, &mut namespaces, &mut report.errors);
+    }
+    for (ino, file) in namespaces {
+        let work = || sweep_here(&tree, policy);
+        let result = match &file {
+            None => Ok(work()),
+            Some(f) => in_netns(f, work),
+        };
+        report.namespaces += 1;
+        match result {
+            Ok(Ok((examined, revoked, errors))) => {
+                report.examined += examined;
+                report.revoked.extend(revoked);
+                report.errors.extend(errors);
+            }
+            Ok(Err(e)) | Err(e) => report.errors.push(format!("net:[{ino}]: {e}")),
+        }
+    }
+    report
+}
+
+fn add_netns_dir(
+    dir: &Path,
+    namespaces: &mut BTreeMap<u64, Option<File>>,
+    errors: &mut Vec<String>,
+) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // No runtime keeps namespaces there on this node.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            errors.push(format!("list {}: {e}", dir.display()));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // A bind-mounted nsfs file: its inode is the namespace's.
+        match File::open(&path).and_then(|f| Ok((f.metadata()?.ino(), f))) {
+            Ok((ino, f)) => {
+                namespaces.entry(ino).or_insert(Some(f));
+            }
+            Err(e) => errors.push(format!("open {}: {e}", path.display())),
+        }
+    }
+}
+
+type Swept = (usize, Vec<Revoked>, Vec<String>);
+
+/// Dumps and destroys in the calling thread's namespace.
+fn sweep_here(tree: &Tree, policy: &Policy) -> io::Result<Swept> {
+    let mut examined = 0;
+    let mut revoked = Vec::new();
+    let mut errors = Vec::new();
+    for transport in [Transport::Tcp, Transport::Udp] {
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            // A fresh socket per dump: after a failed one the kernel refuses
+            // the next dump on the same socket (EBUSY).
+            let diag = SockDiag::open()?;
+            let sockets = match diag.dump(transport, family) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            examined += sockets.len();
+            for s in sockets.iter().filter(|s| must_go(s, tree, policy)) {
+                match diag.destroy(s) {
+                    Ok(Destroyed::Closed) => revoked.push(Revoked {
+                        cgroup_id: s.cgroup_id.unwrap_or_default(),
+                        transport: s.transport.to_string(),
+                        source: s.src,
+                        destination: s.dst,
+                    }),
+                    Ok(Destroyed::Gone) => {}
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+    }
+    Ok((examined, revoked, errors))
+}
