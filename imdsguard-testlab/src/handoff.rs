@@ -31,6 +31,33 @@ use socket2::{Domain, Socket, Type};
 
 use crate::probe::Outcome;
 
+/// Creates a socket in `creator` (None: the lab process's own cgroup),
+/// passes it over SCM_RIGHTS to a process in `receiver`, which connects it
+/// to `target`. Returns what the receiver got; fails if the creator could
+/// not pass the socket.
+pub fn hand_off(
+    lab: &crate::lab::Lab,
+    creator: Option<&crate::cgroups::TestCgroup>,
+    receiver: &crate::cgroups::TestCgroup,
+    target: &str,
+    transport: &str,
+) -> anyhow::Result<Outcome> {
+    let dir = crate::scratch::ScratchDir::new("imdsguard-handoff")?;
+    let path = dir.join("handoff.sock").display().to_string();
+    let rx = lab.spawn_probe(
+        Some(receiver),
+        &["receive-socket", target, &path, transport],
+    )?;
+    let tx = lab.spawn_probe(creator, &["pass-socket", target, &path, transport])?;
+    let got: Outcome = crate::probe::wait(rx, Duration::from_secs(15))?;
+    let passed: Outcome = crate::probe::wait(tx, Duration::from_secs(15))?;
+    anyhow::ensure!(
+        passed.reached(),
+        "the creator could not pass its socket: {passed:?}"
+    );
+    Ok(got)
+}
+
 /// How a held connection ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldReport {

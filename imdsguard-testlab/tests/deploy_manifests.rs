@@ -437,6 +437,25 @@ fn seccomp_profile_allows_bpf_and_nothing_that_needs_sys_admin() {
     ] {
         assert!(!allowed.contains(&denied), "the profile allows {denied}");
     }
+    // setns(2) only into network namespaces (revocation; it also needs
+    // CAP_SYS_ADMIN, which only the revocation option grants).
+    let setns: Vec<&Json> = profile["syscalls"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .filter(|r| {
+            r["names"]
+                .as_array()
+                .expect("names")
+                .iter()
+                .any(|n| n == "setns")
+        })
+        .collect();
+    assert_eq!(setns.len(), 1, "{setns:?}");
+    assert_eq!(
+        setns[0]["args"],
+        serde_json::json!([{"index": 1, "value": libc::CLONE_NEWNET, "valueTwo": 0, "op": "SCMP_CMP_EQ"}])
+    );
 }
 
 #[test]

@@ -2,15 +2,7 @@
 //! judged on both its creator and the process that connects it. Neither
 //! side's rights travel with the socket.
 
-use std::time::Duration;
-
-use imdsguard_testlab::{
-    cgroups::TestCgroup,
-    daemon::Daemon,
-    lab::Lab,
-    probe::{self, Outcome},
-    scratch::ScratchDir,
-};
+use imdsguard_testlab::{cgroups::TestCgroup, daemon::Daemon, handoff, lab::Lab, probe::Outcome};
 use libtest_mimic::Trial;
 
 use crate::{support::*, trial};
@@ -37,9 +29,6 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-/// Creates a socket in `creator` (None: the lab process's cgroup, outside
-/// the attach root), passes it over SCM_RIGHTS to a process in `receiver`,
-/// which connects it to `target`. Returns what the receiver got.
 fn hand_off(
     lab: &Lab,
     creator: Option<&TestCgroup>,
@@ -47,24 +36,8 @@ fn hand_off(
     target: &str,
     transport: &str,
 ) -> Outcome {
-    let dir = ScratchDir::new("imdsguard-handoff").unwrap();
-    let path = dir.join("handoff.sock").display().to_string();
-    let rx = lab
-        .spawn_probe(
-            Some(receiver),
-            &["receive-socket", target, &path, transport],
-        )
-        .unwrap();
-    let tx = lab
-        .spawn_probe(creator, &["pass-socket", target, &path, transport])
-        .unwrap();
-    let got: Outcome = probe::wait(rx, Duration::from_secs(15)).unwrap();
-    let passed: Outcome = probe::wait(tx, Duration::from_secs(15)).unwrap();
-    assert!(
-        passed.reached(),
-        "the creator could not pass its socket: {passed:?}"
-    );
-    got
+    handoff::hand_off(lab, creator, receiver, target, transport)
+        .unwrap_or_else(|e| panic!("hand-off to {target}: {e:#}"))
 }
 
 #[track_caller]

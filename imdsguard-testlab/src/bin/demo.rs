@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     daemon::{self, Daemon},
+    handoff::{Held, hand_off},
     lab::Lab,
     probe::{self, Outcome},
 };
@@ -52,6 +53,11 @@ fn main() -> anyhow::Result<()> {
     println!(
         "fake IMDS inside an isolated netns (lo only) on 169.254.169.254:80 and [fd00:ec2::254]:80\n"
     );
+
+    // A `test` pod that was already talking to the metadata service before
+    // imdsguard was installed.
+    let early = Held::start(&lab, &pods[2].cgroup, "169.254.169.254:8264", 15_000, "tcp")
+        .context("open a connection before the install")?;
 
     let mut args = vec![
         "--cgroup-root".to_string(),
@@ -110,6 +116,39 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nNo NetworkPolicy, CNI or iptables rule is involved: the verdict is made in the kernel at connect().\n"
     );
+
+    // What connect() alone would miss: a connection opened before the
+    // install, and a socket handed from an allowed pod to a denied one.
+    let early = early.report(Duration::from_secs(10))?;
+    let revoked = early.ended == "error" && early.errno == Some(libc::ECONNABORTED);
+    println!(
+        "{} had a connection open before the install: {}",
+        pods[2].name,
+        if revoked {
+            "closed by imdsguard at start (ECONNABORTED)".to_string()
+        } else {
+            format!("NOT closed: {early:?}")
+        }
+    );
+    if !revoked {
+        failures.push(format!("early connection not revoked: {early:?}"));
+    }
+    let passed = hand_off(
+        &lab,
+        Some(&pods[0].cgroup),
+        &pods[2].cgroup,
+        "169.254.169.254:80",
+        "tcp",
+    )?;
+    println!(
+        "{} hands a socket to {} (SCM_RIGHTS), which connects it: {}\n",
+        pods[0].name,
+        pods[2].name,
+        cell(&passed)
+    );
+    if !passed.eperm() {
+        failures.push(format!("passed socket: {passed:?}"));
+    }
 
     // Show the decisions the daemon logged for the denied pods.
     std::thread::sleep(Duration::from_millis(300));
