@@ -214,6 +214,8 @@ pub trait Attributor: Send + 'static {
     /// Called for the first decision of a key in each window (the ones
     /// that are logged), e.g. to emit a Kubernetes Event.
     fn reported(&mut self, _decision: &Decision, _who: &Attribution) {}
+    /// Called for each connection a revocation sweep closed.
+    fn revoked(&mut self, _revoked: &crate::revoke::sweep::Revoked, _who: &Attribution) {}
 }
 
 /// Reads decision events until the task is dropped and logs them,

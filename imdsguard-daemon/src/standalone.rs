@@ -96,7 +96,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (mut enforcer, _report) = start()?;
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
-    let events = tokio::spawn(events::report(ring, names, None));
+    let events = tokio::spawn(events::report(ring, names.clone(), None));
 
     // First attach (or re-adoption with a new list): close what the
     // denied cgroups already had open.
@@ -108,6 +108,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
             },
             None,
+            Some(Box::new(names)),
         );
         revoker.sweep(revoke::sweep::Policy {
             allowed: plan.desired.allowed.clone().unwrap_or_default(),
@@ -162,6 +163,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// Standalone attribution: the cgroup path, resolved lazily by walking
 /// below the root.
+#[derive(Clone)]
 struct CgroupNames {
     root: PathBuf,
     cache: HashMap<u64, String>,

@@ -106,7 +106,19 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         metrics: metrics.clone(),
         health: health.clone(),
     };
+    // The pod store and the recorder exist before the watchers run, so
+    // that the revoker can name pods from its first sweep on.
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "imdsguard".into(),
+            instance: Some(args.node_name.clone()),
+        },
+    );
     let revoker = (!args.no_revoke).then(|| {
+        let names =
+            PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone()));
         crate::revoke::task::spawn(
             crate::revoke::task::Settings {
                 root: root.clone(),
@@ -114,6 +126,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
             },
             Some(metrics.clone()),
+            Some(Box::new(names)),
         )
     });
     let (handle, owner) = actor::spawn(
@@ -143,7 +156,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     ));
 
     let trigger = Arc::new(Notify::new());
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
     let pods = watcher(
         Api::<Pod>::all(client.clone()),
@@ -158,13 +170,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     .default_backoff()
     .reflect(ns_writer);
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "imdsguard".into(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
     let node_ref = Node {
         metadata: kube::api::ObjectMeta {
             name: Some(args.node_name.clone()),

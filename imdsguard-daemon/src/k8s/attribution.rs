@@ -1,7 +1,7 @@
 //! Who a denied cgroup belongs to: namespace/pod/container, from the cgroup
 //! path (kubelet's naming) and the pod store. Denials become structured log
 //! lines and, at most once a minute per pod and destination, a Kubernetes
-//! Event on the pod.
+//! Event on the pod; so do revoked connections.
 
 use std::{
     collections::HashMap,
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     Resource as _,
     runtime::{
@@ -23,6 +23,7 @@ use super::pod_cgroup::{container_id_of, parse_pod_dir};
 use crate::{
     cgroup::paths_of_ids,
     events::{Attribution, Attributor, Decision, Verdict},
+    revoke::sweep::Revoked,
 };
 
 const EVENT_EVERY: Duration = Duration::from_secs(60);
@@ -131,32 +132,9 @@ impl Attributor for PodAttributor {
     }
 
     fn reported(&mut self, d: &Decision, who: &Attribution) {
-        let (Some(recorder), Some(pod_name)) = (self.recorder.clone(), who.pod.clone()) else {
+        let Some((recorder, reference)) = self.event_target(who, &d.destination.to_string()) else {
             return;
         };
-        let key = (pod_name.clone(), d.destination.to_string());
-        let now = Instant::now();
-        if self
-            .last_event
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < EVENT_EVERY)
-        {
-            return;
-        }
-        if self.last_event.len() > 10_000 {
-            self.last_event
-                .retain(|_, t| now.duration_since(*t) < EVENT_EVERY);
-        }
-        self.last_event.insert(key, now);
-        let Some((ns, name)) = pod_name.split_once('/') else {
-            return;
-        };
-        let Some(pod) = self.pods.state().into_iter().find(|p| {
-            p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
-        }) else {
-            return;
-        };
-        let reference = pod.object_ref(&());
         let what = if d.hook == "sock_create" {
             "raw socket".to_string()
         } else {
@@ -200,12 +178,65 @@ impl Attributor for PodAttributor {
             action: "Connect".into(),
             secondary: None,
         };
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                debug!(error = %e, "could not publish the pod event");
-            }
-        });
+        publish(recorder, event, reference);
     }
+
+    fn revoked(&mut self, r: &Revoked, who: &Attribution) {
+        let key = format!("revoked {}", r.destination);
+        let Some((recorder, reference)) = self.event_target(who, &key) else {
+            return;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "MetadataConnectionRevoked".into(),
+            note: Some(format!(
+                "open {} connection to {} closed by imdsguard: the pod is no longer allowed",
+                r.transport, r.destination
+            )),
+            action: "Revoke".into(),
+            secondary: None,
+        };
+        publish(recorder, event, reference);
+    }
+}
+
+impl PodAttributor {
+    /// The recorder and the pod to put an Event on, at most once per
+    /// `EVENT_EVERY` for each (pod, key).
+    fn event_target(
+        &mut self,
+        who: &Attribution,
+        key: &str,
+    ) -> Option<(Recorder, ObjectReference)> {
+        let (recorder, pod_name) = (self.recorder.clone()?, who.pod.clone()?);
+        let key = (pod_name.clone(), key.to_string());
+        let now = Instant::now();
+        if self
+            .last_event
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < EVENT_EVERY)
+        {
+            return None;
+        }
+        if self.last_event.len() > 10_000 {
+            self.last_event
+                .retain(|_, t| now.duration_since(*t) < EVENT_EVERY);
+        }
+        self.last_event.insert(key, now);
+        let (ns, name) = pod_name.split_once('/')?;
+        let pod = self.pods.state().into_iter().find(|p| {
+            p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
+        })?;
+        Some((recorder, pod.object_ref(&())))
+    }
+}
+
+fn publish(recorder: Recorder, event: Event, reference: ObjectReference) {
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            debug!(error = %e, "could not publish the pod event");
+        }
+    });
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::sweep::{self, Policy};
-use crate::{cgroup::CgroupDir, metrics::Metrics};
+use crate::{cgroup::CgroupDir, events::Attributor, metrics::Metrics};
 
 /// Cheap to clone; sends the latest policy to the revoker.
 #[derive(Clone)]
@@ -34,9 +34,12 @@ pub struct Settings {
     pub resweep: Duration,
 }
 
+/// `attributor` names the pod (and puts an Event on it, in Kubernetes mode)
+/// for each revoked connection.
 pub fn spawn(
     settings: Settings,
     metrics: Option<Arc<Metrics>>,
+    mut attributor: Option<Box<dyn Attributor>>,
 ) -> (Revoker, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = watch::channel::<Option<Arc<Policy>>>(None);
     let task = tokio::spawn(async move {
@@ -62,8 +65,19 @@ pub fn spawn(
                 }
             };
             for r in &report.revoked {
+                let who = attributor
+                    .as_mut()
+                    .map(|a| {
+                        let who = a.attribute(r.cgroup_id);
+                        a.revoked(r, &who);
+                        who
+                    })
+                    .unwrap_or_default();
                 info!(
                     cgroup_id = r.cgroup_id,
+                    cgroup = %who.cgroup,
+                    pod = who.pod.as_deref(),
+                    container = who.container.as_deref(),
                     transport = %r.transport,
                     source = %r.source,
                     destination = %r.destination,

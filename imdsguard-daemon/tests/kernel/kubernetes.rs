@@ -195,8 +195,21 @@ fn node_agent_follows_labels_policy_and_outages() {
     d.wait_for(Duration::from_secs(10), |v| {
         v["message"] == "revoked a connection to a protected destination"
             && v["cgroup_id"].as_u64() == Some(prod.id())
+            && v["pod"] == "imds/prod-1"
     })
-    .expect("revocation logged");
+    .expect("revocation logged with the pod's name");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .events("imds")
+        .iter()
+        .any(|(reason, _, name)| reason == "MetadataConnectionRevoked" && name == "prod-1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no MetadataConnectionRevoked event on imds/prod-1"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let m = http_get(&addr, "/metrics");
     assert!(m.contains("imdsguard_connections_revoked_total 1"), "{m}");
     assert!(kept.still_holding(), "imds/prod-2 is still allowed");
