@@ -88,6 +88,34 @@ pub struct DiagSocket {
     id: SockId,
 }
 
+#[cfg(test)]
+impl DiagSocket {
+    /// A socket as a dump would describe it, for tests of what to revoke.
+    pub(crate) fn for_tests(
+        transport: Transport,
+        src: SocketAddr,
+        dst: SocketAddr,
+        cgroup_id: Option<u64>,
+    ) -> Self {
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        Self {
+            transport,
+            family: family as u8,
+            state: 1,
+            src,
+            dst,
+            cgroup_id,
+            inode: 0,
+            uid: 0,
+            id: SockId::default(),
+        }
+    }
+}
+
 /// What [`SockDiag::destroy`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Destroyed {

@@ -257,3 +257,94 @@ fn sweep_here(tree: &Tree, policy: &Policy) -> io::Result<Swept> {
     }
     Ok((examined, revoked, errors))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destinations;
+
+    /// root(1) -> pod(2) -> ctr(3); root -> other(4)
+    fn tree() -> Tree {
+        Tree {
+            root: 1,
+            parent: HashMap::from([(2, 1), (3, 2), (4, 1)]),
+        }
+    }
+
+    fn policy(allowed: &[(u64, u32)], mode: Mode) -> Policy {
+        Policy {
+            allowed: allowed
+                .iter()
+                .map(|&(id, action)| (id, AllowTarget { level: 0, action }))
+                .collect(),
+            mode,
+            destinations: destinations::compile(&destinations::defaults()).unwrap(),
+        }
+    }
+
+    fn socket(transport: Transport, dst: &str, cgroup_id: Option<u64>) -> DiagSocket {
+        DiagSocket::for_tests(
+            transport,
+            "10.0.0.1:40000".parse().unwrap(),
+            dst.parse().unwrap(),
+            cgroup_id,
+        )
+    }
+
+    #[test]
+    fn the_deepest_entry_on_the_owners_path_decides() {
+        let t = tree();
+        let p = policy(&[(2, action::ALLOW), (3, action::ENFORCE)], Mode::Enforce);
+        assert_eq!(t.action_of(2, &p), Some(action::ALLOW));
+        assert_eq!(t.action_of(3, &p), Some(action::ENFORCE));
+        assert_eq!(t.action_of(4, &p), Some(action::ENFORCE));
+        assert_eq!(t.action_of(1, &p), Some(action::ENFORCE));
+        // Not below the judged root: a host process's socket.
+        assert_eq!(t.action_of(99, &p), None);
+        let audit = policy(&[], Mode::Audit);
+        assert_eq!(t.action_of(4, &audit), Some(action::AUDIT));
+    }
+
+    #[test]
+    fn only_enforced_owners_of_protected_connections_lose_them() {
+        let t = tree();
+        let p = policy(&[(2, action::ALLOW)], Mode::Enforce);
+        let imds = "169.254.169.254:80";
+        assert!(must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &p));
+        assert!(must_go(&socket(Transport::Udp, imds, Some(4)), &t, &p));
+        assert!(must_go(
+            &socket(Transport::Tcp, "[::ffff:169.254.169.254]:80", Some(4)),
+            &t,
+            &p
+        ));
+        assert!(must_go(
+            &socket(Transport::Tcp, "[fd00:ec2::254]:443", Some(4)),
+            &t,
+            &p
+        ));
+        // Allowed owners (and their children), unknown and outside owners.
+        assert!(!must_go(&socket(Transport::Tcp, imds, Some(2)), &t, &p));
+        assert!(!must_go(&socket(Transport::Tcp, imds, Some(3)), &t, &p));
+        assert!(!must_go(&socket(Transport::Tcp, imds, Some(99)), &t, &p));
+        assert!(!must_go(&socket(Transport::Tcp, imds, None), &t, &p));
+        // Unprotected destinations and ports; unconnected UDP.
+        assert!(!must_go(
+            &socket(Transport::Tcp, "169.254.169.254:53", Some(4)),
+            &t,
+            &p
+        ));
+        assert!(!must_go(
+            &socket(Transport::Tcp, "10.1.1.1:80", Some(4)),
+            &t,
+            &p
+        ));
+        assert!(!must_go(
+            &socket(Transport::Udp, "0.0.0.0:0", Some(4)),
+            &t,
+            &p
+        ));
+        // Audit never revokes.
+        let audit = policy(&[], Mode::Audit);
+        assert!(!must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &audit));
+    }
+}
