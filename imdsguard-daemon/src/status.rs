@@ -5,7 +5,8 @@ use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, action, map_names,
+    AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, Scope, action,
+    map_names, scope_flag,
 };
 use serde::Serialize;
 
@@ -58,11 +59,23 @@ pub struct PolicySummary {
     pub rules: Vec<String>,
 }
 
+/// Who is judged when the programs sit above the judged subtree
+/// (`--attach-at`), and whether socket creators are recorded.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScopeStatus {
+    /// The judged subtree's cgroup id; None when everything below the
+    /// attach point is judged.
+    pub judged_root_id: Option<u64>,
+    pub judged_root: Option<PathBuf>,
+    pub records_socket_creators: bool,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     pub policy: Option<PolicySummary>,
     pub pin_dir: PathBuf,
     pub default_action: &'static str,
+    pub scope: ScopeStatus,
     pub links: Vec<LinkStatus>,
     pub protected: Vec<ProtectedStatus>,
     pub allowed: Vec<AllowedStatus>,
@@ -184,14 +197,30 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
 
     let counters = read_counters(&open_pinned(pins, map_names::COUNTERS)?)?;
 
+    // An installation from before the scope map has none: all judged.
+    let name = map_names::SCOPE;
+    let raw_scope = match open_pinned(pins, name) {
+        Ok(map) => Array::<_, Scope>::try_from(map)
+            .and_then(|a| a.get(&0, 0))
+            .map_err(|source| Error::Map { name, source })?,
+        Err(_) => Scope::default(),
+    };
+    let mut scope = ScopeStatus {
+        judged_root_id: (raw_scope.cgroup_id != 0).then_some(raw_scope.cgroup_id),
+        judged_root: None,
+        records_socket_creators: raw_scope.flags & scope_flag::RECORD_CREATORS != 0,
+    };
+
     // Resolve cgroup ids to paths in one walk of the hierarchy.
     if let Ok(mount) = primary_cgroup2_mount() {
         let ids: Vec<u64> = links
             .iter()
             .map(|l| l.cgroup_id)
             .chain(allowed.iter().map(|a| a.cgroup_id))
+            .chain(scope.judged_root_id)
             .collect();
         let paths = paths_of_ids(&mount.mount_point, &ids);
+        scope.judged_root = scope.judged_root_id.and_then(|id| paths.get(&id).cloned());
         for l in &mut links {
             l.cgroup = paths.get(&l.cgroup_id).cloned();
             let attach = Hook::ALL
@@ -218,6 +247,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         policy: None,
         pin_dir: pins.dir.clone(),
         default_action,
+        scope,
         links,
         protected: protected.into_iter().map(|(_, s)| s).collect(),
         allowed,
@@ -236,9 +266,20 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "imdsguard installation at {}", s.pin_dir.display());
     let _ = writeln!(
         o,
-        "default for cgroups without an entry: {}\n",
+        "default for cgroups without an entry: {}",
         s.default_action
     );
+    if let Some(id) = s.scope.judged_root_id {
+        let _ = writeln!(
+            o,
+            "attached above the judged subtree: only {} (id {id}) is judged",
+            path_or_unknown(&s.scope.judged_root)
+        );
+    }
+    if s.scope.records_socket_creators {
+        let _ = writeln!(o, "socket creators: recorded and judged too");
+    }
+    let _ = writeln!(o);
     let _ = writeln!(
         o,
         "{:<12} {:>6} {:>6}  {:<16} {:<9} CGROUP",

@@ -180,6 +180,7 @@ fn host_sockets_are_judged_when_attached_above_the_pods() {
     for link in st["links"].as_array().unwrap() {
         assert_eq!(link["cgroup_id"], lab.root().id(), "{link}");
     }
+    assert_eq!(st["scope"]["judged_root_id"], pods.id(), "{st}");
     // The host's socket is judged on the pod that uses it...
     assert_handoff(
         hand_off(&lab, Some(&host), &test, IMDS, "tcp"),
