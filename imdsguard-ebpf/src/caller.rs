@@ -42,9 +42,12 @@ pub struct CallerAction {
 /// Applies the verdict to `subject`: allow silently, allow and report
 /// (audit), or deny and report. Counts every outcome.
 ///
-/// With `socket`, the socket's creator is judged too (see `identity`) and
-/// the stricter action wins. The creator's record is only read when the
-/// caller alone would not be denied, so a denied caller pays nothing more.
+/// With `socket`, and creators recorded (`--judge-socket-creators`), the
+/// socket's creator is judged too (see `identity`) and the stricter action
+/// wins. The record is only read when the caller alone would not be
+/// denied, so a denied caller pays nothing more; without the option no
+/// record is read at all (records left from an earlier run with it are
+/// ignored, as the operator asked).
 #[inline(always)]
 pub fn judge(subject: &Subject, socket: Option<&SockAddrContext>) -> i32 {
     let caller = caller_action();
@@ -55,6 +58,7 @@ pub fn judge(subject: &Subject, socket: Option<&SockAddrContext>) -> i32 {
     let mut cause = cause::CALLER;
     if let Some(ctx) = socket
         && severity(act) < severity(action::ENFORCE)
+        && identity::recording()
         && let Some(creator) = identity::creator_action(ctx)
         && severity(creator) > severity(act)
     {
