@@ -465,7 +465,10 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 /// past the hook.
 ///
 /// Then each capability is dropped in turn, and the profile's bpf rule: the
-/// agent must fail to load every time. A capability that turns out not to
+/// agent must fail to load every time. Last, revocation: with the
+/// all-features capabilities the sweep must enter a network namespace
+/// bind-mounted where `--netns-dir` points, and with the shipped ones it
+/// must report that it cannot. A capability that turns out not to
 /// be needed fails the check, so the manifests never grant more than this
 /// kernel asks for.
 fn container_check(binary: &Path) -> anyhow::Result<()> {
@@ -498,6 +501,15 @@ fn container_check(binary: &Path) -> anyhow::Result<()> {
             })?;
     }
     lab.expect_refused("seccomp profile without bpf(2)", &shipped, &without_bpf)?;
+    // Revocation, as the chart's `revocation.enabled` runs it: with the
+    // all-features capabilities the agent's sweep enters a network
+    // namespace bind-mounted in --netns-dir (setns is allowed by the
+    // profile for network namespaces only); without SYS_ADMIN it cannot.
+    let all = fs::read_to_string(deploy_dir().join("helm-all-features.yaml"))
+        .context("read the all-features rendering")?;
+    let revoking = cap_names(&rendered_capabilities(&all)?);
+    lab.expect_sweep("all-features capabilities", &revoking, &profile, true)?;
+    lab.expect_sweep("shipped capabilities", &shipped, &profile, false)?;
     let kernel = output(Command::new("uname").arg("-r"))?;
     eprintln!(
         "xtask: container check passed on Linux {}: the agent needs exactly {} and bpf(2) in its seccomp profile",
@@ -558,6 +570,8 @@ struct ContainerLab {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Run {
     Agent,
+    /// The agent with revocation sweeping the bind-mounted namespaces.
+    Revoking,
     Uninstall,
 }
 
@@ -581,7 +595,15 @@ impl ContainerLab {
         };
         lab.cleanup();
         let rootfs = lab.dir.join("bundle/rootfs");
-        for d in ["usr/local/bin", "proc", "sys", "dev", "etc", "tmp"] {
+        for d in [
+            "usr/local/bin",
+            "proc",
+            "sys",
+            "dev",
+            "etc",
+            "tmp",
+            "var/run/netns",
+        ] {
             fs::create_dir_all(rootfs.join(d))?;
         }
         fs::copy(binary, rootfs.join("usr/local/bin/imdsguard"))
@@ -601,6 +623,73 @@ impl ContainerLab {
 
     fn pods(&self) -> PathBuf {
         self.root.join("pods")
+    }
+
+    /// Where the check's network namespace is bind-mounted, as a runtime
+    /// keeps pod namespaces in /var/run/netns.
+    fn netns_dir(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+
+    /// Runs the agent with revocation and reads its sweep report: with
+    /// `can_enter`, the sweep must have entered the bind-mounted namespace
+    /// without error; otherwise it must report that it could not.
+    fn expect_sweep(
+        &self,
+        case: &str,
+        caps: &[String],
+        seccomp: &str,
+        can_enter: bool,
+    ) -> anyhow::Result<()> {
+        let dir = self.netns_dir();
+        let ns = dir.join("check");
+        if !ns.exists() {
+            // A persistent namespace needs a bind mount on a private mount.
+            fs::create_dir_all(&dir)?;
+            status(Command::new("mount").arg("--bind").arg(&dir).arg(&dir))?;
+            status(Command::new("mount").arg("--make-private").arg(&dir))?;
+            fs::write(&ns, "")?;
+            status(
+                Command::new("unshare")
+                    .arg(format!("--net={}", ns.display()))
+                    .arg("true"),
+            )?;
+        }
+        let mut child = self.start(Run::Revoking, caps, seccomp)?;
+        let attached = self.wait_attached(&mut child);
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        let (done, failed) = loop {
+            let log = self.log();
+            let done = log
+                .lines()
+                .any(|l| l.contains("revocation sweep done") && l.contains("namespaces=2"));
+            let failed = log.contains("revocation sweep could not do everything");
+            if done || Instant::now() > deadline || child.try_wait()?.is_some() {
+                break (done, failed);
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        self.stop(&mut child);
+        if !attached? {
+            bail!(
+                "container check, revocation with {case}: the agent did not attach:\n{}",
+                self.log()
+            );
+        }
+        match (can_enter, done, failed) {
+            (true, true, false) => eprintln!(
+                "xtask: container check, revocation with {case}: swept its own and the bind-mounted namespace"
+            ),
+            (false, true, true) => eprintln!(
+                "xtask: container check, revocation with {case}: could not enter the namespace, as expected"
+            ),
+            _ => bail!(
+                "container check, revocation with {case}: want the sweep to {}enter the namespace; log:\n{}",
+                if can_enter { "" } else { "fail to " },
+                self.log()
+            ),
+        }
+        Ok(())
     }
 
     fn expect_attach(&self, case: &str, caps: &[String], seccomp: &str) -> anyhow::Result<()> {
@@ -697,7 +786,7 @@ impl ContainerLab {
     }
 
     fn start(&self, run: Run, caps: &[String], seccomp: &str) -> anyhow::Result<Child> {
-        if run == Run::Agent {
+        if run != Run::Uninstall {
             // A clean slate: no pins from the previous case.
             let _ = Command::new(&self.binary)
                 .arg("uninstall")
@@ -790,18 +879,32 @@ impl ContainerLab {
         let path = |p: &Path| quote(&p.to_string_lossy());
         let caps = caps.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
         let (args, cgroup_mount) = match run {
-            Run::Agent => (
-                format!(
+            Run::Agent | Run::Revoking => {
+                let agent = format!(
                     r#""run", "--cgroup-root", {}, "--allow-cgroup", {}, "--pin-dir", "/sys/fs/bpf/imdsguard""#,
                     path(&self.pods()),
                     path(&self.pods().join("allowed"))
-                ),
-                r#"
-    {"destination": "/sys/fs/cgroup", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro", "rprivate"]},"#,
-            ),
+                );
+                let cgroup = r#"
+    {"destination": "/sys/fs/cgroup", "type": "bind", "source": "/sys/fs/cgroup", "options": ["rbind", "ro", "rprivate"]},"#;
+                if run == Run::Agent {
+                    (agent, cgroup.to_owned())
+                } else {
+                    (
+                        format!(
+                            r#"{agent}, "--netns-dir", "/var/run/netns", "--log-level", "debug""#
+                        ),
+                        format!(
+                            r#"{cgroup}
+    {{"destination": "/var/run/netns", "type": "bind", "source": {}, "options": ["rbind", "ro", "rslave"]}},"#,
+                            path(&self.netns_dir())
+                        ),
+                    )
+                }
+            }
             Run::Uninstall => (
                 r#""uninstall", "--pin-dir", "/sys/fs/bpf/imdsguard""#.to_owned(),
-                "",
+                String::new(),
             ),
         };
         format!(
@@ -850,6 +953,9 @@ impl ContainerLab {
                 .output();
         }
         let _ = Command::new("umount").arg(&self.bpffs).output();
+        let netns = self.netns_dir();
+        let _ = Command::new("umount").arg(netns.join("check")).output();
+        let _ = Command::new("umount").arg(&netns).output();
         for c in ["pods/allowed", "pods/denied", "pods", ""] {
             let _ = fs::remove_dir(self.root.join(c));
         }
