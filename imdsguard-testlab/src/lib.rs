@@ -22,6 +22,7 @@ pub mod netns;
 pub mod noop;
 pub mod probe;
 pub mod scratch;
+pub mod stats;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -183,13 +183,3 @@ fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
         .with_context(|| format!("program {id} is not loaded"))?;
     Ok((info.run_time().as_nanos() as u64, info.run_count()))
 }
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
-}

@@ -56,6 +56,7 @@ use imdsguard_testlab::{
     lab::Lab,
     netns::NetNs,
     probe::{self, LoopReport, Outcome},
+    stats::{median, min_max, ratio_cell},
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::PostParams};
@@ -747,12 +748,7 @@ fn flood(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<String> {
                 .zip(&quiet.workers)
                 .map(|(r, q)| r / median(q.iter().map(f).collect()))
                 .collect();
-            format!(
-                "{med:.0} ns, {:.3} [{:.3}..{:.3}]",
-                median(ratios.clone()),
-                min(&ratios),
-                max(&ratios)
-            )
+            ratio_cell(med, &ratios)
         };
         let _ = writeln!(
             out,
@@ -1079,12 +1075,7 @@ fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
                 return format!("{med:.0} ns");
             }
             let ratios: Vec<f64> = runs.iter().zip(base).map(|(r, b)| f(r) / f(b)).collect();
-            format!(
-                "{med:.0} ns, {:.3} [{:.3}..{:.3}]",
-                median(ratios.clone()),
-                min(&ratios),
-                max(&ratios)
-            )
+            ratio_cell(med, &ratios)
         };
         let _ = writeln!(
             out,
@@ -1425,29 +1416,12 @@ fn parse_timestamp(s: &str) -> Option<SystemTime> {
 
 // ------------------------------------------------------------------ stats
 
+fn max(v: &[f64]) -> f64 {
+    min_max(v).1
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::max)
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::min)
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use imdsguard_testlab::{
     noop,
 };
 
-use super::{Bench, Hooks, Pods, median, min_max};
+use imdsguard_testlab::stats::{median, ratio_cell};
+
+use super::{Bench, Hooks, Pods};
 
 /// What is attached to the lab root during an arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -188,11 +190,7 @@ fn cell(runs: &[Timings], floor: Option<&[Timings]>, w: Workload) -> String {
         return format!("{med:.0} ns");
     };
     let ratios: Vec<f64> = runs.iter().zip(floor).map(|(r, b)| ns(r) / ns(b)).collect();
-    let (lo, hi) = min_max(&ratios);
-    format!(
-        "{med:.0} ns, {:.3} [{lo:.3}..{hi:.3}]",
-        median(ratios.clone())
-    )
+    ratio_cell(med, &ratios)
 }
 
 /// The connect/sendmsg workloads (TCP connect+close includes its socket()).

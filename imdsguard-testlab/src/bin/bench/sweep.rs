@@ -17,7 +17,9 @@ use imdsguard::{
 };
 use imdsguard_testlab::{bench::Holding, cgroups::TestCgroup, netns::NetNs};
 
-use super::{Bench, median, min_max};
+use imdsguard_testlab::stats::{median, min_max};
+
+use super::Bench;
 
 /// A connection holder; dropping it kills and reaps the process (its
 /// cgroup's guard would kill it too, and it dies with us regardless).
