@@ -115,11 +115,8 @@ pub struct AllowEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketOwner {
-    /// The creating task's cgroup id.
-    pub cgroup_id: u64,
     /// One of [`action`]: the creator's action when socket() ran.
     pub action: u32,
-    pub _pad: u32,
 }
 
 /// Single entry (index 0) of the scope array: which callers are judged
@@ -260,7 +257,7 @@ mod tests {
         assert_eq!(size_of::<AllowEntry>(), 8);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 6 * 4);
-        assert_eq!(size_of::<SocketOwner>(), 16);
+        assert_eq!(size_of::<SocketOwner>(), 4);
         assert_eq!(size_of::<Scope>(), 16);
     }
 

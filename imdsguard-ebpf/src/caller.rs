@@ -7,7 +7,8 @@ use aya_ebpf::helpers::{
 };
 use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{
-    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, action, cause, counter, verdict,
+    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, Scope, action, cause, counter,
+    scope_flag, verdict,
 };
 
 use crate::{
@@ -39,18 +40,38 @@ pub struct CallerAction {
     pub judged: bool,
 }
 
+/// The scope entry (who is judged, whether creators are recorded), read
+/// once per program run and handed to what needs it.
+#[inline(always)]
+pub fn scope() -> Scope {
+    SCOPE.get(0).copied().unwrap_or_default()
+}
+
+/// Whether sock_create records creators (`--judge-socket-creators`).
+#[inline(always)]
+pub fn records_creators(scope: &Scope) -> bool {
+    scope.flags & scope_flag::RECORD_CREATORS != 0
+}
+
+/// connect/sendmsg: judges the caller and, when creators are recorded, the
+/// socket's creator (see `verdict`).
+#[inline(always)]
+pub fn judge(subject: &Subject, socket: &SockAddrContext) -> i32 {
+    let scope = scope();
+    let socket = records_creators(&scope).then_some(socket);
+    verdict(subject, caller_action(&scope), socket)
+}
+
 /// Applies the verdict to `subject`: allow silently, allow and report
 /// (audit), or deny and report. Counts every outcome.
 ///
-/// With `socket`, and creators recorded (`--judge-socket-creators`), the
-/// socket's creator is judged too (see `identity`) and the stricter action
-/// wins. The record is only read when the caller alone would not be
-/// denied, so a denied caller pays nothing more; without the option no
-/// record is read at all (records left from an earlier run with it are
-/// ignored, as the operator asked).
+/// With `socket`, the socket's creator is judged too (see `identity`) and
+/// the stricter action wins. The record is only read when the caller alone
+/// would not be denied, so a denied caller pays nothing more. Without
+/// `--judge-socket-creators` no record is read at all (records left from an
+/// earlier run with it are ignored, as the operator asked).
 #[inline(always)]
-pub fn judge(subject: &Subject, socket: Option<&SockAddrContext>) -> i32 {
-    let caller = caller_action();
+pub fn verdict(subject: &Subject, caller: CallerAction, socket: Option<&SockAddrContext>) -> i32 {
     if !caller.judged {
         return PROCEED;
     }
@@ -58,7 +79,6 @@ pub fn judge(subject: &Subject, socket: Option<&SockAddrContext>) -> i32 {
     let mut cause = cause::CALLER;
     if let Some(ctx) = socket
         && severity(act) < severity(action::ENFORCE)
-        && identity::recording()
         && let Some(creator) = identity::creator_action(ctx)
         && severity(creator) > severity(act)
     {
@@ -102,12 +122,10 @@ fn severity(act: u32) -> u32 {
 /// bounded by `MAX_LEVEL_SPAN` for the verifier. A level deeper than the
 /// caller's own cgroup yields id 0 and is skipped.
 #[inline(always)]
-pub fn caller_action() -> CallerAction {
+pub fn caller_action(scope: &Scope) -> CallerAction {
     // The scope first: with the programs on the hierarchy root, a host
     // process must never depend on the rest of our state.
-    if let Some(scope) = SCOPE.get(0)
-        && scope.cgroup_id != 0
-    {
+    if scope.cgroup_id != 0 {
         // SAFETY: helper call with a scalar argument.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32) };
         if id != scope.cgroup_id {

@@ -41,7 +41,7 @@ pub fn protected_destination(ctx: &SockAddrContext, hook: u32, addr: AddrKey, fo
             proto,
             form,
         },
-        Some(ctx),
+        ctx,
     )
 }
 

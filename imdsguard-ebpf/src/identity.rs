@@ -25,26 +25,18 @@
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     btf_maps::SkStorage,
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_sk_storage_get},
+    helpers::generated::bpf_sk_storage_get,
     macros::btf_map,
     programs::{SockAddrContext, SockContext},
 };
-use imdsguard_common::{SocketOwner, action, scope_flag};
+use imdsguard_common::{SocketOwner, action};
 
-use crate::{caller::CallerAction, maps::SCOPE};
+use crate::caller::CallerAction;
 
 /// A BTF-defined map: the kernel requires BTF key and value types for
 /// socket-local storage, which the legacy `maps` section cannot carry.
 #[btf_map(name = "IMDSG_SOCKET_OWNER")]
 static SOCKET_OWNER: SkStorage<SocketOwner> = SkStorage::new();
-
-/// Whether sock_create should record creators at all.
-#[inline(always)]
-pub fn recording() -> bool {
-    SCOPE
-        .get(0)
-        .is_some_and(|s| s.flags & scope_flag::RECORD_CREATORS != 0)
-}
 
 /// sock_create: stamps the new socket when its creator is not allowed.
 #[inline(always)]
@@ -55,10 +47,7 @@ pub fn stamp(ctx: &SockContext, creator: CallerAction) {
         return;
     }
     let mut owner = SocketOwner {
-        // SAFETY: helper call without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         action: creator.action,
-        _pad: 0,
     };
     // SAFETY: for a cgroup sock program the context is the socket itself
     // (the kernel's bpf_sk_storage_get_cg_sock_proto takes PTR_TO_CTX), and

@@ -45,8 +45,9 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 /// `--judge-socket-creators`.
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
-    if identity::recording() {
-        identity::stamp(&ctx, caller::caller_action());
+    let scope = caller::scope();
+    if caller::records_creators(&scope) {
+        identity::stamp(&ctx, caller::caller_action(&scope));
     }
     caller::PROCEED
 }

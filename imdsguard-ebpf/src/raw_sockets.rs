@@ -24,26 +24,32 @@ const SOCK_RAW: u32 = 3;
 #[inline(always)]
 pub fn sock_create(ctx: &SockContext) -> i32 {
     // SAFETY: a context field load, rewritten by the verifier.
-    let sock_type = unsafe { (*ctx.sock).type_ };
-    if sock_type == SOCK_RAW {
+    let raw = unsafe { (*ctx.sock).type_ } == SOCK_RAW;
+    let scope = caller::scope();
+    let records = caller::records_creators(&scope);
+    // Cheapest test first: nearly every socket is a stream or datagram one,
+    // and without creator records that is all they pay.
+    if !raw && !records {
+        return PROCEED;
+    }
+    let who = caller::caller_action(&scope);
+    if raw {
         // A raw socket has no destination yet: the event says which hook,
         // who, and nothing else. Its creator is the caller.
-        let verdict = caller::judge(
-            &Subject {
-                hook: hook::SOCK_CREATE,
-                addr: [0; 4],
-                port: 0,
-                proto: PROTO_ANY,
-                form: addr_form::PLAIN,
-            },
-            None,
-        );
+        let subject = Subject {
+            hook: hook::SOCK_CREATE,
+            addr: [0; 4],
+            port: 0,
+            proto: PROTO_ANY,
+            form: addr_form::PLAIN,
+        };
+        let verdict = caller::verdict(&subject, who, None);
         if verdict != PROCEED {
             return verdict;
         }
     }
-    if identity::recording() {
-        identity::stamp(ctx, caller::caller_action());
+    if records {
+        identity::stamp(ctx, who);
     }
     PROCEED
 }
