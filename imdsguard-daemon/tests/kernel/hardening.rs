@@ -288,11 +288,7 @@ fn mptcp_is_judged() {
     for target in stream_targets(8262) {
         for kind in ["mptcp", "mptcp-fastopen-sendto"] {
             assert_eperm(&lab, Some(&test), kind, &target);
-            let ok = probe(&lab, Some(&prod), kind, &target);
-            assert!(
-                matches!(&ok, Outcome::Reached { detail } if detail.ends_with(", mptcp")),
-                "{kind} {target} from the allowed pod should be a real MPTCP connection, got {ok:?}"
-            );
+            assert_reached_over_mptcp(&lab, &prod, kind, &target);
         }
     }
     assert_eq!(denied_count(&lab) - before, 6, "one denial per attempt");

@@ -116,7 +116,7 @@ fn passed_sockets_are_judged_on_creator_and_caller() {
     // Sockets the kernel creates for the allowed pod carry no record and
     // are not denied: MPTCP's connect() runs the hook on its first subflow.
     assert_reached(&lab, Some(&prod), "http", IMDS);
-    assert_reached(&lab, Some(&prod), "mptcp", "169.254.169.254:8262");
+    assert_reached_over_mptcp(&lab, &prod, "mptcp", "169.254.169.254:8262");
     assert_eperm(&lab, Some(&test), "mptcp", "169.254.169.254:8262");
 }
 

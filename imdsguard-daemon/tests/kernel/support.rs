@@ -5,6 +5,7 @@ use std::{path::Path, time::Duration};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     daemon::{self, Daemon},
+    handoff::Held,
     lab::Lab,
     probe::Outcome,
 };
@@ -161,4 +162,59 @@ pub fn uninstall(lab: &Lab) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Holds a connection from `cg` for `millis` (see `handoff::Held`).
+pub fn hold_for(lab: &Lab, cg: &TestCgroup, target: &str, millis: u64, transport: &str) -> Held {
+    Held::start(lab, cg, target, millis, transport)
+        .unwrap_or_else(|e| panic!("hold {transport} {target}: {e:#}"))
+}
+
+/// Asserts that the connection was aborted by a SOCK_DESTROY: TCP fails
+/// with ECONNABORTED; a UDP socket is disconnected, so its next send()
+/// fails with EDESTADDRREQ unless it was waiting in recv() (ECONNABORTED).
+#[track_caller]
+pub fn assert_revoked(held: Held, what: &str) {
+    let r = held.report(Duration::from_secs(10)).unwrap();
+    let errnos: &[i32] = if what == "udp" {
+        &[libc::ECONNABORTED, libc::EDESTADDRREQ]
+    } else {
+        &[libc::ECONNABORTED]
+    };
+    assert!(
+        r.ended == "error" && r.errno.is_some_and(|e| errnos.contains(&e)),
+        "{what}: {r:?}"
+    );
+    assert!(r.round_trips > 0, "{what}: it worked before: {r:?}");
+}
+
+/// Asserts that a held connection is still up. The probe makes a round trip
+/// every 20 ms and exits when one fails, so waiting 300 ms first lets a
+/// connection that was wrongly closed show.
+#[track_caller]
+pub fn assert_still_holding(held: &mut Held, what: &str) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(held.still_holding(), "{what}: the connection is gone");
+}
+
+/// Waits for the daemon's log line about a revoked connection; returns it.
+pub fn wait_revoked(d: &mut Daemon, cgroup_id: u64, destination: &str) -> Value {
+    d.wait_for(Duration::from_secs(10), |v| {
+        v["message"] == "revoked a connection to a protected destination"
+            && v["cgroup_id"].as_u64() == Some(cgroup_id)
+            && v["destination"].as_str() == Some(destination)
+    })
+    .unwrap_or_else(|e| panic!("no revocation of {destination} for cgroup {cgroup_id}: {e:#}"))
+}
+
+/// Asserts that an MPTCP probe from `cg` made a real MPTCP connection (the
+/// probe says so when the socket did not fall back to TCP).
+#[track_caller]
+pub fn assert_reached_over_mptcp(lab: &Lab, cg: &TestCgroup, kind: &str, target: &str) {
+    let ok = probe(lab, Some(cg), kind, target);
+    assert!(
+        matches!(&ok, Outcome::Reached { detail } if detail.ends_with(", mptcp")),
+        "{kind} {target} from {:?} should be a real MPTCP connection, got {ok:?}",
+        cg.path()
+    );
 }
