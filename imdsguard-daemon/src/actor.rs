@@ -25,17 +25,9 @@ pub struct Observers {
 /// Asks for a revocation sweep after a change that can take an allow away:
 /// the first full allow set, any entry removed or changed, a new default,
 /// or new protected destinations.
-fn revoke_after(
-    revoker: Option<&Revoker>,
-    allowed: &Option<BTreeMap<u64, AllowTarget>>,
-    desired: &Desired,
-) {
-    if let (Some(r), Some(allowed)) = (revoker, allowed) {
-        r.sweep(Policy {
-            allowed: allowed.clone(),
-            mode: desired.mode,
-            destinations: desired.destinations.clone(),
-        });
+fn revoke_after(revoker: Option<&Revoker>, desired: &Desired) {
+    if let (Some(r), Some(policy)) = (revoker, Policy::of(desired)) {
+        r.sweep(policy);
     }
 }
 
@@ -115,9 +107,6 @@ pub fn spawn(
     revoker: Option<Revoker>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
-    // The last allow set written; None until the first full sync, before
-    // which nothing may be revoked.
-    let mut synced: Option<BTreeMap<u64, AllowTarget>> = None;
     let task = tokio::spawn(async move {
         let mut check = tokio::time::interval(check_every);
         loop {
@@ -133,10 +122,12 @@ pub fn spawn(
                                 o.metrics.allow_map_entries.set(allowed.len() as i64);
                             }
                             if let Ok(report) = &r {
-                                let first = synced.is_none();
-                                synced = Some(allowed);
+                                // `desired.allowed` is None until the first
+                                // full sync, before which nothing is revoked.
+                                let first = desired.allowed.is_none();
+                                desired.allowed = Some(allowed);
                                 if first || mode_changed || report.removed > 0 || report.updated > 0 {
-                                    revoke_after(revoker.as_ref(), &synced, &desired);
+                                    revoke_after(revoker.as_ref(), &desired);
                                 }
                             }
                             let _ = reply.send(r);
@@ -148,7 +139,7 @@ pub fn spawn(
                             }
                             desired.destinations = compiled;
                             if matches!(&r, Ok(report) if report.inserted > 0 || report.updated > 0) {
-                                revoke_after(revoker.as_ref(), &synced, &desired);
+                                revoke_after(revoker.as_ref(), &desired);
                             }
                             let _ = reply.send(r);
                         }

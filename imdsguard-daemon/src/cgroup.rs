@@ -174,6 +174,53 @@ pub fn level_of(path: &Path, mounts: &[Cgroup2Mount]) -> Result<u32> {
     Ok((count(&mount.root) + count(below)) as u32)
 }
 
+/// One cgroup found by [`subtree`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubCgroup {
+    pub path: PathBuf,
+    pub id: u64,
+    /// The parent's id; 0 for the walk's root.
+    pub parent: u64,
+}
+
+/// Every cgroup directory from `root` down, root first. `root` must be
+/// readable; cgroups removed while we walk are skipped.
+pub fn subtree(root: &Path) -> std::io::Result<Vec<SubCgroup>> {
+    let at = |op: &str, p: &Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{op} {}: {e}", p.display()))
+    };
+    let id = fs::metadata(root).map_err(|e| at("stat", root, e))?.ino();
+    let mut out = vec![SubCgroup {
+        path: root.to_path_buf(),
+        id,
+        parent: 0,
+    }];
+    let mut next = 0;
+    while next < out.len() {
+        let (dir, parent) = (out[next].path.clone(), out[next].id);
+        next += 1;
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if parent != id && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(at("list", &dir, e)),
+        };
+        for entry in entries.flatten() {
+            // file_type() does not follow symlinks, and cgroupfs has none.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata() {
+                out.push(SubCgroup {
+                    path: entry.path(),
+                    id: meta.ino(),
+                    parent,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Finds the directory of each cgroup id below `root` (for status and
 /// attribution). Stops early once all are found; unreadable entries are
 /// skipped because cgroups come and go while we walk.

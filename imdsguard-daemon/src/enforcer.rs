@@ -245,7 +245,7 @@ impl Enforcer {
 
     /// The hooks this enforcer keeps attached.
     pub fn wanted_hooks(&self) -> Vec<Hook> {
-        Hook::wanted_with(self.attachment.udp, self.attachment.sock_create())
+        Hook::wanted(self.attachment.udp, self.attachment.sock_create())
     }
 
     fn attach_all(&mut self) -> Result<StartReport> {

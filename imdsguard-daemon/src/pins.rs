@@ -64,18 +64,12 @@ impl Hook {
         }
     }
 
-    /// The hooks attached without raw socket denial or creator recording:
-    /// connect always, sendmsg only with UDP enforcement, because any
-    /// attached sendmsg program makes every UDP send on the machine take the
-    /// socket lock for the check.
-    pub fn wanted(udp: bool) -> Vec<Hook> {
-        Self::wanted_with(udp, false)
-    }
-
-    /// [`Hook::wanted`], plus sock_create when raw sockets are denied or
-    /// socket creators recorded: it runs on every socket() below the
-    /// attach point, so it is only there when asked for.
-    pub fn wanted_with(udp: bool, sock_create: bool) -> Vec<Hook> {
+    /// The hooks attached: connect always; sendmsg only with UDP
+    /// enforcement, because any attached sendmsg program makes every UDP
+    /// send on the machine take the socket lock for the check; sock_create
+    /// only when raw sockets are denied or socket creators recorded, as it
+    /// runs on every socket() below the attach point.
+    pub fn wanted(udp: bool, sock_create: bool) -> Vec<Hook> {
         let mut hooks = vec![Hook::Connect4, Hook::Connect6];
         if udp {
             hooks.extend([Hook::Sendmsg4, Hook::Sendmsg6]);

@@ -110,11 +110,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             None,
             Some(Box::new(names)),
         );
-        revoker.sweep(revoke::sweep::Policy {
-            allowed: plan.desired.allowed.clone().unwrap_or_default(),
-            mode: plan.desired.mode,
-            destinations: plan.desired.destinations.clone(),
-        });
+        if let Some(policy) = revoke::sweep::Policy::of(&plan.desired) {
+            revoker.sweep(policy);
+        }
         (revoker, task)
     });
 

@@ -114,9 +114,6 @@ pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> any
     crate::setup::run()?;
     if needs_apiserver {
         crate::kube_apiserver::ensure_built()?;
-        // helm and a kubectl that speaks to the 1.20 test apiserver, for the
-        // deploy/ manifests and chart tests.
-        crate::deploy::prepare()?;
     }
     status(cargo().args([
         "build",

@@ -95,13 +95,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     metrics
         .protected_prefixes
         .set(desired.destinations.entries.len() as i64);
-    let health = Health::new(
-        crate::pins::Hook::wanted_with(
-            args.udp,
-            args.deny_raw_sockets || args.judge_socket_creators,
-        )
-        .len() as u32,
-    );
+    let health = Health::new(enforcer.wanted_hooks().len() as u32);
     let observers = actor::Observers {
         metrics: metrics.clone(),
         health: health.clone(),

@@ -57,26 +57,28 @@ pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<
 ///
 /// Each process counts with its main thread's namespace; a thread that
 /// moved itself elsewhere with setns or unshare is not seen.
+#[cfg(test)]
 pub fn netns_below(root: &Path) -> io::Result<Vec<(u64, File)>> {
-    netns_below_skipping(root, &mut |e| Err(e))
+    let dirs = crate::cgroup::subtree(root)?;
+    netns_of(dirs.iter().map(|c| c.path.as_path()), &mut |e| Err(e))
 }
 
-/// [`netns_below`], but a process whose namespace we may not open (EACCES,
-/// EPERM) goes to `denied` instead of failing the whole walk; `denied`
-/// decides by returning an error or not.
-pub fn netns_below_skipping(
-    root: &Path,
+/// The namespaces of the processes in the cgroup directories `dirs` (each
+/// one's `cgroup.procs`, not below it), one open file per namespace. A
+/// process whose namespace we may not open (EACCES, EPERM) goes to `denied`
+/// instead of failing the whole walk; `denied` decides by returning an
+/// error or not. Cgroups and processes that go away meanwhile are skipped.
+pub fn netns_of<'a>(
+    dirs: impl IntoIterator<Item = &'a Path>,
     denied: &mut dyn FnMut(io::Error) -> io::Result<()>,
 ) -> io::Result<Vec<(u64, File)>> {
     let mut found = Vec::new();
     let mut seen = HashSet::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let is_root = dir == root;
+    for dir in dirs {
         let procs = dir.join("cgroup.procs");
         let pids = match std::fs::read_to_string(&procs) {
             Ok(pids) => pids,
-            Err(e) if !is_root && vanished(&e) => continue,
+            Err(e) if vanished(&e) => continue,
             Err(e) => return Err(at("read", &procs, e)),
         };
         for line in pids.lines() {
@@ -104,25 +106,6 @@ pub fn netns_below_skipping(
             let ino = ns.metadata().map_err(|e| at("stat", &path, e))?.ino();
             if seen.insert(ino) {
                 found.push((ino, ns));
-            }
-        }
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if !is_root && vanished(&e) => continue,
-            Err(e) => return Err(at("list", &dir, e)),
-        };
-        for entry in entries {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) if vanished(&e) => continue,
-                Err(e) => return Err(at("list", &dir, e)),
-            };
-            // file_type() does not follow symlinks, and cgroupfs has none.
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => dirs.push(entry.path()),
-                Ok(_) => {}
-                Err(e) if vanished(&e) => {}
-                Err(e) => return Err(at("stat", &entry.path(), e)),
             }
         }
     }
@@ -308,7 +291,7 @@ pub(crate) mod tests {
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(
             e.to_string()
-                .contains("/nonexistent/imdsguard-test-cgroup/cgroup.procs"),
+                .contains("stat /nonexistent/imdsguard-test-cgroup:"),
             "{e}"
         );
     }

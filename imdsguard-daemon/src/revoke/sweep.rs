@@ -19,13 +19,13 @@ use imdsguard_common::{PROTO_TCP, PROTO_UDP, action};
 use serde::Serialize;
 
 use super::{
-    netns::{in_netns, netns_below_skipping},
+    netns::{in_netns, netns_of},
     sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
 };
 use crate::{
-    cgroup::CgroupDir,
+    cgroup::{CgroupDir, subtree},
     destinations::Compiled,
-    enforcer::{AllowTarget, Mode},
+    enforcer::{AllowTarget, Desired, Mode},
 };
 
 /// What decides: the allow entries, the default, and the protected set.
@@ -36,39 +36,34 @@ pub struct Policy {
     pub destinations: Compiled,
 }
 
-/// The judged subtree as the kernel names it: cgroup id to parent id.
+impl Policy {
+    /// The policy the maps hold, once the allow set is known: None before
+    /// the first full sync, when nothing may be revoked.
+    pub fn of(desired: &Desired) -> Option<Self> {
+        Some(Self {
+            allowed: desired.allowed.clone()?,
+            mode: desired.mode,
+            destinations: desired.destinations.clone(),
+        })
+    }
+}
+
+/// The judged subtree as the kernel names it: cgroup id to parent id, and
+/// the directories (whose processes' namespaces the sweep enters).
 pub struct Tree {
     root: u64,
     parent: HashMap<u64, u64>,
+    dirs: Vec<PathBuf>,
 }
 
 impl Tree {
-    /// Walks `root` on cgroupfs. Directories removed meanwhile are skipped.
+    /// One walk of `root` on cgroupfs.
     pub fn read(root: &CgroupDir) -> io::Result<Self> {
-        let mut parent = HashMap::new();
-        let mut dirs = vec![(root.path.clone(), root.id)];
-        while let Some((dir, id)) = dirs.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if id != root.id && e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("list {}: {e}", dir.display()),
-                    ));
-                }
-            };
-            for entry in entries.flatten() {
-                let Ok(meta) = entry.metadata() else { continue };
-                if meta.is_dir() {
-                    parent.insert(meta.ino(), id);
-                    dirs.push((entry.path(), meta.ino()));
-                }
-            }
-        }
+        let cgroups = subtree(&root.path)?;
         Ok(Self {
             root: root.id,
-            parent,
+            parent: cgroups.iter().skip(1).map(|c| (c.id, c.parent)).collect(),
+            dirs: cgroups.into_iter().map(|c| c.path).collect(),
         })
     }
 
@@ -155,7 +150,7 @@ pub fn sweep(root: &CgroupDir, policy: &Policy, netns_dirs: &[PathBuf]) -> Repor
     }
     let mut denied = 0usize;
     let mut first_denied = None;
-    let below = netns_below_skipping(&root.path, &mut |e| {
+    let below = netns_of(tree.dirs.iter().map(PathBuf::as_path), &mut |e| {
         denied += 1;
         first_denied.get_or_insert(e.to_string());
         Ok(())
@@ -268,6 +263,7 @@ mod tests {
         Tree {
             root: 1,
             parent: HashMap::from([(2, 1), (3, 2), (4, 1)]),
+            dirs: Vec::new(),
         }
     }
 
