@@ -52,11 +52,6 @@ pub fn trials() -> Vec<Trial> {
 
 const IMDS: &str = "169.254.169.254:80";
 
-/// The lab's pods: `prod` is allowed, `test` is not.
-fn pods(lab: &Lab) -> (TestCgroup, TestCgroup) {
-    (lab.cgroup("prod").unwrap(), lab.cgroup("test").unwrap())
-}
-
 fn denied_count(lab: &Lab) -> u64 {
     counter(&status(lab), "denied")
 }
@@ -574,11 +569,6 @@ impl Drop for Attached {
     fn drop(&mut self) {
         let _ = foreign::detach(self.cgroup.as_fd(), self.prog.as_fd(), self.attach_type);
     }
-}
-
-fn programs_on(cg: &TestCgroup, attach_type: u32) -> Vec<u32> {
-    let f = fs::File::open(cg.path()).unwrap();
-    imdsguard::sys::query_cgroup_programs(f.as_fd(), attach_type).unwrap()
 }
 
 fn foreign_allow_all_programs_cannot_override_a_deny() {

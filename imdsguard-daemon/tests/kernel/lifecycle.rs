@@ -122,21 +122,7 @@ fn uninstall_removes_everything() {
     assert_reached(&lab, Some(&test), "tcp", "169.254.169.254:80");
     assert_reached(&lab, Some(&test), "udp-sendto", "169.254.169.254:80");
     // Nothing of ours is left on the cgroup.
-    let root = std::fs::File::open(lab.root().path()).unwrap();
-    for t in [10, 11, 14, 15] {
-        let progs =
-            imdsguard::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&root), t).unwrap();
-        assert!(progs.is_empty(), "attach type {t} still has {progs:?}");
-    }
+    assert_nothing_attached(&lab);
     // A second uninstall is a no-op, not an error.
-    let again = imdsguard_testlab::daemon::command(
-        bin(),
-        &[
-            "uninstall",
-            "--pin-dir",
-            &lab.pin_dir().display().to_string(),
-        ],
-    )
-    .unwrap();
-    assert!(again.status.success());
+    uninstall(&lab);
 }

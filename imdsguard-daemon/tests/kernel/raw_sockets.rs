@@ -75,10 +75,6 @@ const LOOPBACK: &str = "127.0.0.1:0";
 
 const DENY_RAW: &str = "--deny-raw-sockets";
 
-fn pods(lab: &Lab) -> (TestCgroup, TestCgroup) {
-    (lab.cgroup("prod").unwrap(), lab.cgroup("test").unwrap())
-}
-
 fn counters(lab: &Lab) -> (u64, u64, u64) {
     let st = status(lab);
     (
@@ -101,8 +97,7 @@ fn sock_create_program(lab: &Lab) -> String {
 
 /// Programs attached directly to the lab root at BPF_CGROUP_INET_SOCK_CREATE.
 fn sock_create_programs(lab: &Lab) -> Vec<u32> {
-    let root = fs::File::open(lab.root().path()).unwrap();
-    sys::query_cgroup_programs(root.as_fd(), Hook::SockCreate.attach_type()).unwrap()
+    programs_on(lab.root(), Hook::SockCreate.attach_type())
 }
 
 /// The records waiting in the pinned ring buffer, read while no daemon
