@@ -330,6 +330,9 @@ fn recv_fd(unix: &UnixStream) -> std::io::Result<OwnedFd> {
         if libc::recvmsg(unix.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(std::io::Error::other("control message truncated"));
+        }
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         if cmsg.is_null()
             || (*cmsg).cmsg_level != libc::SOL_SOCKET
