@@ -6,8 +6,10 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
-use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, action, map_names};
+use aya::maps::{Array, HashMap, LpmTrie};
+use imdsguard_common::{
+    AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, Scope, action, map_names,
+};
 use serde::Serialize;
 
 use crate::{
@@ -40,11 +42,6 @@ pub struct Explanation {
     pub destinations: Vec<DestinationVerdict>,
 }
 
-fn open(pins: &PinLayout, name: &'static str) -> Result<Map> {
-    let data = MapData::from_pin(pins.map(name)).map_err(|source| Error::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
-}
-
 /// Explains the verdict for processes in `cgroup`, from the pinned maps.
 pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
     if !pins.exists() {
@@ -53,33 +50,52 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         });
     }
     let name = map_names::CONFIG;
-    let config: Config = Array::<_, Config>::try_from(open(pins, name)?)
+    let config: Config = Array::<_, Config>::try_from(pins.open_map(name)?)
         .and_then(|a| a.get(&0, 0))
         .map_err(|source| Error::Map { name, source })?;
     let name = map_names::ALLOWED;
-    let allowed = HashMap::<_, u64, AllowEntry>::try_from(open(pins, name)?)
+    let allowed = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
         .map_err(|source| Error::Map { name, source })?;
+
+    // With the programs attached above the judged subtree, a cgroup
+    // outside it is not judged at all. (An installation from before the
+    // scope map judges everything.)
+    let name = map_names::SCOPE;
+    let scope = match pins.open_map(name) {
+        Ok(map) => Array::<_, Scope>::try_from(map)
+            .and_then(|a| a.get(&0, 0))
+            .map_err(|source| Error::Map { name, source })?,
+        Err(_) => Scope::default(),
+    };
 
     // The kernel walks the caller's ancestors deepest first over the
     // configured level window; do the same over the path.
     let mount = primary_cgroup2_mount()?;
     let mut entry = None;
+    let mut judged = scope.cgroup_id == 0;
     let mut dir = Some(cgroup.path.as_path());
     while let Some(d) = dir {
         if !d.starts_with(&mount.mount_point) {
             break;
         }
         if let Ok(c) = CgroupDir::open(d) {
+            judged |= c.id == scope.cgroup_id;
             let in_window = config.min_level <= c.level && c.level <= config.max_level;
-            if in_window && let Ok(e) = allowed.get(&c.id, 0) {
+            if entry.is_none()
+                && in_window
+                && let Ok(e) = allowed.get(&c.id, 0)
+            {
                 entry = Some((c.path, e.action));
-                break;
             }
         }
         dir = d.parent();
     }
     let configured = config.layout_version == LAYOUT_VERSION;
     let (act, decided_by) = match &entry {
+        _ if !judged => (
+            action::ALLOW,
+            "outside the judged subtree (programs attached above it): not judged".to_string(),
+        ),
         Some((p, a)) => (*a, format!("allow-map entry on {}", p.display())),
         None if configured => (
             config.default_action,
@@ -97,7 +113,7 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
     };
 
     let name = map_names::PROTECTED;
-    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(open(pins, name)?)
+    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
         .map_err(|source| Error::Map { name, source })?;
     let mut destinations: Vec<(Prefix, DestinationVerdict)> = trie
         .iter()
@@ -206,11 +222,7 @@ pub async fn for_pod(
     let cgroup = desired::pod_cgroup(&pod, &uid, &root, &layout);
     let rule = match policy {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(Error::io("read policy", path))?;
-            let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
-                path: path.into(),
-                source: Box::new(source),
-            })?;
+            let (_, policy) = Policy::load(path)?;
             let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
             Some(
                 match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {

@@ -109,4 +109,11 @@ impl PinLayout {
     pub fn exists(&self) -> bool {
         Path::new(&self.maps_dir()).is_dir()
     }
+
+    /// Opens the pinned map `name` (for `status` and `explain`).
+    pub fn open_map(&self, name: &'static str) -> crate::Result<aya::maps::Map> {
+        let err = move |source| crate::Error::Map { name, source };
+        let data = aya::maps::MapData::from_pin(self.map(name)).map_err(err)?;
+        aya::maps::Map::from_map_data(data).map_err(err)
+    }
 }

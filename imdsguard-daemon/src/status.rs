@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use aya::maps::{Array, HashMap, LpmTrie};
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, Scope, action,
     map_names, scope_flag,
@@ -82,11 +82,6 @@ pub struct Status {
     pub counters: Counters,
 }
 
-fn open_pinned(pins: &PinLayout, name: &'static str) -> Result<Map> {
-    let data = MapData::from_pin(pins.map(name)).map_err(|source| Error::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
-}
-
 pub fn action_name(a: u32) -> &'static str {
     match a {
         action::ALLOW => "allow",
@@ -138,7 +133,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     }
 
     let name = map_names::CONFIG;
-    let config: Config = Array::<_, Config>::try_from(open_pinned(pins, name)?)
+    let config: Config = Array::<_, Config>::try_from(pins.open_map(name)?)
         .and_then(|a| a.get(&0, 0))
         .map_err(|source| Error::Map { name, source })?;
     let default_action = if config.layout_version == LAYOUT_VERSION {
@@ -148,7 +143,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     };
 
     let name = map_names::PROTECTED;
-    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(open_pinned(pins, name)?)
+    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
         .map_err(|source| Error::Map { name, source })?;
     let mut protected: Vec<(Prefix, ProtectedStatus)> = trie
         .iter()
@@ -180,7 +175,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     protected.sort_by_key(|(p, _)| *p);
 
     let name = map_names::ALLOWED;
-    let map = HashMap::<_, u64, AllowEntry>::try_from(open_pinned(pins, name)?)
+    let map = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
         .map_err(|source| Error::Map { name, source })?;
     let mut allowed: Vec<AllowedStatus> = map
         .iter()
@@ -195,11 +190,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         .collect();
     allowed.sort_by_key(|a| a.cgroup_id);
 
-    let counters = read_counters(&open_pinned(pins, map_names::COUNTERS)?)?;
+    let counters = read_counters(&pins.open_map(map_names::COUNTERS)?)?;
 
     // An installation from before the scope map has none: all judged.
     let name = map_names::SCOPE;
-    let raw_scope = match open_pinned(pins, name) {
+    let raw_scope = match pins.open_map(name) {
         Ok(map) => Array::<_, Scope>::try_from(map)
             .and_then(|a| a.get(&0, 0))
             .map_err(|source| Error::Map { name, source })?,
@@ -345,11 +340,7 @@ pub fn render(s: &Status) -> String {
 /// Adds the policy file's summary.
 pub fn with_policy(status: &mut Status, path: &std::path::Path) -> Result<()> {
     use crate::k8s::policy::{Access, Policy};
-    let text = fs::read_to_string(path).map_err(Error::io("read policy", path))?;
-    let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
-        path: path.into(),
-        source: Box::new(source),
-    })?;
+    let (_, policy) = Policy::load(path)?;
     status.policy = Some(PolicySummary {
         path: path.into(),
         default_mode: format!("{:?}", policy.default_mode()).to_lowercase(),

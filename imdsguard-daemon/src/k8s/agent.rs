@@ -46,13 +46,7 @@ use crate::{
 };
 
 fn load_policy(args: &NodeArgs) -> Result<(String, Policy)> {
-    let text =
-        std::fs::read_to_string(&args.policy).map_err(Error::io("read policy", &args.policy))?;
-    let policy = Policy::from_yaml(&text).map_err(|source| Error::Policy {
-        path: args.policy.clone(),
-        source: Box::new(source),
-    })?;
-    Ok((text, policy))
+    Policy::load(&args.policy)
 }
 
 fn compile_destinations(policy: &Policy) -> Result<Compiled> {

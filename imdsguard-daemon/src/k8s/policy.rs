@@ -351,6 +351,17 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Reads and parses a policy file; returns its text too. Errors name
+    /// the file.
+    pub fn load(path: &std::path::Path) -> crate::Result<(String, Self)> {
+        let text = std::fs::read_to_string(path).map_err(crate::Error::io("read policy", path))?;
+        let policy = Self::from_yaml(&text).map_err(|source| crate::Error::Policy {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        Ok((text, policy))
+    }
+
     pub fn from_yaml(yaml: &str) -> Result<Self, PolicyError> {
         let spec: PolicySpec =
             serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(yaml))

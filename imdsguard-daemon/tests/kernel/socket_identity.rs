@@ -210,4 +210,39 @@ fn host_sockets_are_judged_when_attached_above_the_pods() {
     // Pods are judged as before.
     assert_reached(&lab, Some(&prod), "http", IMDS);
     assert_eperm(&lab, Some(&test), "http", IMDS);
+    // `explain` says the same of both.
+    let explain = |cg: &TestCgroup| -> serde_json::Value {
+        let pins = lab.pin_dir().display().to_string();
+        let cgroup = path(cg);
+        let args = [
+            "explain",
+            "--cgroup",
+            &cgroup,
+            "--pin-dir",
+            &pins,
+            "-o",
+            "json",
+        ];
+        let out = imdsguard_testlab::daemon::command(bin(), &args).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let host_says = explain(&host);
+    assert_eq!(host_says["action"], "allow", "{host_says}");
+    assert!(
+        host_says["decided_by"]
+            .as_str()
+            .unwrap()
+            .contains("outside the judged subtree"),
+        "{host_says}"
+    );
+    let test_says = explain(&test);
+    assert_eq!(
+        test_says["destinations"][0]["verdict"], "EPERM",
+        "{test_says}"
+    );
 }
