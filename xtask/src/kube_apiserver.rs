@@ -143,7 +143,7 @@ fn installed(package: &str) -> bool {
 fn build(work: &Path) -> anyhow::Result<PathBuf> {
     fetch_source(work)?;
     let orig = work.join(ORIG_TARBALL);
-    let sum = output(Command::new("sha256sum").arg(&orig))?;
+    let sum = crate::test::output(Command::new("sha256sum").arg(&orig))?;
     if sum.split_whitespace().next() != Some(ORIG_SHA256) {
         bail!(
             "{} has sha256 {}, want {ORIG_SHA256}",
@@ -264,16 +264,4 @@ fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

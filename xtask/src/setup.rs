@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 
@@ -64,22 +64,5 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 
 /// iproute2 for the test network namespaces.
 fn ensure_tools() -> anyhow::Result<()> {
-    if Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return Ok(());
-    }
-    if !crate::test::is_root() {
-        bail!("`ip` (iproute2) is missing and we are not root to install it");
-    }
-    eprintln!("xtask: installing iproute2");
-    crate::test::status(Command::new("apt-get").arg("update"))?;
-    crate::test::status(Command::new("apt-get").args([
-        "install",
-        "-y",
-        "--no-install-recommends",
-        "iproute2",
-    ]))
+    crate::test::ensure_commands(&[("ip", "iproute2")])
 }
