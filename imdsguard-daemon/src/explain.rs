@@ -7,9 +7,7 @@
 use std::{fmt::Write as _, path::PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie};
-use imdsguard_common::{
-    AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, Scope, action, map_names,
-};
+use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, action, map_names};
 use serde::Serialize;
 
 use crate::{
@@ -17,7 +15,7 @@ use crate::{
     cgroup::{CgroupDir, primary_cgroup2_mount},
     destinations::Prefix,
     pins::PinLayout,
-    status::action_name,
+    status::{action_name, read_scope},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,15 +56,8 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         .map_err(|source| Error::Map { name, source })?;
 
     // With the programs attached above the judged subtree, a cgroup
-    // outside it is not judged at all. (An installation from before the
-    // scope map judges everything.)
-    let name = map_names::SCOPE;
-    let scope = match pins.open_map(name) {
-        Ok(map) => Array::<_, Scope>::try_from(map)
-            .and_then(|a| a.get(&0, 0))
-            .map_err(|source| Error::Map { name, source })?,
-        Err(_) => Scope::default(),
-    };
+    // outside it is not judged at all.
+    let scope = read_scope(pins)?;
 
     // The kernel walks the caller's ancestors deepest first over the
     // configured level window; do the same over the path.

@@ -82,6 +82,19 @@ pub struct Status {
     pub counters: Counters,
 }
 
+/// The pinned scope entry. An installation from before the scope map has
+/// none, which means the same as an empty one: everything below the attach
+/// point is judged.
+pub fn read_scope(pins: &PinLayout) -> Result<Scope> {
+    let name = map_names::SCOPE;
+    match pins.open_map(name) {
+        Ok(map) => Array::<_, Scope>::try_from(map)
+            .and_then(|a| a.get(&0, 0))
+            .map_err(|source| Error::Map { name, source }),
+        Err(_) => Ok(Scope::default()),
+    }
+}
+
 pub fn action_name(a: u32) -> &'static str {
     match a {
         action::ALLOW => "allow",
@@ -192,14 +205,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
 
     let counters = read_counters(&pins.open_map(map_names::COUNTERS)?)?;
 
-    // An installation from before the scope map has none: all judged.
-    let name = map_names::SCOPE;
-    let raw_scope = match pins.open_map(name) {
-        Ok(map) => Array::<_, Scope>::try_from(map)
-            .and_then(|a| a.get(&0, 0))
-            .map_err(|source| Error::Map { name, source })?,
-        Err(_) => Scope::default(),
-    };
+    let raw_scope = read_scope(pins)?;
     let mut scope = ScopeStatus {
         judged_root_id: (raw_scope.cgroup_id != 0).then_some(raw_scope.cgroup_id),
         judged_root: None,
