@@ -1,7 +1,7 @@
 //! A real kube-apiserver 1.20.2 and etcd on 127.0.0.1, for the control-plane
 //! tests.
 //!
-//! `cargo xtask kube-apiserver` builds the binary once per machine and
+//! `cargo xtask kubernetes` builds the binary once per machine and
 //! installs etcd, etcdctl and openssl; [`KubeApiserver::start`] fails, rather
 //! than skips, when it has not been run. Each server gets its own temp dir,
 //! certificates, tokens and free ports, so tests can run side by side.
@@ -11,27 +11,20 @@ use std::fs::{self, DirBuilder, File};
 use std::io::{self, Read as _};
 use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{self, Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use crate::process::{spawn_logged, stop, wait_until};
 
 /// The user name of the daemon's service account, `imdsguard` in namespace
 /// `imdsguard-system`: bind roles to that service account to grant
 /// [`KubeApiserver::daemon_token`] rights.
 pub const DAEMON_USER: &str = "system:serviceaccount:imdsguard-system:imdsguard";
 
-/// Keep in step with xtask's `kube_apiserver` module, which builds the binary.
+/// Keep in step with xtask's `kubernetes` module, which builds the binaries.
 const VERSION: &str = "1.20.2";
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// A graceful apiserver stop takes about 4 s.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(100);
 
 /// A running etcd and kube-apiserver. Dropping it stops both and removes
 /// their files.
@@ -49,10 +42,10 @@ pub struct KubeApiserver {
 impl KubeApiserver {
     /// Starts etcd and kube-apiserver and waits until the apiserver is ready.
     pub fn start() -> anyhow::Result<Self> {
-        let binary = binary_path();
+        let binary = binary_path("kube-apiserver");
         if !binary.is_file() {
             bail!(
-                "{} is missing: run `cargo xtask kube-apiserver` to build it",
+                "{} is missing: run `cargo xtask kubernetes` to build it",
                 binary.display()
             );
         }
@@ -271,7 +264,7 @@ impl KubeApiserver {
             .arg(format!("--initial-cluster=default={peer_url}"));
         let log = self.dir.join("etcd.log");
         let mut child = spawn_logged(cmd, &log)
-            .context("start etcd (`cargo xtask kube-apiserver` installs it)")?;
+            .context("start etcd (`cargo xtask kubernetes` installs it)")?;
         let health = format!("{}/health", self.etcd_url);
         let ready = wait_until(&mut child, &log, || curl_ok(&health, |c| c));
         // Kept even if not ready, so that Drop stops it.
@@ -298,14 +291,14 @@ impl Drop for KubeApiserver {
     }
 }
 
-/// Where `cargo xtask kube-apiserver` caches the binary:
+/// Where `cargo xtask kubernetes` caches the Kubernetes binaries:
 /// `$IMDSGUARD_CACHE_DIR` (default `/var/cache/imdsguard`)
-/// `/kube-apiserver-<version>/kube-apiserver`.
-fn binary_path() -> PathBuf {
+/// `/kubernetes-<version>/<name>`.
+pub fn binary_path(name: &str) -> PathBuf {
     let cache = env::var_os("IMDSGUARD_CACHE_DIR").unwrap_or_else(|| "/var/cache/imdsguard".into());
     PathBuf::from(cache)
-        .join(format!("kube-apiserver-{VERSION}"))
-        .join("kube-apiserver")
+        .join(format!("kubernetes-{VERSION}"))
+        .join(name)
 }
 
 /// A new private dir: it holds the keys.
@@ -323,7 +316,7 @@ fn make_temp_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Ports that were free a moment ago. All are held at once so they differ.
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<io::Result<Vec<_>>>()
@@ -335,7 +328,7 @@ fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     Ok(ports)
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut buf = vec![0; bytes];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))
@@ -352,7 +345,7 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> anyhow::Result<String> {
     )
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -366,7 +359,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// Whether a curl GET gets a 2xx answer. `--noproxy` keeps it on 127.0.0.1
 /// whatever proxy the environment names.
-fn curl_ok(url: &str, extra: impl FnOnce(&mut Command) -> &mut Command) -> bool {
+pub fn curl_ok(url: &str, extra: impl FnOnce(&mut Command) -> &mut Command) -> bool {
     let mut cmd = Command::new("curl");
     cmd.args("-sf --noproxy * --max-time 2 -o /dev/null".split_whitespace());
     extra(&mut cmd)
@@ -377,120 +370,3 @@ fn curl_ok(url: &str, extra: impl FnOnce(&mut Command) -> &mut Command) -> bool 
         .is_ok_and(|s| s.success())
 }
 
-/// Polls `ready` until it holds, `child` exits, or [`READY_TIMEOUT`] passes.
-/// Errors carry the end of the child's log.
-fn wait_until(
-    child: &mut Child,
-    log: &Path,
-    mut ready: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "exited with {status}; log {}:\n{}",
-                log.display(),
-                log_tail(log)
-            );
-        }
-        if ready() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "not ready after {READY_TIMEOUT:?}; log {}:\n{}",
-                log.display(),
-                log_tail(log)
-            );
-        }
-        thread::sleep(POLL);
-    }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the child.
-fn stop(child: &mut Child) -> io::Result<()> {
-    if child.try_wait()?.is_some() {
-        return Ok(());
-    }
-    let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
-    // SAFETY: kill(2) touches no memory; the child is not reaped yet, so the
-    // pid is still ours.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            child.kill()?;
-            child.wait()?;
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// Starts `cmd` with stdout and stderr appended to `log`, so that it dies if
-/// this process dies.
-fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
-    let out = File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("open {}", log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    let parent = libc::pid_t::try_from(process::id())?;
-    // SAFETY: the hook runs between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl and getppid are, and it
-    // allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // This process died before prctl: the signal will never come.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let program = cmd.get_program().to_owned();
-    spawn(cmd).with_context(|| format!("spawn {}", program.to_string_lossy()))
-}
-
-type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// Spawns from one thread that lives as long as the process: the death
-/// signal fires when the forking *thread* exits, and a test's thread or a
-/// runtime's worker may end while the server is still in use.
-fn spawn(cmd: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<io::Result<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        thread::Builder::new()
-            .name("kube-apiserver-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })?;
-        Ok(tx)
-    });
-    let spawner = spawner
-        .as_ref()
-        .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
-    let (reply, answer) = mpsc::channel();
-    spawner
-        .send((cmd, reply))
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?
-}

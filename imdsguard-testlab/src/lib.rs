@@ -21,6 +21,8 @@ pub mod lab;
 pub mod netns;
 pub mod noop;
 pub mod probe;
+pub mod process;
+pub mod real_node;
 pub mod scratch;
 pub mod stats;
 

@@ -38,6 +38,15 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The calling thread's own namespace, e.g. the real node's, which the
+    /// whole test process entered (`real_node::isolation::isolate`).
+    pub fn current() -> anyhow::Result<Self> {
+        let fd = File::open("/proc/thread-self/ns/net")
+            .context("open this thread's netns")?
+            .into();
+        Ok(Self { fd })
+    }
+
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }

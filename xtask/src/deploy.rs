@@ -54,7 +54,7 @@ const KUBECTL_VERSION: &str = "v1.20.0";
 const HADOLINT_VERSION: &str = "2.15.1";
 
 /// What the Dockerfile builds; keep the two in step.
-const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BUILD_ARGS: &[&str] = &[
     "build",
     "--release",
@@ -90,7 +90,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let tools = prepare()?;
 
     // The test starts the cached kube-apiserver and drives it with kubectl.
-    crate::kube_apiserver::ensure_built()?;
+    crate::kubernetes::ensure_built()?;
     status(
         cargo()
             .args([
@@ -314,7 +314,7 @@ fn lint_dockerfile() -> anyhow::Result<()> {
 
 /// Builds the binary as the Dockerfile does and shows that it runs and is
 /// static, which is what lets the image be distroless/static.
-fn build_image_binary() -> anyhow::Result<PathBuf> {
+pub fn build_image_binary() -> anyhow::Result<PathBuf> {
     crate::setup::run()?;
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|l| l.trim() == MUSL_TARGET) {

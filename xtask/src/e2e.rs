@@ -1,11 +1,94 @@
-//! `cargo xtask e2e`: builds and plays the seed scenario against a real
-//! kube-apiserver, with the node agent (`imdsguard node`) on this kernel.
+//! `cargo xtask e2e`: the seed story on a real node. Builds (once, cached)
+//! kubelet, containerd's peers and the control plane, the static agent and
+//! probe binaries for the images, and runs `imdsguard-e2e` as root. It
+//! installs imdsguard from deploy/helm/imdsguard.
+//!
+//! `--simulated` runs the older story against a bare kube-apiserver where
+//! the test plays kubelet (the systemd driver's layout, which this host
+//! cannot show for real).
 
+use std::process::Command;
+
+use anyhow::bail;
 use clap::Args;
 
-#[derive(Args)]
-pub struct Options {}
+use crate::test::{cargo, ensure_commands, is_root, status, target_dir, workspace_root};
 
-pub fn run(_o: Options) -> anyhow::Result<()> {
-    crate::test::run_release_bin("imdsguard-e2e", &[], true)
+#[derive(Args)]
+pub struct Options {
+    /// The older story, against a bare kube-apiserver with simulated pods.
+    #[arg(long)]
+    pub simulated: bool,
+    /// Start-up race rounds of 10 new allowed pods each.
+    #[arg(long, default_value_t = DEFAULT_RACE_ROUNDS)]
+    pub race_rounds: u32,
+}
+
+/// 5 rounds of 10, plus the scaled and seed pods: over 50 allowed starts.
+pub const DEFAULT_RACE_ROUNDS: u32 = 5;
+
+/// The real node's Debian packages (shared/real-node.md).
+const NODE_COMMANDS: &[(&str, &str)] = &[
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("iptables", "iptables"),
+    ("curl", "curl"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+];
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    if o.simulated {
+        return crate::test::run_release_bin("imdsguard-e2e-simulated", &[], true);
+    }
+    run_real_node(o.race_rounds)
+}
+
+/// Builds everything the real-node story needs and runs it.
+pub fn run_real_node(race_rounds: u32) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the real node runs kubelet and containerd and loads BPF programs: run as root");
+    }
+    crate::setup::run()?;
+    ensure_commands(NODE_COMMANDS)?;
+    crate::kubernetes::ensure_built()?;
+    let tools = crate::deploy::prepare()?;
+    let imdsguard = crate::deploy::build_image_binary()?;
+    status(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "--target",
+        crate::deploy::MUSL_TARGET,
+        "-p",
+        "imdsguard-podprobe",
+    ]))?;
+    let podprobe = target_dir()
+        .join(crate::deploy::MUSL_TARGET)
+        .join("release/imdsguard-podprobe");
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "imdsguard-testlab",
+        "--bin",
+        "imdsguard-e2e",
+    ]))?;
+    let root = workspace_root();
+    status(
+        Command::new(target_dir().join("release/imdsguard-e2e"))
+            .arg("--imdsguard")
+            .arg(&imdsguard)
+            .arg("--podprobe")
+            .arg(&podprobe)
+            .arg("--kubectl")
+            .arg(&tools.kubectl)
+            .arg("--helm")
+            .arg(&tools.helm[0])
+            .arg("--chart")
+            .arg(root.join("deploy/helm/imdsguard"))
+            .arg("--seccomp-profile")
+            .arg(root.join("deploy/seccomp/imdsguard.json"))
+            .arg("--race-rounds")
+            .arg(race_rounds.to_string()),
+    )
 }

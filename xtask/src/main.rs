@@ -7,7 +7,7 @@ mod bench_scale;
 mod demo;
 mod deploy;
 mod e2e;
-mod kube_apiserver;
+mod kubernetes;
 mod setup;
 mod test;
 
@@ -36,8 +36,8 @@ enum Command {
     BenchEnforce(bench_enforce::Options),
     /// Start-up, footprint, soak, denial flood and an iptables comparison.
     BenchScale(bench_scale::Options),
-    /// Build (once, cached) the kube-apiserver used by the control-plane tests.
-    KubeApiserver(kube_apiserver::Options),
+    /// Build (once, cached) the Kubernetes binaries: the control-plane tests and the real node.
+    Kubernetes(kubernetes::Options),
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
     Deploy(deploy::Options),
 }
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(o) => demo::run(o),
         Command::Test(o) => test::run(o),
         Command::Bench(o) => bench::run(o),
-        Command::KubeApiserver(o) => kube_apiserver::run(o),
+        Command::Kubernetes(o) => kubernetes::run(o),
         Command::E2e(o) => e2e::run(o),
         Command::BenchEnforce(o) => bench_enforce::run(o),
         Command::BenchScale(o) => bench_scale::run(o),

@@ -35,7 +35,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     // The control-plane tests run a real kube-apiserver: built once per
     // machine and cached (about 5 minutes the first time).
-    crate::kube_apiserver::ensure_built()?;
+    crate::kubernetes::ensure_built()?;
     // helm and a kubectl that speaks to the 1.20 test apiserver, for the
     // deploy/ manifests and chart tests.
     crate::deploy::prepare()?;
@@ -101,6 +101,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "--iterations",
         "200",
     ]))?;
+    // The seed story on a real node: kubelet, containerd, the chart.
+    crate::e2e::run_real_node(crate::e2e::DEFAULT_RACE_ROUNDS)?;
     Ok(())
 }
 
@@ -113,7 +115,7 @@ pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> any
     }
     crate::setup::run()?;
     if needs_apiserver {
-        crate::kube_apiserver::ensure_built()?;
+        crate::kubernetes::ensure_built()?;
     }
     status(cargo().args([
         "build",

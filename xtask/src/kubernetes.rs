@@ -1,10 +1,12 @@
-//! `cargo xtask kube-apiserver`: builds the kube-apiserver that the
-//! control-plane tests run, once per machine.
+//! `cargo xtask kubernetes`: builds the Kubernetes binaries that the
+//! control-plane tests and the real node run, once per machine.
 //!
-//! No registry we can reach ships a kube-apiserver binary, but Debian
-//! bookworm's `kubernetes` source package holds upstream 1.20.2 with its
-//! `vendor/` tree, so it builds offline with Debian's Go. The steps and their
-//! reasons are in shared/kube-apiserver.md.
+//! No registry we can reach ships Kubernetes binaries, but Debian bookworm's
+//! `kubernetes` source package holds upstream 1.20.2 with its `vendor/`
+//! tree, so it builds offline with Debian's Go. One `make` builds every
+//! binary, so they share the Go build cache (about 9 minutes on 2 cores);
+//! the static `pause` binary comes from the same tree. The steps and their
+//! reasons are in shared/kube-apiserver.md and shared/real-node.md.
 
 use std::env;
 use std::fs;
@@ -20,6 +22,14 @@ const DEB_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 const ORIG_TARBALL: &str = "kubernetes_1.20.5+really1.20.2.orig.tar.gz";
 const ORIG_SHA256: &str = "b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc";
 const DSC: &str = "kubernetes_1.20.5+really1.20.2-1.1+deb12u1.dsc";
+/// What one `make` builds, in `_output/bin`.
+pub const BINARIES: &[&str] = &[
+    "kube-apiserver",
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+];
 /// The build's tools, plus etcd, etcdctl and openssl that the tests run.
 const PACKAGES: &[&str] = &[
     "golang-go",
@@ -30,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "make",
     "rsync",
+    "gcc",
+    "libc6-dev",
 ];
 /// Debian's reflect2 1.0.2: the vendored 1.0.1 panics when built with Go >= 1.18.
 const DEBIAN_REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
@@ -37,14 +49,14 @@ const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
 
 #[derive(Args)]
 pub struct Options {
-    /// Print where the binary is (or would be) cached, without building it.
+    /// Print where the binaries are (or would be) cached, without building them.
     #[arg(long)]
     print_path: bool,
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
     let path = if o.print_path {
-        binary_path()
+        version_dir()
     } else {
         ensure_built()?
     };
@@ -52,25 +64,33 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cached binary: `$IMDSGUARD_CACHE_DIR` (default `/var/cache/imdsguard`)
-/// `/kube-apiserver-<version>/kube-apiserver`. imdsguard-testlab's
-/// `kube_apiserver` module looks in the same place.
-pub fn binary_path() -> PathBuf {
-    version_dir().join("kube-apiserver")
+/// A cached binary: `$IMDSGUARD_CACHE_DIR` (default `/var/cache/imdsguard`)
+/// `/kubernetes-<version>/<name>`. imdsguard-testlab's `kube_apiserver` and
+/// `real_node` modules look in the same place.
+pub fn binary_path(name: &str) -> PathBuf {
+    version_dir().join(name)
 }
 
 fn version_dir() -> PathBuf {
     let cache = env::var_os("IMDSGUARD_CACHE_DIR").unwrap_or_else(|| "/var/cache/imdsguard".into());
-    PathBuf::from(cache).join(format!("kube-apiserver-{VERSION}"))
+    PathBuf::from(cache).join(format!("kubernetes-{VERSION}"))
 }
 
-/// Installs the packages the tests need and builds kube-apiserver unless a
-/// working binary is cached. Returns the binary's path.
+/// Every cached binary reports the version (pause has no flag: it must be a
+/// non-empty file).
+fn cached() -> bool {
+    BINARIES
+        .iter()
+        .all(|b| reports_version(&binary_path(b)))
+        && fs::metadata(binary_path("pause")).is_ok_and(|m| m.len() > 0)
+}
+
+/// Installs the packages the tests need and builds the Kubernetes binaries
+/// unless working ones are cached. Returns the cache directory.
 pub fn ensure_built() -> anyhow::Result<PathBuf> {
     ensure_packages()?;
-    let binary = binary_path();
-    if reports_version(&binary) {
-        return Ok(binary);
+    if cached() {
+        return Ok(version_dir());
     }
     let dir = version_dir();
     // A fixed work dir, so that a build cut short is cleaned by the next one
@@ -83,25 +103,28 @@ pub fn ensure_built() -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let started = Instant::now();
     eprintln!(
-        "xtask: building kube-apiserver {VERSION} in {} (about 5 minutes)",
+        "xtask: building Kubernetes {VERSION} ({}, pause) in {} (about 9 minutes)",
+        BINARIES.join(", "),
         work.display()
     );
     let built = build(&work);
     let cleaned = fs::remove_dir_all(&work)
         .with_context(|| format!("remove the build tree {}", work.display()));
-    let built = built?;
+    built?;
     cleaned?;
-    if !reports_version(&built) {
-        bail!(
-            "the built {} does not report version v{VERSION} with --version",
-            built.display()
-        );
+    for b in BINARIES {
+        if !reports_version(&binary_path(b)) {
+            bail!(
+                "the built {} does not report version v{VERSION} with --version",
+                binary_path(b).display()
+            );
+        }
     }
     eprintln!(
-        "xtask: built kube-apiserver in {} s",
+        "xtask: built Kubernetes in {} s",
         started.elapsed().as_secs()
     );
-    Ok(built)
+    Ok(version_dir())
 }
 
 fn reports_version(binary: &Path) -> bool {
@@ -138,9 +161,9 @@ fn installed(package: &str) -> bool {
         })
 }
 
-/// Fetches, patches and builds the source in `work`, then moves the binary
-/// next to it. Returns the binary's final path.
-fn build(work: &Path) -> anyhow::Result<PathBuf> {
+/// Fetches, patches and builds the source in `work`, then moves the binaries
+/// next to it.
+fn build(work: &Path) -> anyhow::Result<()> {
     fetch_source(work)?;
     let orig = work.join(ORIG_TARBALL);
     let sum = crate::test::output(Command::new("sha256sum").arg(&orig))?;
@@ -188,9 +211,10 @@ fn build(work: &Path) -> anyhow::Result<PathBuf> {
         ),
     )
     .with_context(|| format!("write {}", version_file.display()))?;
+    let what: Vec<String> = BINARIES.iter().map(|b| format!("cmd/{b}")).collect();
     run_cmd(
         Command::new("make")
-            .arg("WHAT=cmd/kube-apiserver")
+            .arg(format!("WHAT={}", what.join(" ")))
             .current_dir(&src)
             .env("GOPROXY", "off")
             .env("CGO_ENABLED", "0")
@@ -198,14 +222,25 @@ fn build(work: &Path) -> anyhow::Result<PathBuf> {
             .env("KUBE_GIT_VERSION_FILE", &version_file),
     )?;
 
-    let built = src.join("_output/bin/kube-apiserver");
-    let tmp = version_dir().join("kube-apiserver.tmp");
-    let binary = binary_path();
-    fs::copy(&built, &tmp)
-        .with_context(|| format!("copy {} to {}", built.display(), tmp.display()))?;
-    fs::rename(&tmp, &binary)
-        .with_context(|| format!("rename {} to {}", tmp.display(), binary.display()))?;
-    Ok(binary)
+    // The pod sandbox's pause process, static so that the image needs no libc.
+    let pause = src.join("_output/bin/pause");
+    run_cmd(
+        Command::new("gcc")
+            .args(["-Os", "-static", "-o"])
+            .arg(&pause)
+            .arg(src.join("build/pause/linux/pause.c")),
+    )?;
+
+    for name in BINARIES.iter().copied().chain(["pause"]) {
+        let built = src.join("_output/bin").join(name);
+        let tmp = version_dir().join(format!("{name}.tmp"));
+        let binary = binary_path(name);
+        fs::copy(&built, &tmp)
+            .with_context(|| format!("copy {} to {}", built.display(), tmp.display()))?;
+        fs::rename(&tmp, &binary)
+            .with_context(|| format!("rename {} to {}", tmp.display(), binary.display()))?;
+    }
+    Ok(())
 }
 
 /// Downloads the source package into `work` with a private apt setup, so the

@@ -1,0 +1,137 @@
+//! What the workload pods print: `imdsguard-podprobe` lines in their logs,
+//! read through `kubectl logs`.
+
+use std::collections::BTreeMap;
+
+/// One probe line: `imdsguard-probe seq=N first=1 verdict=ok ...` or a
+/// burst summary `imdsguard-probe summary attempts=N ok=N denied=N ...`.
+#[derive(Debug, Clone, Default)]
+pub struct Line {
+    pub fields: BTreeMap<String, String>,
+    pub summary: bool,
+}
+
+impl Line {
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("imdsguard-probe ")?;
+        let mut out = Self::default();
+        for word in rest.split_whitespace() {
+            match word.split_once('=') {
+                Some((k, v)) => {
+                    out.fields.insert(k.to_owned(), v.to_owned());
+                }
+                None if word == "summary" => out.summary = true,
+                None => {}
+            }
+        }
+        Some(out)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn verdict(&self) -> Option<&str> {
+        self.get("verdict")
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.get("first") == Some("1")
+    }
+}
+
+/// Every probe line of a log, in order.
+pub fn parse_log(log: &str) -> Vec<Line> {
+    log.lines().filter_map(Line::parse).collect()
+}
+
+/// The verdicts of a pod's log: its first probe's, and its latest.
+#[derive(Debug, Clone, Default)]
+pub struct Verdicts {
+    pub first: Option<String>,
+    pub latest: Option<String>,
+    pub probes: usize,
+}
+
+pub fn verdicts(log: &str) -> Verdicts {
+    let lines: Vec<Line> = parse_log(log).into_iter().filter(|l| !l.summary).collect();
+    Verdicts {
+        first: lines
+            .iter()
+            .find(|l| l.is_first())
+            .and_then(|l| l.verdict().map(str::to_owned)),
+        latest: lines
+            .last()
+            .and_then(|l| l.verdict().map(str::to_owned)),
+        probes: lines.len(),
+    }
+}
+
+/// Burst totals: the sum over every summary line (each counts the
+/// attempts since the one before).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Burst {
+    pub attempts: u64,
+    pub ok: u64,
+    pub denied: u64,
+    pub error: u64,
+}
+
+pub fn burst(log: &str) -> Burst {
+    parse_log(log)
+        .iter()
+        .filter(|l| l.summary)
+        .fold(Burst::default(), |b, l| Burst {
+            attempts: b.attempts + l.num("attempts"),
+            ok: b.ok + l.num("ok"),
+            denied: b.denied + l.num("denied"),
+            error: b.error + l.num("error"),
+        })
+}
+
+impl std::ops::Sub for Burst {
+    type Output = Burst;
+    fn sub(self, o: Burst) -> Burst {
+        Burst {
+            attempts: self.attempts.saturating_sub(o.attempts),
+            ok: self.ok.saturating_sub(o.ok),
+            denied: self.denied.saturating_sub(o.denied),
+            error: self.error.saturating_sub(o.error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_and_latest() {
+        let log = "noise\n\
+            imdsguard-probe seq=1 first=1 verdict=denied errno=1\n\
+            imdsguard-probe seq=2 first=0 verdict=ok detail=i-1\n";
+        let v = verdicts(log);
+        assert_eq!(v.first.as_deref(), Some("denied"));
+        assert_eq!(v.latest.as_deref(), Some("ok"));
+        assert_eq!(v.probes, 2);
+    }
+
+    #[test]
+    fn bursts_add_up() {
+        let log = "imdsguard-probe summary attempts=10 ok=0 denied=10 error=0\n\
+            imdsguard-probe summary attempts=5 ok=1 denied=4 error=0\n";
+        assert_eq!(
+            burst(log),
+            Burst {
+                attempts: 15,
+                ok: 1,
+                denied: 14,
+                error: 0
+            }
+        );
+    }
+}

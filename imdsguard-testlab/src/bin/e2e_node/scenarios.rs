@@ -1,0 +1,414 @@
+//! The steps of the story, in order, each checked against what the real
+//! pods saw.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use imdsguard_testlab::real_node::RealNode;
+use serde_json::json;
+
+use crate::{
+    AGENT_IMAGE, Args,
+    kube::{Kube, PodInfo},
+    probes::{self, Burst},
+    workloads::{self, Shape},
+};
+
+/// New allowed pods per start-up race round.
+pub const RACE_BATCH: u32 = 10;
+const NS: &str = "imds";
+const OTHER: &str = "other";
+const SYSTEM: &str = "imdsguard-system";
+const AGENT: &str = "app.kubernetes.io/name=imdsguard";
+const POD_TIMEOUT: Duration = Duration::from_secs(120);
+const FLIP_TIMEOUT: Duration = Duration::from_secs(10);
+/// kubelet's sync period (5 s here) plus its ConfigMap cache.
+const CONFIGMAP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The allowed pods' first verdicts: the start-up race.
+#[derive(Default)]
+struct Race {
+    starts: u32,
+    denied_first: u32,
+}
+
+impl Race {
+    fn count(&mut self, pod: &str, first: Option<&str>) {
+        self.starts += 1;
+        if first != Some("ok") {
+            self.denied_first += 1;
+            println!("  start-up race: {pod}'s first probe was {first:?}");
+        }
+    }
+}
+
+pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
+    let mut race = Race::default();
+    let kubepods = node.cgroup_root()?.join("kubepods");
+    let kubepods = kubepods.to_string_lossy().into_owned();
+    let chart = args.chart.to_string_lossy().into_owned();
+
+    // 1. Install from the chart, with only the image and node-specific
+    //    values set.
+    {
+        let k = kube(node, args);
+        println!("\n== helm install (image {AGENT_IMAGE}:e2e-1, kubepodsRoot {kubepods})");
+        k.helm(&[
+            "install", "imdsguard", &chart, "-n", SYSTEM, "--create-namespace",
+            "--set", &format!("image.repository={AGENT_IMAGE}"),
+            "--set", "image.tag=e2e-1",
+            "--set", "image.pullPolicy=Never",
+            "--set", &format!("kubepodsRoot={kubepods}"),
+            "--wait", "--timeout", "180s",
+        ])?;
+        let agent = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+        println!("agent pod {} Ready (in-cluster config, ServiceAccount token)", agent[0].name);
+    }
+
+    // 2. The seed workloads.
+    let k = kube(node, args);
+    k.apply(&workloads::namespace(NS))?;
+    k.apply(&workloads::namespace(OTHER))?;
+    k.apply(&workloads::deployment(NS, "prod", 2))?;
+    k.apply(&workloads::deployment(NS, "test", 2))?;
+    k.apply(&workloads::pod(NS, "prod-guaranteed", "prod", Shape::Guaranteed))?;
+    k.apply(&workloads::pod(NS, "test-hostnet", "test", Shape::HostNetwork))?;
+    k.apply(&workloads::pod(OTHER, "prod-elsewhere", "prod", Shape::Plain))?;
+    let prod = k.wait_ready(NS, "app=prod", 3, POD_TIMEOUT)?;
+    let test = k.wait_ready(NS, "app=test", 3, POD_TIMEOUT)?;
+    k.wait_ready(OTHER, "app=prod", 1, POD_TIMEOUT)?;
+
+    println!("\n== verdicts of the real pods (IMDSv2 PUT + GET to 169.254.169.254:80)");
+    println!(
+        "{:<10} {:<32} {:<5} {:<12} {:<8} {:<8} {:<8}",
+        "NAMESPACE", "POD", "APP", "KIND", "EXPECT", "FIRST", "LATEST"
+    );
+    let mut table = Vec::new();
+    for p in &prod {
+        table.push((NS, p.name.clone(), "prod", kind_of(&p.name), "ok"));
+    }
+    for p in &test {
+        table.push((NS, p.name.clone(), "test", kind_of(&p.name), "denied"));
+    }
+    table.push((OTHER, "prod-elsewhere".into(), "prod", "other ns", "denied"));
+    let mut failures = Vec::new();
+    for (ns, pod, app, kind, expect) in &table {
+        let first = k.wait_first_probe(ns, pod)?;
+        if *expect == "ok" {
+            race.count(pod, first.first.as_deref());
+        }
+        // Two probes at least, so LATEST is not just FIRST again.
+        let v = wait_probes(&k, ns, pod, first.probes + 1)?;
+        println!(
+            "{ns:<10} {pod:<32} {app:<5} {kind:<12} {expect:<8} {:<8} {:<8}",
+            v.first.as_deref().unwrap_or("-"),
+            v.latest.as_deref().unwrap_or("-")
+        );
+        if v.latest.as_deref() != Some(*expect) || v.first.as_deref() != Some(*expect) {
+            failures.push(format!("{ns}/{pod}: want {expect}, got {v:?}"));
+        }
+    }
+    ensure!(failures.is_empty(), "wrong verdicts: {failures:?}");
+
+    // 3. Relabel flips, timed from the patch to the first new verdict.
+    println!("\n== relabel flips (prod-guaranteed)");
+    k.kubectl(&["-n", NS, "label", "pod", "prod-guaranteed", "app=test", "--overwrite"])?;
+    let to_denied = k.wait_verdict(NS, "prod-guaranteed", "denied", FLIP_TIMEOUT)?;
+    k.kubectl(&["-n", NS, "label", "pod", "prod-guaranteed", "app=prod", "--overwrite"])?;
+    let to_ok = k.wait_verdict(NS, "prod-guaranteed", "ok", FLIP_TIMEOUT)?;
+    println!(
+        "app=prod -> app=test: denied after {} ms; back: ok after {} ms",
+        to_denied.as_millis(),
+        to_ok.as_millis()
+    );
+
+    // 4. Scale up and down.
+    println!("\n== scale prod 2 -> 4 -> 2");
+    let before: Vec<String> = k.pods(NS, "app=prod")?.into_iter().map(|p| p.name).collect();
+    k.kubectl(&["-n", NS, "scale", "deployment", "prod", "--replicas=4"])?;
+    let scaled = k.wait_ready(NS, "app=prod", 5, POD_TIMEOUT)?;
+    for p in scaled.iter().filter(|p| !before.contains(&p.name)) {
+        let v = k.wait_first_probe(NS, &p.name)?;
+        race.count(&p.name, v.first.as_deref());
+        println!("  new pod {}: first probe {:?}", p.name, v.first);
+    }
+    k.kubectl(&["-n", NS, "scale", "deployment", "prod", "--replicas=2"])?;
+    let kept = k.wait_ready(NS, "app=prod", 3, POD_TIMEOUT)?;
+    for p in &kept {
+        k.wait_verdict(NS, &p.name, "ok", FLIP_TIMEOUT)?;
+    }
+    println!("  scaled down; the {} remaining prod pods still read IMDS", kept.len());
+
+    // 5. Pod deletion: the ReplicaSet's replacement is denied from its
+    //    first probe.
+    println!("\n== delete a test pod");
+    let victim = first_of_deployment(&k.pods(NS, "app=test")?, "test-")?;
+    k.kubectl(&["-n", NS, "delete", "pod", &victim, "--wait=false"])?;
+    let test_now = wait_replaced(&k, "app=test", 3, &victim)?;
+    let fresh = test_now
+        .iter()
+        .find(|p| p.name.starts_with("test-") && p.name != "test-hostnet" && !test.iter().any(|t| t.name == p.name))
+        .context("no replacement test pod")?;
+    let v = k.wait_first_probe(NS, &fresh.name)?;
+    ensure!(
+        v.first.as_deref() == Some("denied"),
+        "replacement {} first probe {:?}",
+        fresh.name,
+        v.first
+    );
+    println!("  {} replaced by {}: first probe denied", victim, fresh.name);
+
+    // 6. A policy ConfigMap edit reaches the agent through kubelet's
+    //    symlink swap.
+    println!("\n== policy ConfigMap edit: test-denied -> allow, and back");
+    let policy = k.kubectl(&["-n", SYSTEM, "get", "configmap", "imdsguard-policy", "-o", "jsonpath={.data.policy\\.yaml}"])?;
+    let allowing = policy.replacen("access: deny", "access: allow", 1);
+    ensure!(allowing != policy, "the chart's policy has no `access: deny` rule:\n{policy}");
+    let started = Instant::now();
+    patch_policy(&k, &allowing)?;
+    k.wait_verdict(NS, &fresh.name, "ok", CONFIGMAP_TIMEOUT)?;
+    println!("  test pods allowed {} s after the edit", started.elapsed().as_secs());
+    let started = Instant::now();
+    patch_policy(&k, &policy)?;
+    k.wait_verdict(NS, &fresh.name, "denied", CONFIGMAP_TIMEOUT)?;
+    println!("  denied again {} s after the revert", started.elapsed().as_secs());
+
+    // 7-10. Faults while a denied pod probes as fast as it can.
+    k.apply(&workloads::pod(NS, "burst", "test", Shape::Burst))?;
+    k.wait_ready(NS, "app=test", 4, POD_TIMEOUT)?;
+    k.burst_after_next_summary(NS, "burst")?;
+    drop(k);
+    let mut faults = Vec::new();
+
+    faults.push(under_burst(node, args, "agent pod deleted, DaemonSet recreates it", |node| {
+        let k = kube(node, args);
+        let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+        k.kubectl(&["-n", SYSTEM, "delete", "pod", &old[0].name, "--wait=false"])?;
+        wait_agent_replaced(&k, &old[0].name, None)
+    })?);
+
+    faults.push(under_burst(node, args, "helm upgrade to a new image (e2e-2)", |node| {
+        let k = kube(node, args);
+        let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+        k.helm(&[
+            "upgrade", "imdsguard", &chart, "-n", SYSTEM, "--reuse-values",
+            "--set", "image.tag=e2e-2", "--wait", "--timeout", "180s",
+        ])?;
+        wait_agent_replaced(&k, &old[0].name, Some(&format!("{AGENT_IMAGE}:e2e-2")))
+    })?);
+
+    faults.push(under_burst(node, args, "kubelet restart", |node| {
+        node.restart("kubelet")
+    })?);
+    faults.push(under_burst(node, args, "containerd restart", |node| {
+        node.restart("containerd")?;
+        // The containers ran on through the restart; kubelet reconnects.
+        kube(node, args).wait_ready(NS, "app=test", 4, POD_TIMEOUT).map(drop)
+    })?);
+
+    let k = kube(node, args);
+    // Enforcement as before, after all of it.
+    let prod_pod = k.pods(NS, "app=prod")?.into_iter().next().context("no prod pod")?;
+    k.wait_verdict(NS, &prod_pod.name, "ok", FLIP_TIMEOUT)?;
+    k.wait_verdict(NS, &fresh.name, "denied", FLIP_TIMEOUT)?;
+
+    // 11. Revocation, once, with the chart's revocation.enabled=true: a
+    //     relabel closes the pod's open connection.
+    println!("\n== revocation (helm upgrade --set revocation.enabled=true)");
+    let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+    k.helm(&[
+        "upgrade", "imdsguard", &chart, "-n", SYSTEM, "--reuse-values",
+        "--set", "revocation.enabled=true", "--wait", "--timeout", "180s",
+    ])?;
+    wait_agent_replaced(&k, &old[0].name, None)?;
+    k.apply(&workloads::pod(NS, "holder", "prod", Shape::Hold))?;
+    k.wait_ready(NS, "app=prod", 4, POD_TIMEOUT)?;
+    wait_hold(&k, "open")?;
+    let started = Instant::now();
+    k.kubectl(&["-n", NS, "label", "pod", "holder", "app=test", "--overwrite"])?;
+    let closed = wait_hold(&k, "closed")?;
+    println!(
+        "  holder's connection closed {} ms after the relabel ({closed})",
+        started.elapsed().as_millis()
+    );
+    let agent = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+    let log = k.kubectl(&["-n", SYSTEM, "logs", &agent[0].name])?;
+    ensure!(
+        log.contains("revoked") && log.contains("holder"),
+        "no revocation of holder in the agent's log:\n{log}"
+    );
+    ensure!(!log.contains('\u{1b}'), "the agent's log holds ANSI escapes");
+
+    // 12. The start-up race over many allowed pod starts.
+    println!(
+        "\n== start-up race: {} rounds of {RACE_BATCH} new app=prod pods",
+        args.race_rounds
+    );
+    let base = k.pods(NS, "app=prod")?.len();
+    for round in 0..args.race_rounds {
+        let before: Vec<String> = k.pods(NS, "app=prod")?.into_iter().map(|p| p.name).collect();
+        let replicas = 2 + RACE_BATCH;
+        k.kubectl(&["-n", NS, "scale", "deployment", "prod", &format!("--replicas={replicas}")])?;
+        let up = k.wait_ready(NS, "app=prod", base + RACE_BATCH as usize, POD_TIMEOUT * 2)?;
+        for p in up.iter().filter(|p| !before.contains(&p.name)) {
+            let v = k.wait_first_probe(NS, &p.name)?;
+            race.count(&p.name, v.first.as_deref());
+        }
+        k.kubectl(&["-n", NS, "scale", "deployment", "prod", "--replicas=2"])?;
+        k.wait_ready(NS, "app=prod", base, POD_TIMEOUT)?;
+        println!("  round {}: {} allowed pod starts so far, {} denied first", round + 1, race.starts, race.denied_first);
+    }
+
+    println!("\n== summary");
+    println!("{:<46} {:>10} {:>8} {:>8}", "fault (denied pod probing at full rate)", "attempts", "denied", "got through");
+    for (name, b) in &faults {
+        println!("{name:<46} {:>10} {:>8} {:>8}", b.attempts, b.denied, b.ok);
+    }
+    println!(
+        "start-up race: {} of {} allowed pod starts had their first metadata request denied",
+        race.denied_first, race.starts
+    );
+    let leaks: Vec<&str> = faults.iter().filter(|(_, b)| b.ok > 0).map(|(n, _)| n.as_str()).collect();
+    ensure!(leaks.is_empty(), "the denied pod got through during: {leaks:?}");
+    ensure!(
+        race.denied_first == 0,
+        "start-up race: {} of {} allowed pods were denied at their first request",
+        race.denied_first,
+        race.starts
+    );
+    Ok(())
+}
+
+fn kube<'a>(node: &'a RealNode, args: &Args) -> Kube<'a> {
+    Kube {
+        node,
+        helm: args.helm.clone(),
+    }
+}
+
+fn kind_of(pod: &str) -> &'static str {
+    match pod {
+        "prod-guaranteed" => "Guaranteed",
+        "test-hostnet" => "hostNetwork",
+        p if p.starts_with("prod-") => "Burstable",
+        _ => "Burstable",
+    }
+}
+
+/// Waits until the pod's log has at least `n` probe lines.
+fn wait_probes(k: &Kube, ns: &str, pod: &str, n: usize) -> anyhow::Result<probes::Verdicts> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = k.verdicts(ns, pod)?;
+        if v.probes >= n {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "{ns}/{pod}: fewer than {n} probes in 20 s");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn first_of_deployment(pods: &[PodInfo], prefix: &str) -> anyhow::Result<String> {
+    pods.iter()
+        .map(|p| p.name.clone())
+        .find(|n| n.starts_with(prefix) && n != "test-hostnet")
+        .with_context(|| format!("no pod named {prefix}*"))
+}
+
+/// Waits until `n` pods match, all Ready, and `gone` is not among them.
+fn wait_replaced(k: &Kube, selector: &str, n: usize, gone: &str) -> anyhow::Result<Vec<PodInfo>> {
+    let deadline = Instant::now() + POD_TIMEOUT;
+    loop {
+        if let Ok(pods) = k.wait_ready(NS, selector, n, Duration::from_secs(1))
+            && !pods.iter().any(|p| p.name == gone)
+        {
+            return Ok(pods);
+        }
+        ensure!(Instant::now() < deadline, "{gone} not replaced in {POD_TIMEOUT:?}");
+    }
+}
+
+/// Waits until the agent pod `old` is gone and a new one (running `image`,
+/// if given) is Ready.
+fn wait_agent_replaced(k: &Kube, old: &str, image: Option<&str>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + POD_TIMEOUT;
+    loop {
+        let pods = k.pods(SYSTEM, AGENT)?;
+        let fresh = pods.len() == 1
+            && pods[0].name != old
+            && pods[0].ready
+            && image.is_none_or(|i| pods[0].images.iter().any(|x| x == i));
+        if fresh {
+            println!("  agent pod {} Ready ({})", pods[0].name, pods[0].images.join(","));
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "agent pod {old} not replaced in {POD_TIMEOUT:?}: {pods:?}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn patch_policy(k: &Kube, policy: &str) -> anyhow::Result<()> {
+    let patch = json!({"data": {"policy.yaml": policy}}).to_string();
+    k.kubectl(&["-n", SYSTEM, "patch", "configmap", "imdsguard-policy", "--type", "merge", "-p", &patch])?;
+    Ok(())
+}
+
+/// Runs `fault` while the `burst` pod probes; returns the probes counted
+/// from the summary before the fault to the one after it is over.
+fn under_burst(
+    node: &mut RealNode,
+    args: &Args,
+    name: &str,
+    fault: impl FnOnce(&mut RealNode) -> anyhow::Result<()>,
+) -> anyhow::Result<(String, Burst)> {
+    println!("\n== {name}, while pod burst (app=test) probes at full rate");
+    let before = kube(node, args).burst(NS, "burst")?;
+    fault(node).with_context(|| name.to_owned())?;
+    // Kubelet may have been away: the burst pod's logs are read again once
+    // it answers.
+    let after = retry(|| kube(node, args).burst_after_next_summary(NS, "burst"))?;
+    let delta = after - before;
+    println!(
+        "  {} attempts, {} denied, {} got through, {} errors",
+        delta.attempts, delta.denied, delta.ok, delta.error
+    );
+    Ok((name.to_owned(), delta))
+}
+
+fn retry<T>(mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Waits until the holder pod's latest `hold=` line says `state`; returns
+/// its detail.
+fn wait_hold(k: &Kube, state: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = k.logs(NS, "holder")?;
+        if let Some(line) = probes::parse_log(&log)
+            .into_iter()
+            .rev()
+            .find(|l| l.get("hold").is_some())
+            && line.get("hold") == Some(state)
+        {
+            return Ok(line.get("detail").unwrap_or_default().to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("holder: no hold={state} line in 30 s; log:\n{log}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,109 @@
+//! The workloads of the seed story, as manifests: every container is
+//! `imdsguard-podprobe`, probing the fake IMDS the way an SDK does.
+
+use serde_json::{Value, json};
+
+pub const PROBE_IMAGE: &str = "imdsguard.local/podprobe:e2e";
+/// Plain probes: one IMDSv2 round trip every this many ms.
+pub const INTERVAL_MS: u32 = 300;
+
+pub fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+}
+
+fn container(args: &[&str], resources: Value) -> Value {
+    json!({
+        "name": "probe",
+        "image": PROBE_IMAGE,
+        "imagePullPolicy": "Never",
+        "args": args,
+        "resources": resources,
+    })
+}
+
+fn probe_args() -> Vec<String> {
+    vec![
+        "--target".into(),
+        "169.254.169.254:80".into(),
+        "--interval-ms".into(),
+        INTERVAL_MS.to_string(),
+    ]
+}
+
+/// A Deployment of `app=<app>` pods that probe every [`INTERVAL_MS`].
+/// Burstable: requests without limits.
+pub fn deployment(ns: &str, app: &str, replicas: u32) -> Value {
+    let args = probe_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": app, "namespace": ns, "labels": {"app": app}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": app}},
+            "template": {
+                "metadata": {"labels": {"app": app}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "enableServiceLinks": false,
+                    "automountServiceAccountToken": false,
+                    "containers": [container(&args, json!({"requests": {"cpu": "10m", "memory": "8Mi"}}))],
+                },
+            },
+        },
+    })
+}
+
+/// What kind of pod [`pod`] makes.
+#[derive(Clone, Copy)]
+pub enum Shape {
+    /// requests == limits: kubelet puts it directly under `kubepods`.
+    Guaranteed,
+    /// On the node's network: same IP as the node and every other such pod.
+    HostNetwork,
+    /// No resources: BestEffort.
+    Plain,
+    /// `--burst`: probes as fast as it can and prints a summary a second.
+    Burst,
+    /// `--hold`: keeps one connection to the fake IMDS's hold port open.
+    Hold,
+}
+
+pub fn pod(ns: &str, name: &str, app: &str, shape: Shape) -> Value {
+    let mut args = probe_args();
+    let mut resources = json!({});
+    let mut host_network = false;
+    match shape {
+        Shape::Guaranteed => {
+            let r = json!({"cpu": "50m", "memory": "16Mi"});
+            resources = json!({"requests": r, "limits": r});
+        }
+        Shape::HostNetwork => host_network = true,
+        Shape::Plain => {}
+        Shape::Burst => args = vec!["--target".into(), "169.254.169.254:80".into(), "--burst".into()],
+        Shape::Hold => {
+            args = vec![
+                "--target".into(),
+                "169.254.169.254:80".into(),
+                "--hold".into(),
+                "169.254.169.254:81".into(),
+                "--interval-ms".into(),
+                INTERVAL_MS.to_string(),
+            ]
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "enableServiceLinks": false,
+            "automountServiceAccountToken": false,
+            "hostNetwork": host_network,
+            "containers": [container(&args, resources)],
+        },
+    })
+}

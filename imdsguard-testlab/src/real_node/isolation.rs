@@ -1,0 +1,528 @@
+//! What keeps a real node off the host: a private mount and network
+//! namespace for the whole test process, tmpfs over every host path that
+//! kubelet and containerd write to, the global sysctls kubelet changes, and
+//! a cgroup root of the node's own in every hierarchy.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{self, Write as _},
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// Moves this process into a new mount namespace and a new network
+/// namespace, before any thread exists: `unshare` works per thread, and
+/// every thread and child started later inherits both.
+///
+/// The network namespace has only `lo`; nothing routes out of it. Every
+/// mount below `/` becomes private first, so no mount made here (kubelet's
+/// volumes, containerd's rootfs, our tmpfs and bpffs) propagates to the
+/// host, and all of them vanish with the namespace, whatever happens to
+/// this process.
+pub fn isolate() -> anyhow::Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(str::trim);
+    ensure!(
+        threads == Some("1"),
+        "isolate() must run before any thread starts (threads: {threads:?})"
+    );
+    // SAFETY: unshare has no memory preconditions; the process is single
+    // threaded, so it moves the whole process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "unshare(CLONE_NEWNS | CLONE_NEWNET): {}",
+            io::Error::last_os_error()
+        );
+    }
+    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .context("make every mount private in the node's mount namespace")?;
+    crate::process::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
+    Ok(())
+}
+
+/// Fails unless this process runs in a network namespace with no route
+/// out: no default route, IPv4 or IPv6.
+pub fn assert_no_route_out() -> anyhow::Result<()> {
+    for family in ["-4", "-6"] {
+        let routes = crate::process::run(
+            std::process::Command::new("ip").args([family, "route", "show", "default"]),
+        )?;
+        ensure!(
+            routes.trim().is_empty(),
+            "the node's network namespace has a default route ({family}): {routes}"
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn mount(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> anyhow::Result<()> {
+    let c = |s: &str| CString::new(s).context("a NUL in a mount argument");
+    let source = source.map(c).transpose()?;
+    let fstype = fstype.map(c).transpose()?;
+    let data = data.map(c).transpose()?;
+    let target_c = CString::new(target.as_os_str().as_bytes()).context("a NUL in a path")?;
+    let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is a valid NUL-terminated string or null, and
+    // lives across the call.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&source),
+            target_c.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    };
+    if rc != 0 {
+        bail!("mount {}: {}", target.display(), io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn umount(target: &Path) -> io::Result<()> {
+    let c = CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path. MNT_DETACH: a busy mount goes
+    // as soon as its last user does.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Every mount point at or below `dir` in this mount namespace, deepest
+/// first.
+pub fn mounts_below(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let info = procfs_mountinfo()?;
+    let mut found: Vec<PathBuf> = info
+        .into_iter()
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    Ok(found)
+}
+
+fn procfs_mountinfo() -> anyhow::Result<Vec<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts everything at or below `dir`, deepest first, and checks that
+/// nothing is left: removing a directory with a mount below it could
+/// delete what the mount shows.
+pub fn unmount_all_below(dir: &Path) -> anyhow::Result<()> {
+    for _ in 0..5 {
+        let left = mounts_below(dir)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        for m in left {
+            if let Err(e) = umount(&m)
+                && e.raw_os_error() != Some(libc::EINVAL)
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                eprintln!("real node: umount {}: {e}", m.display());
+            }
+        }
+    }
+    let left = mounts_below(dir)?;
+    ensure!(
+        left.is_empty(),
+        "mounts still below {}: {left:?}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Host paths that kubelet and containerd 1.20/1.6 write to whatever their
+/// flags say (shared/real-node.md lists them). Each gets a tmpfs in the
+/// node's mount namespace, so nothing is written to the host; a directory
+/// that did not exist is created as the mount point and removed at the end.
+pub const HOST_PATHS: &[&str] = &[
+    "/var/lib/kubelet",
+    "/var/log/pods",
+    "/var/log/containers",
+    "/usr/libexec/kubernetes",
+    "/var/lib/cni",
+    "/var/run/kubernetes",
+    "/run/containerd",
+    // Shared, so that the pods' network namespaces that containerd mounts
+    // here reach the agent's HostToContainer hostPath (revocation).
+    "/run/netns",
+];
+
+/// The tmpfs mounts over [`HOST_PATHS`] and the private bpffs, and the
+/// host directories made for them.
+pub struct HostPaths {
+    created: Vec<PathBuf>,
+    mounted: Vec<PathBuf>,
+}
+
+impl HostPaths {
+    /// Must run after [`isolate`]: the mounts are then private to the node.
+    pub fn cover() -> anyhow::Result<Self> {
+        let mut me = Self {
+            created: Vec::new(),
+            mounted: Vec::new(),
+        };
+        for path in HOST_PATHS.iter().map(Path::new) {
+            me.create_dir(path)?;
+            mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=755"),
+            )?;
+            me.mounted.push(path.to_owned());
+        }
+        mount(None, Path::new("/run/netns"), None, libc::MS_SHARED, None)
+            .context("make /run/netns shared")?;
+        // A bpffs of the node's own: every mount of bpffs is a new instance,
+        // so the agent's pins live and die with this namespace. Shared, as
+        // the chart's `mountPropagation: HostToContainer` requires.
+        let bpffs = Path::new("/sys/fs/bpf");
+        mount(Some("bpffs"), bpffs, Some("bpf"), 0, Some("mode=700"))
+            .context("mount a private bpffs on /sys/fs/bpf")?;
+        me.mounted.push(bpffs.to_owned());
+        mount(None, bpffs, None, libc::MS_SHARED, None).context("make /sys/fs/bpf shared")?;
+        Ok(me)
+    }
+
+    /// Creates `path` and its missing parents, remembering the topmost.
+    fn create_dir(&mut self, path: &Path) -> anyhow::Result<()> {
+        let mut top = None;
+        let mut p = path;
+        while !p.exists() {
+            top = Some(p.to_owned());
+            p = p.parent().context("a host path without an existing parent")?;
+        }
+        if let Some(top) = top {
+            fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+            self.created.push(top);
+        }
+        Ok(())
+    }
+
+    /// Unmounts and removes the directories made for the mounts; they are
+    /// empty, since everything was written to the tmpfs.
+    pub fn release(&mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        for m in self.mounted.drain(..).rev() {
+            if let Err(e) = unmount_all_below(&m) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        for dir in self.created.drain(..).rev() {
+            // Only empty directories: a mount point we made and its empty
+            // parents. remove_dir refuses anything with content.
+            if let Err(e) = remove_empty_tree(&dir) {
+                errors.push(format!("remove {}: {e}", dir.display()));
+            }
+        }
+        ensure!(errors.is_empty(), "{}", errors.join("; "));
+        Ok(())
+    }
+}
+
+impl Drop for HostPaths {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("real node: host paths: {e:#}");
+        }
+    }
+}
+
+/// Removes a tree of empty directories (never a file).
+fn remove_empty_tree(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_empty_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+/// The global sysctls kubelet sets at start (kernel.panic 1→10,
+/// kernel.panic_on_oops 0→1, vm.overcommit_memory 0→1, and the rest of its
+/// `setupKernelTunables` list). Network sysctls live in the node's
+/// namespace and go with it.
+pub const KUBELET_SYSCTLS: &[&str] = &[
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+
+/// The values of [`KUBELET_SYSCTLS`] before the node started, written back
+/// on drop.
+pub struct Sysctls(Vec<(PathBuf, String)>);
+
+impl Sysctls {
+    pub fn save() -> anyhow::Result<Self> {
+        let saved = KUBELET_SYSCTLS
+            .iter()
+            .map(|name| {
+                let path = Path::new("/proc/sys").join(name);
+                fs::read_to_string(&path)
+                    .with_context(|| format!("read {}", path.display()))
+                    .map(|v| (path, v.trim().to_owned()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self(saved))
+    }
+
+    /// The sysctls whose value differs from the saved one now.
+    pub fn changed(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(p, v)| fs::read_to_string(p).map(|now| now.trim() != v).unwrap_or(true))
+            .map(|(p, v)| format!("{} (was {v})", p.display()))
+            .collect()
+    }
+
+    pub fn restore(&self) -> anyhow::Result<()> {
+        for (path, value) in &self.0 {
+            let now = fs::read_to_string(path).unwrap_or_default();
+            if now.trim() != value {
+                fs::write(path, value).with_context(|| format!("restore {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sysctls {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            eprintln!("real node: {e:#}");
+        }
+    }
+}
+
+/// A cgroup named after kubelet's `--cgroup-root`, in every hierarchy: each
+/// cgroup v1 controller and the unified one. The node's daemons run in its
+/// `system` child of the unified hierarchy, so one `cgroup.kill` ends them,
+/// their shims and every container at once.
+pub struct CgroupRoot {
+    name: String,
+    /// `<mount>/<name>` for every hierarchy, the unified one last.
+    dirs: Vec<PathBuf>,
+    unified: PathBuf,
+}
+
+impl CgroupRoot {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let info = fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+        let mut v1 = Vec::new();
+        let mut unified = None;
+        for line in info.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let Some(dash) = fields.iter().position(|f| *f == "-") else {
+                continue;
+            };
+            let (Some(point), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else {
+                continue;
+            };
+            match *fstype {
+                "cgroup" => v1.push(PathBuf::from(unescape_mountinfo(point))),
+                "cgroup2" => unified = Some(PathBuf::from(unescape_mountinfo(point))),
+                _ => {}
+            }
+        }
+        let unified = unified.context("no cgroup v2 mount in /proc/self/mountinfo")?;
+        v1.sort();
+        v1.dedup();
+        let mut me = Self {
+            name: name.to_owned(),
+            dirs: Vec::new(),
+            unified: unified.join(name),
+        };
+        for mount in v1.iter().chain(std::iter::once(&unified)) {
+            let dir = mount.join(name);
+            fs::create_dir(&dir).with_context(|| format!("create cgroup {}", dir.display()))?;
+            me.dirs.push(dir.clone());
+            // A new cpuset cgroup has no CPUs and no memory nodes until
+            // someone copies its parent's.
+            if mount.join("cpuset.cpus").exists() {
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    let value = fs::read_to_string(mount.join(file))?;
+                    fs::write(dir.join(file), value.trim())
+                        .with_context(|| format!("write {}", dir.join(file).display()))?;
+                }
+            }
+        }
+        fs::create_dir(me.system()).context("create the system cgroup")?;
+        Ok(me)
+    }
+
+    /// kubelet's `--cgroup-root`.
+    pub fn kubelet_root(&self) -> String {
+        format!("/{}", self.name)
+    }
+
+    /// The unified-hierarchy directory of the root.
+    pub fn unified(&self) -> &Path {
+        &self.unified
+    }
+
+    /// Where the node's daemons run.
+    pub fn system(&self) -> PathBuf {
+        self.unified.join("system")
+    }
+
+    /// Kills every process below the root (daemons, shims, containers) and
+    /// waits until none is left.
+    pub fn kill_all(&self) -> anyhow::Result<()> {
+        fs::write(self.unified.join("cgroup.kill"), "1").context("write cgroup.kill")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = fs::read_to_string(self.unified.join("cgroup.events"))?;
+            if events.lines().any(|l| l == "populated 0") {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "processes left in {} after cgroup.kill",
+                self.unified.display()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Removes the root and everything kubelet and runc made below it, in
+    /// every hierarchy. Needs [`CgroupRoot::kill_all`] first.
+    pub fn remove(&mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        for dir in self.dirs.drain(..) {
+            if let Err(e) = remove_cgroup_tree(&dir) {
+                errors.push(format!("{}: {e:#}", dir.display()));
+            }
+        }
+        ensure!(errors.is_empty(), "{}", errors.join("; "));
+        Ok(())
+    }
+}
+
+impl Drop for CgroupRoot {
+    fn drop(&mut self) {
+        if self.dirs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.kill_all() {
+            eprintln!("real node: {e:#}");
+        }
+        if let Err(e) = self.remove() {
+            eprintln!("real node: remove cgroups: {e:#}");
+        }
+    }
+}
+
+/// Removes a cgroup and its children, deepest first. A v1 cgroup can stay
+/// busy for a moment after its last task died, so each rmdir is retried.
+fn remove_cgroup_tree(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("rmdir {}", dir.display())),
+        }
+    }
+}
+
+/// Writes "0" to `procs` (a `cgroup.procs` file opened before the fork),
+/// moving the calling process: for a `pre_exec` hook.
+pub(crate) fn join_cgroup_hook(procs: &fs::File) -> impl FnMut() -> io::Result<()> + use<> {
+    use std::os::fd::AsRawFd as _;
+    let fd = procs.as_raw_fd();
+    move || {
+        // SAFETY: write(2) on an fd that the parent keeps open until the
+        // child has exec'd; async-signal-safe, no allocation.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Opens `cgroup.procs` of `dir` for [`join_cgroup_hook`].
+pub(crate) fn open_procs(dir: &Path) -> anyhow::Result<fs::File> {
+    let path = dir.join("cgroup.procs");
+    let mut f = fs::File::options()
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    f.flush()?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/tab\011x\134"), "/tab\tx\\");
+    }
+}
