@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod fake_imds;
 pub mod handoff;
+pub mod image;
 pub mod kube_apiserver;
 pub mod lab;
 pub mod netns;
