@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const USAGE: &str =
-    "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst] [--count N]";
+    "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst] [--count N] [--hold ADDR:PORT]";
 pub const DEFAULT_TARGET: &str = "169.254.169.254:80";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,6 +30,9 @@ pub struct Options {
     pub burst: bool,
     /// Stop after this many probes; `None` runs until a signal.
     pub count: Option<u64>,
+    /// Also keep one TCP connection to this address open, and say when it
+    /// is closed under us (revocation).
+    pub hold: Option<SocketAddr>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +62,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
         interval: Duration::from_secs(1),
         burst: false,
         count: None,
+        hold: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -79,6 +83,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
             "--target" => {
                 let v = value("--target")?;
                 opts.target = v.parse().map_err(|_| bad("--target", v))?;
+            }
+            "--hold" => {
+                let v = value("--hold")?;
+                opts.hold = Some(v.parse().map_err(|_| bad("--hold", v))?);
             }
             "--interval-ms" => {
                 let v = value("--interval-ms")?;
@@ -264,6 +272,43 @@ pub fn probe_connect(target: SocketAddr) -> Outcome {
         }
         Err(o) => o,
     }
+}
+
+/// Opens one connection to `addr` and waits on it: prints `hold=open`, then
+/// `hold=closed` with the error once something (imdsguard's revocation)
+/// closes it. A refused connect prints `hold=refused`.
+pub fn hold(addr: SocketAddr, out: &mut impl Write) -> io::Result<()> {
+    let mut s = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(0);
+            writeln!(
+                out,
+                "imdsguard-probe hold=refused errno={errno} detail={}",
+                token(&e.to_string(), MAX_ERROR_CHARS)
+            )?;
+            return out.flush();
+        }
+    };
+    writeln!(out, "imdsguard-probe hold=open target={addr}")?;
+    out.flush()?;
+    let mut buf = [0u8; 512];
+    // The peer echoes; nothing is sent, so a read returns only when the
+    // connection ends.
+    let (errno, detail) = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break (0, "eof".to_owned()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break (e.raw_os_error().unwrap_or(0), e.to_string()),
+        }
+    };
+    writeln!(
+        out,
+        "imdsguard-probe hold=closed errno={errno} detail={}",
+        token(&detail, MAX_ERROR_CHARS)
+    )?;
+    out.flush()
 }
 
 /// Whitespace and control characters become `_`, so every field is one

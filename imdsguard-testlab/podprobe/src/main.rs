@@ -1,7 +1,7 @@
 use std::io;
 use std::process::ExitCode;
 
-use imdsguard_podprobe::{ArgError, USAGE, parse_args, run};
+use imdsguard_podprobe::{ArgError, USAGE, hold, parse_args, run};
 
 fn main() -> ExitCode {
     let opts = match parse_args(std::env::args().skip(1)) {
@@ -16,7 +16,15 @@ fn main() -> ExitCode {
         }
     };
     exit_on_signals();
-    match run(&opts, &mut io::stdout().lock()) {
+    if let Some(addr) = opts.hold {
+        std::thread::spawn(move || {
+            if let Err(e) = hold(addr, &mut io::stdout()) {
+                eprintln!("imdsguard-podprobe: write stdout: {e}");
+            }
+        });
+    }
+    // Not locked for the whole run: the hold thread writes lines too.
+    match run(&opts, &mut io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("imdsguard-podprobe: write stdout: {e}");

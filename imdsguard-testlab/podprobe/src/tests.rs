@@ -90,7 +90,51 @@ fn opts(target: SocketAddr, burst: bool, count: u64) -> Options {
         interval: Duration::from_millis(10),
         burst,
         count: Some(count),
+        hold: None,
     }
+}
+
+#[test]
+fn hold_reports_open_then_closed() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        // The "revocation": the peer goes away with a reset.
+        std::thread::sleep(Duration::from_millis(50));
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: the fd is open while `conn` lives; a linger and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(conn);
+    });
+    let mut out = Vec::new();
+    hold(addr, &mut out).unwrap();
+    server.join().unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("imdsguard-probe hold=open"), "{text}");
+    assert_eq!(field(lines[1], "hold"), "closed", "{text}");
+    assert_eq!(field(lines[1], "errno"), libc::ECONNRESET.to_string(), "{text}");
+}
+
+#[test]
+fn hold_reports_a_refused_connect() {
+    let mut out = Vec::new();
+    hold(closed_port(), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(field(text.trim(), "hold"), "refused", "{text}");
 }
 
 /// The value of `key=` in a probe line.

@@ -71,8 +71,7 @@ pub fn verdicts(log: &str) -> Verdicts {
     }
 }
 
-/// Burst totals: the sum over every summary line (each counts the
-/// attempts since the one before).
+/// Burst totals: the latest summary line (each counts since the start).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Burst {
     pub attempts: u64,
@@ -84,13 +83,15 @@ pub struct Burst {
 pub fn burst(log: &str) -> Burst {
     parse_log(log)
         .iter()
-        .filter(|l| l.summary)
-        .fold(Burst::default(), |b, l| Burst {
-            attempts: b.attempts + l.num("attempts"),
-            ok: b.ok + l.num("ok"),
-            denied: b.denied + l.num("denied"),
-            error: b.error + l.num("error"),
+        .rev()
+        .find(|l| l.summary)
+        .map(|l| Burst {
+            attempts: l.num("attempts"),
+            ok: l.num("ok"),
+            denied: l.num("denied"),
+            error: l.num("error"),
         })
+        .unwrap_or_default()
 }
 
 impl std::ops::Sub for Burst {
@@ -121,9 +122,10 @@ mod tests {
     }
 
     #[test]
-    fn bursts_add_up() {
+    fn burst_is_the_latest_summary() {
         let log = "imdsguard-probe summary attempts=10 ok=0 denied=10 error=0\n\
-            imdsguard-probe summary attempts=5 ok=1 denied=4 error=0\n";
+            imdsguard-probe seq=12 first=0 verdict=ok\n\
+            imdsguard-probe summary attempts=15 ok=1 denied=14 error=0\n";
         assert_eq!(
             burst(log),
             Burst {
