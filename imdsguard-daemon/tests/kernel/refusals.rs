@@ -145,28 +145,44 @@ fn bad_environments_are_refused() {
         "Read-only file system",
     );
 
-    // The node agent on a node whose unified hierarchy has no kubepods
-    // (kubelet on cgroup v1, or no kubelet): discovery fails, clearly.
+    // The node agent without API access stops before it looks for (or
+    // waits for) the kubepods cgroup, so before anything is attached. A
+    // unified hierarchy without kubepods is no longer an error: the agent
+    // waits for it (kubernetes::node_agent_waits_for_a_kubepods_root_that_
+    // does_not_exist_yet, and the discovery wait's unit tests). A kubepods
+    // root that cannot appear on cgroup v2 still is one (below).
     let policy = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-policy.yaml"));
     std::fs::write(&policy, "rules: []\n").unwrap();
-    let out = daemon::command(
-        bin(),
-        &[
-            "node",
-            "--node-name",
-            "n",
-            "--policy",
-            &policy.display().to_string(),
-            "--pin-dir",
-            &lab.pin_dir().display().to_string(),
-        ],
-    )
-    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["node", "--node-name", "n", "--policy"])
+        .arg(&policy)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .env("KUBECONFIG", policy.with_extension("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("kubernetes client"), "{err}");
+    assert!(!err.contains("waiting for it"), "{err}");
+    let v1 = V1Mount::new();
+    let out = std::process::Command::new(bin())
+        .args(["node", "--node-name", "n", "--policy"])
+        .arg(&policy)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .arg("--kubepods-root")
+        .arg(v1.0.join("kubepods"))
+        .env("KUBECONFIG", policy.with_extension("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
     std::fs::remove_file(&policy).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("cannot find the pods' cgroups") && err.contains("kubepods"),
+        err.contains("is not on cgroup v2") && err.contains("can never appear there"),
         "{err}"
     );
 
