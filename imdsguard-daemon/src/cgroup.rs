@@ -48,7 +48,7 @@ pub fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -36,7 +36,7 @@ use super::{
     policy::Policy,
 };
 use crate::{
-    Error, Result, actor,
+    Error, Result, actor, bpffs,
     cgroup::CgroupDir,
     cli::NodeArgs,
     destinations::{self, Compiled},
@@ -61,6 +61,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // Everything that can be wrong with the input is checked before any
     // program is loaded: a bad policy refuses to start.
     let (policy_text, policy) = load_policy(&args)?;
+    bpffs::check_pin_mount(&args.pin_dir)?;
     let source = Kubepods::of(args.kubepods_root.as_deref())?;
     let client = Client::try_default().await.map_err(Error::Kube)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

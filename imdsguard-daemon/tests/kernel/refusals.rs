@@ -13,7 +13,81 @@ pub fn trials() -> Vec<Trial> {
             bad_input_is_refused_and_nothing_attached,
         ),
         trial("bad_environments_are_refused", bad_environments_are_refused),
+        trial(
+            "node_agent_checks_its_mounts_before_anything_else",
+            node_agent_checks_its_mounts_before_anything_else,
+        ),
     ]
+}
+
+/// Sets the propagation of the lab's own bpffs mount (MS_SHARED or
+/// MS_PRIVATE); nothing else is touched.
+fn propagate(path: &std::path::Path, flag: libc::c_ulong) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path; a propagation change takes no
+    // source, type or data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            flag,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// `imdsguard node` checks the pin directory's mount and the kubepods
+/// root's filesystem first: a private bpffs is a warning that names the
+/// fix, a pin directory off bpffs and a kubepods root that can never
+/// appear on cgroup v2 are errors. No API server is needed: the agent
+/// stops at its (missing) kubeconfig right after these checks.
+fn node_agent_checks_its_mounts_before_anything_else() {
+    let lab = lab("node-mounts");
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-node-mounts").unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, imdsguard_testlab::cluster::SEED_POLICY).unwrap();
+    let node = |pin_dir: &std::path::Path, kubepods: &std::path::Path| {
+        let out = std::process::Command::new(bin())
+            .args(["node", "--node-name", "n1", "--policy"])
+            .arg(&policy)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("--kubepods-root")
+            .arg(kubepods)
+            .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "no API server: it must stop");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let kubepods = lab.root().path().join("kubepods");
+
+    propagate(lab.bpffs(), libc::MS_PRIVATE);
+    let err = node(&lab.pin_dir(), &kubepods);
+    assert!(
+        err.contains("is private") && err.contains("mount --make-shared /sys/fs/bpf"),
+        "no warning for a private bpffs:\n{err}"
+    );
+    assert!(err.contains(&lab.bpffs().display().to_string()), "{err}");
+    assert!(err.contains("kubernetes client"), "{err}");
+
+    propagate(lab.bpffs(), libc::MS_SHARED);
+    let err = node(&lab.pin_dir(), &kubepods);
+    assert!(!err.contains("is private"), "{err}");
+    assert!(err.contains("kubernetes client"), "{err}");
+
+    let err = node(&dir.join("pins"), &kubepods);
+    assert!(err.contains("is not on a bpf filesystem"), "{err}");
+    assert!(!err.contains("kubernetes client"), "{err}");
+
+    let err = node(&lab.pin_dir(), &dir.join("kubepods"));
+    assert!(err.contains("is not on cgroup v2"), "{err}");
+    assert!(!err.contains("kubernetes client"), "{err}");
+    assert_nothing_attached(&lab);
 }
 
 fn run_expecting_failure(args: &[String], needle: &str) {
