@@ -7,7 +7,7 @@
 //! one overflow bucket. [`reporter`] reads the ring buffer and names the
 //! owners.
 
-mod reporter;
+pub mod reporter;
 
 pub use reporter::{Reporter, report};
 
