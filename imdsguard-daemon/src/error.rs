@@ -152,6 +152,15 @@ pub enum Error {
         source: Box<crate::k8s::policy::PolicyError>,
     },
 
+    #[error(
+        "the kubepods cgroup {root} does not exist yet, and its nearest existing ancestor {ancestor} is not on cgroup v2 (filesystem magic {magic:#x}), so it can never appear there; name the kubepods directory below the cgroup v2 mount (on hybrid hosts usually /sys/fs/cgroup/unified)"
+    )]
+    KubepodsNotOnCgroup2 {
+        root: PathBuf,
+        ancestor: PathBuf,
+        magic: u64,
+    },
+
     #[error("cannot find the pods' cgroups")]
     PodCgroup(#[source] crate::k8s::pod_cgroup::PodCgroupError),
 

@@ -2,7 +2,10 @@
 //! Three GET routes do not need a web framework; requests are tiny and
 //! every connection is closed after one response.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -19,7 +22,10 @@ use crate::{
 pub struct Endpoints {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub enforcer: EnforcerHandle,
+    /// Set once the programs are attached. The endpoints serve before that
+    /// (an agent waiting for its cgroup answers /readyz with 503), and the
+    /// kernel counters are left out of /metrics until then.
+    pub enforcer: Arc<OnceLock<EnforcerHandle>>,
 }
 
 pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
@@ -53,7 +59,9 @@ async fn handle(mut stream: TcpStream, e: Endpoints) {
     let path = request.split_whitespace().nth(1).unwrap_or("");
     let (status, content_type, body) = match path {
         "/metrics" => {
-            if let Ok(c) = e.enforcer.counters().await {
+            if let Some(enforcer) = e.enforcer.get()
+                && let Ok(c) = enforcer.counters().await
+            {
                 e.metrics.set_kernel_counters(&c);
             }
             (

@@ -34,9 +34,13 @@ pub struct WatchLabels {
 pub struct Metrics {
     registry: Registry,
     /// Reported decisions (ring-buffer events) by verdict, namespace and
-    /// destination. Events dropped by a full ring buffer are not here; the
-    /// kernel counters below are exact.
+    /// destination. A decision whose pod cannot be named is counted under
+    /// the namespace `(unattributed)`. Events dropped by a full ring buffer
+    /// are not here; the kernel counters below are exact.
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Decisions read before the pod store's first sync that did not fit
+    /// the hold buffer, so were counted unattributed at once.
+    pub decisions_held_overflow: Counter,
     /// The kernel's per-CPU verdict counters, summed at scrape time.
     pub kernel_verdicts: Family<VerdictLabels, Gauge>,
     pub ringbuf_dropped: Gauge,
@@ -66,6 +70,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("imdsguard");
         let m = Self {
             decisions: Family::default(),
+            decisions_held_overflow: Counter::default(),
             kernel_verdicts: Family::default(),
             ringbuf_dropped: Gauge::default(),
             allow_map_entries: Gauge::default(),
@@ -85,6 +90,11 @@ impl Metrics {
             "decisions",
             "Reported metadata-access decisions",
             m.decisions.clone(),
+        );
+        registry.register(
+            "decisions_held_overflow",
+            "Decisions read before the pod store synced that overflowed the hold buffer and were counted unattributed",
+            m.decisions_held_overflow.clone(),
         );
         registry.register(
             "kernel_verdicts",

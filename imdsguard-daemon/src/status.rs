@@ -261,6 +261,16 @@ fn path_or_unknown(p: &Option<PathBuf>) -> String {
         .map_or_else(|| "(not found)".into(), |p| p.display().to_string())
 }
 
+/// The POD column: the name when `--kubernetes` resolved it, else the UID
+/// from the cgroup name, else `-` (not a pod cgroup).
+fn pod_cell(a: &AllowedStatus) -> String {
+    match (&a.pod, &a.pod_uid) {
+        (Some(pod), _) => pod.clone(),
+        (None, Some(uid)) => format!("(uid {uid})"),
+        (None, None) => "-".into(),
+    }
+}
+
 /// Human-readable rendering.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
@@ -317,18 +327,21 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(o, "  {r}");
         }
     }
+    // As wide as the widest pod (names run to 317 characters), at least 40.
+    let pods: Vec<String> = s.allowed.iter().map(pod_cell).collect();
+    let w = pods.iter().map(String::len).max().unwrap_or(0).max(40);
     let _ = writeln!(
         o,
-        "\n{:>12}  {:<8} {:<40} CGROUP",
+        "\n{:>12}  {:<8} {:<w$} CGROUP",
         "CGROUP-ID", "ACTION", "POD"
     );
     if s.allowed.is_empty() {
         let _ = writeln!(o, "(no allow entries: every cgroup gets the default)");
     }
-    for a in &s.allowed {
+    for (a, pod) in s.allowed.iter().zip(&pods) {
         let _ = writeln!(
             o,
-            "{:>12}  {:<8} {}",
+            "{:>12}  {:<8} {pod:<w$} {}",
             a.cgroup_id,
             a.action,
             path_or_unknown(&a.cgroup)
@@ -388,4 +401,61 @@ pub async fn with_pod_names(status: &mut Status) -> Result<()> {
             });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(id: u64, pod: Option<&str>, uid: Option<&str>, cgroup: &str) -> AllowedStatus {
+        AllowedStatus {
+            cgroup_id: id,
+            action: "allow",
+            cgroup: Some(cgroup.into()),
+            pod_uid: uid.map(str::to_string),
+            pod: pod.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn table_rows_fill_the_pod_column() {
+        let uid = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
+        let s = Status {
+            policy: None,
+            pin_dir: "/sys/fs/bpf/imdsguard".into(),
+            default_action: "enforce",
+            scope: ScopeStatus::default(),
+            links: Vec::new(),
+            protected: Vec::new(),
+            allowed: vec![
+                allowed(11, Some("imds/prod-1"), Some(uid), "/cg/kubepods/pod-a"),
+                allowed(12, None, Some(uid), "/cg/kubepods/pod-b"),
+                allowed(13, None, None, "/cg/other"),
+            ],
+            counters: Counters::default(),
+        };
+        let out = render(&s);
+        let lines: Vec<&str> = out.lines().collect();
+        let header = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("CGROUP-ID"))
+            .expect("allow table header");
+        let col = |l: &str, name: &str| {
+            let at = lines[header].rfind(name).unwrap();
+            l.get(at..)
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        let rows = &lines[header + 1..header + 4];
+        assert_eq!(col(rows[0], "POD"), "imds/prod-1", "{out}");
+        assert_eq!(col(rows[0], "CGROUP"), "/cg/kubepods/pod-a", "{out}");
+        assert_eq!(col(rows[1], "POD"), "(uid", "{out}");
+        assert!(rows[1].contains(&format!("(uid {uid})")), "{out}");
+        assert_eq!(col(rows[1], "CGROUP"), "/cg/kubepods/pod-b", "{out}");
+        assert_eq!(col(rows[2], "POD"), "-", "{out}");
+        assert_eq!(col(rows[2], "CGROUP"), "/cg/other", "{out}");
+    }
 }

@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use anyhow::Context as _;
+
 use k8s_openapi::{
     api::{
         core::v1::{Container, Namespace, Node, Pod, PodSpec, ResourceRequirements},
@@ -51,6 +53,24 @@ pub fn start_agent(
     scratch: &Path,
     extra: &[&str],
 ) -> anyhow::Result<crate::daemon::Daemon> {
+    let mut d = spawn_agent(bin, api, lab, kubepods, policy, scratch, extra)?;
+    d.wait_for(std::time::Duration::from_secs(30), |v| {
+        crate::daemon::message(v) == Some("ready")
+    })
+    .context("the node agent did not become ready")?;
+    Ok(d)
+}
+
+/// [`start_agent`] without waiting for the `ready` line.
+pub fn spawn_agent(
+    bin: &Path,
+    api: &KubeApiserver,
+    lab: &Lab,
+    kubepods: &Path,
+    policy: &Path,
+    scratch: &Path,
+    extra: &[&str],
+) -> anyhow::Result<crate::daemon::Daemon> {
     let kubeconfig = scratch.join("daemon.kubeconfig");
     api.write_kubeconfig(&kubeconfig, api.daemon_token())?;
     let mut args: Vec<String> = [
@@ -67,7 +87,7 @@ pub fn start_agent(
     .to_vec();
     args.extend(extra.iter().map(|s| s.to_string()));
     let kc = kubeconfig.display().to_string();
-    crate::daemon::Daemon::start_subcommand(bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
+    crate::daemon::Daemon::spawn_subcommand(bin, "node", &args, &[("KUBECONFIG", kc.as_str())])
 }
 
 pub struct Cluster {

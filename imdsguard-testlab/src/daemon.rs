@@ -32,6 +32,20 @@ impl Daemon {
         args: &[String],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut d = Self::spawn_subcommand(bin, subcommand, args, envs)?;
+        d.wait_for(Duration::from_secs(30), |v| message(v) == Some("ready"))
+            .context("daemon did not become ready")?;
+        Ok(d)
+    }
+
+    /// Starts `bin SUBCOMMAND ARGS` like [`Daemon::start_subcommand`], but
+    /// returns at once: for tests of what it does before it is ready.
+    pub fn spawn_subcommand(
+        bin: &Path,
+        subcommand: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .arg("--log-format")
             .arg("json")
@@ -52,10 +66,7 @@ impl Daemon {
                 sink.lock().expect("log lock").push(v);
             }
         });
-        let mut d = Self { child, logs };
-        d.wait_for(Duration::from_secs(30), |v| message(v) == Some("ready"))
-            .context("daemon did not become ready")?;
-        Ok(d)
+        Ok(Self { child, logs })
     }
 
     pub fn pid(&self) -> u32 {

@@ -10,7 +10,7 @@
 //! - the reconciler recomputes the whole allow map from the full stores.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -31,18 +31,19 @@ use tracing::{error, info, warn};
 use super::{
     attribution::PodAttributor,
     cgroup_watch, desired,
-    pod_cgroup::{KubepodsLayout, discover},
+    kubepods_wait::{self, Kubepods},
+    pod_cgroup::KubepodsLayout,
     policy::Policy,
 };
 use crate::{
-    Error, Result, actor,
-    cgroup::{CgroupDir, primary_cgroup2_mount},
+    Error, Result, actor, bpffs,
+    cgroup::CgroupDir,
     cli::NodeArgs,
     destinations::{self, Compiled},
     enforcer::{Attachment, Desired, Enforcer},
     events, http,
     metrics::{Health, Metrics, WatchLabels},
-    pins::PinLayout,
+    pins::{Hook, PinLayout},
 };
 
 fn load_policy(args: &NodeArgs) -> Result<(String, Policy)> {
@@ -60,13 +61,70 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // Everything that can be wrong with the input is checked before any
     // program is loaded: a bad policy refuses to start.
     let (policy_text, policy) = load_policy(&args)?;
-    let layout = match &args.kubepods_root {
-        Some(p) => KubepodsLayout::at(p),
-        None => discover(&primary_cgroup2_mount()?.mount_point),
-    }
-    .map_err(Error::PodCgroup)?;
-    let root = CgroupDir::open(layout.root())?;
+    bpffs::check_pin_mount(&args.pin_dir)?;
+    let source = Kubepods::of(args.kubepods_root.as_deref())?;
     let client = Client::try_default().await.map_err(Error::Kube)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Syscall {
+            call: "sigaction(SIGTERM)",
+            source,
+        })?;
+
+    // The endpoints serve from the start: an agent that waits for its
+    // cgroup is alive (/healthz) but not ready (/readyz).
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new(
+        Hook::wanted(
+            args.udp,
+            args.deny_raw_sockets || args.judge_socket_creators,
+        )
+        .len() as u32,
+    );
+    let enforcer_slot = Arc::new(OnceLock::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(Error::io(
+            "listen on --metrics-addr",
+            args.metrics_addr.to_string(),
+        ))?;
+    let metrics_addr = listener.local_addr().map_err(Error::io(
+        "listen on --metrics-addr",
+        args.metrics_addr.to_string(),
+    ))?;
+    tokio::spawn(http::serve(
+        listener,
+        http::Endpoints {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            enforcer: enforcer_slot.clone(),
+        },
+    ));
+    info!(metrics_addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let waited = Instant::now();
+    let mut announced = false;
+    let found = kubepods_wait::find(&source, |dirs| {
+        announced = true;
+        warn!(
+            kubepods_root = %source.describe(),
+            watching = %dirs[0].display(),
+            watched_dirs = dirs.len(),
+            "the kubepods cgroup does not exist yet in the cgroup v2 hierarchy (on hybrid cgroup hosts runc creates it with the node's first container); waiting for it: nothing is attached and /readyz answers 503 until it appears"
+        );
+    });
+    let layout = tokio::select! {
+        r = found => r.map_err(Error::PodCgroup)?,
+        _ = tokio::signal::ctrl_c() => return exit_while_waiting(&source),
+        _ = term.recv() => return exit_while_waiting(&source),
+    };
+    if announced {
+        info!(
+            kubepods_root = %layout.root().display(),
+            waited_ms = waited.elapsed().as_millis() as u64,
+            "the kubepods cgroup appeared; attaching"
+        );
+    }
+    let root = CgroupDir::open(layout.root())?;
 
     // Pinned allow entries are kept until the first full sync: a restarted
     // agent must not revoke pods it has not seen yet.
@@ -85,11 +143,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
     let ring = enforcer.take_events()?;
-    let metrics = Arc::new(Metrics::new());
     metrics
         .protected_prefixes
         .set(desired.destinations.entries.len() as i64);
-    let health = Health::new(enforcer.wanted_hooks().len() as u32);
     let observers = actor::Observers {
         metrics: metrics.clone(),
         health: health.clone(),
@@ -124,24 +180,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         Some(observers.clone()),
         revoker.as_ref().map(|(r, _)| r.clone()),
     );
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(Error::io(
-            "listen on --metrics-addr",
-            args.metrics_addr.to_string(),
-        ))?;
-    let metrics_addr = listener.local_addr().map_err(Error::io(
-        "listen on --metrics-addr",
-        args.metrics_addr.to_string(),
-    ))?;
-    tokio::spawn(http::serve(
-        listener,
-        http::Endpoints {
-            metrics: metrics.clone(),
-            health,
-            enforcer: handle.clone(),
-        },
-    ));
+    // Set once, here; nothing else sets it.
+    let _ = enforcer_slot.set(handle.clone());
 
     let trigger = Arc::new(Notify::new());
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
@@ -235,11 +275,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         "enforcer"
     }));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Syscall {
-            call: "sigaction(SIGTERM)",
-            source,
-        })?;
     let (stopped, _, _) = tokio::select! {
         r = futures::future::select_all(tasks) => r,
         _ = tokio::signal::ctrl_c() => ("signal", 0, Vec::new()),
@@ -248,6 +283,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     info!(
         stopped,
         "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall`)"
+    );
+    Ok(())
+}
+
+fn exit_while_waiting(source: &Kubepods) -> Result<()> {
+    info!(
+        kubepods_root = %source.describe(),
+        "exiting while waiting for the kubepods cgroup; nothing was attached"
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     Resource as _,
@@ -22,7 +23,7 @@ use tracing::debug;
 use super::pod_cgroup::{container_id_of, parse_pod_dir};
 use crate::{
     cgroup::paths_of_ids,
-    events::{Attribution, Attributor, Decision, Verdict},
+    events::{Attribution, Attributor, CONTAINER_NOT_IN_STATUS, Decision, Verdict},
     revoke::sweep::Revoked,
 };
 
@@ -67,6 +68,23 @@ impl PodAttributor {
     }
 }
 
+/// The name of the container with runtime id `id` in the pod's status
+/// (`containerd://<id>`, `cri-o://<id>`, ...), init containers included.
+fn container_name(pod: &Pod, id: &str) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| {
+            c.container_id
+                .as_deref()
+                .is_some_and(|cid| cid.rsplit_once("://").map_or(cid, |(_, c)| c) == id)
+        })
+        .map(|c| c.name.clone())
+}
+
 /// The pod directory among `path`'s ancestors, and the container directory
 /// just below it, if any.
 fn split_pod_path(path: &Path) -> Option<(PathBuf, Option<String>)> {
@@ -85,16 +103,24 @@ fn split_pod_path(path: &Path) -> Option<(PathBuf, Option<String>)> {
     None
 }
 
+/// Why a decision's pod is not named.
+pub const NOT_SYNCED: &str = "pod store not synced yet";
+const NO_CGROUP: &str = "cgroup not found below the kubepods root (removed)";
+const NOT_A_POD: &str = "not a pod cgroup";
+const NOT_IN_STORE: &str = "pod not in the pod store";
+
 impl Attributor for PodAttributor {
     fn attribute(&mut self, cgroup_id: u64) -> Attribution {
         let Some(path) = self.path_of(cgroup_id) else {
             return Attribution {
                 cgroup: format!("(cgroup id {cgroup_id})"),
+                unattributed: Some(NO_CGROUP),
                 ..Default::default()
             };
         };
         let mut who = Attribution {
             cgroup: path.display().to_string(),
+            unattributed: Some(NOT_A_POD),
             ..Default::default()
         };
         let Some((pod_dir, container_id)) = split_pod_path(&path) else {
@@ -103,32 +129,37 @@ impl Attributor for PodAttributor {
         let Some((uid, _)) = parse_pod_dir(&pod_dir) else {
             return who;
         };
-        if let Some(pod) = self.pod_by_uid(uid.as_str()) {
-            who.pod = Some(format!(
-                "{}/{}",
-                pod.metadata.namespace.as_deref().unwrap_or(""),
-                pod.metadata.name.as_deref().unwrap_or("")
-            ));
-            who.container = container_id.as_deref().and_then(|id| {
-                let status = pod.status.as_ref()?;
-                let all = status
-                    .container_statuses
-                    .iter()
-                    .flatten()
-                    .chain(status.init_container_statuses.iter().flatten());
-                all.into_iter()
-                    .find(|c| {
-                        c.container_id
-                            .as_deref()
-                            .is_some_and(|cid| cid.ends_with(id))
-                    })
-                    .map(|c| c.name.clone())
-            });
-            if who.container.is_none() {
-                who.container = container_id;
-            }
+        who.container_id = container_id;
+        if !self.synced() {
+            who.unattributed = Some(NOT_SYNCED);
+            return who;
         }
+        let Some(pod) = self.pod_by_uid(uid.as_str()) else {
+            who.unattributed = Some(NOT_IN_STORE);
+            return who;
+        };
+        who.unattributed = None;
+        who.pod = Some(format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or(""),
+            pod.metadata.name.as_deref().unwrap_or("")
+        ));
+        // The id is kept either way: a container the status does not list
+        // yet is named by a later look (see events::reporter).
+        who.container = who
+            .container_id
+            .as_deref()
+            .and_then(|id| container_name(&pod, id));
         who
+    }
+
+    fn synced(&self) -> bool {
+        // Ready once the first full list is in; polling the readiness future
+        // once does not wait.
+        self.pods
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|r| r.is_ok())
     }
 
     fn reported(&mut self, d: &Decision, who: &Attribution) {
@@ -172,8 +203,11 @@ impl Attributor for PodAttributor {
             type_: EventType::Warning,
             reason: reason.into(),
             note: Some(format!(
-                "{note} (comm {}, {} {})",
-                d.comm, d.protocol, d.hook
+                "{note} ({}comm {}, {} {})",
+                container_note(who),
+                d.comm,
+                d.protocol,
+                d.hook
             )),
             action: "Connect".into(),
             secondary: None,
@@ -231,6 +265,16 @@ impl PodAttributor {
     }
 }
 
+/// `container NAME, `; or the id, when the pod's status did not list it
+/// in time; or nothing for a pod-level cgroup.
+fn container_note(who: &Attribution) -> String {
+    match (&who.container, &who.container_id) {
+        (Some(name), _) => format!("container {name}, "),
+        (None, Some(id)) => format!("container id {id} {CONTAINER_NOT_IN_STATUS}, "),
+        (None, None) => String::new(),
+    }
+}
+
 fn publish(recorder: Recorder, event: Event, reference: ObjectReference) {
     tokio::spawn(async move {
         if let Err(e) = recorder.publish(&event, &reference).await {
@@ -255,5 +299,77 @@ mod tests {
             Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
         );
         assert!(split_pod_path(Path::new("/sys/fs/cgroup/kubepods.slice")).is_none());
+    }
+
+    const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
+    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn pod(container_listed: bool) -> Pod {
+        let status = if container_listed {
+            serde_json::json!({"containerStatuses": [{
+                "name": "app", "containerID": format!("containerd://{CID}"),
+                "image": "i", "imageID": "", "ready": true, "restartCount": 0
+            }]})
+        } else {
+            serde_json::json!({})
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "imds", "name": "test-1", "uid": UID},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn names_the_pod_once_synced_and_the_container_once_listed() {
+        use kube::runtime::{reflector, watcher};
+        use std::os::unix::fs::MetadataExt as _;
+
+        let root = std::env::temp_dir().join(format!(
+            "imdsguard-attribution-{}/kubepods",
+            std::process::id()
+        ));
+        let ctr = root.join(format!("besteffort/pod{UID}/{CID}"));
+        std::fs::create_dir_all(&ctr).unwrap();
+        let id = std::fs::metadata(&ctr).unwrap().ino();
+
+        let (store, mut writer) = reflector::store::<Pod>();
+        let mut a = PodAttributor::new(root.clone(), store, None);
+        // Before the first full list: the pod is not named, and says why.
+        assert!(!a.synced());
+        let who = a.attribute(id);
+        assert_eq!(
+            (who.pod.as_deref(), who.unattributed),
+            (None, Some(NOT_SYNCED))
+        );
+        assert_eq!(who.namespace(), crate::events::UNATTRIBUTED);
+        assert_eq!(who.container_id.as_deref(), Some(CID));
+
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(pod(false)));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(a.synced());
+        // The status does not list the container yet: the id is kept, and
+        // the name is awaited.
+        let who = a.attribute(id);
+        assert_eq!(who.pod.as_deref(), Some("imds/test-1"));
+        assert_eq!(who.namespace(), "imds");
+        assert_eq!(
+            (who.container.as_deref(), who.container_id.as_deref()),
+            (None, Some(CID))
+        );
+        assert!(who.awaits_container_name());
+        assert_eq!(
+            container_note(&who),
+            format!("container id {CID} (not yet in pod status), ")
+        );
+
+        writer.apply_watcher_event(&watcher::Event::Apply(pod(true)));
+        let who = a.attribute(id);
+        assert_eq!(who.container.as_deref(), Some("app"));
+        assert!(!who.awaits_container_name());
+        assert_eq!(container_note(&who), "container app, ");
+
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
     }
 }

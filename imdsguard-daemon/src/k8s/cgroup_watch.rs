@@ -4,6 +4,11 @@
 //! closed, so an allowed pod is denied until its cgroup is in the map. inotify
 //! on the kubepods root and its QoS directories makes that wait as short as
 //! a reconcile, instead of a polling period.
+//!
+//! Pod directories themselves are not watched. So the empty `pod<uid>`
+//! directories that pile up in the unified hierarchy of hybrid hosts (runc
+//! creates them, nobody removes them) hold no watch and raise no event
+//! once their pod is gone.
 
 use std::{ffi::OsStr, sync::Arc};
 

@@ -121,3 +121,63 @@ pub fn pod_cgroup(
             .find_map(|p| root.descendant(p)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use imdsguard_common::action;
+
+    use super::*;
+
+    const POLICY: &str = "defaultMode: enforce\nrules:\n  - name: prod\n    podSelector:\n      matchLabels: {app: prod}\n    access: allow\n";
+
+    fn uid(n: u32) -> String {
+        format!("3f2a1b4c-5d6e-4f70-8a9b-{n:012x}")
+    }
+
+    /// Hybrid hosts leave empty `pod<uid>` directories behind in the
+    /// unified hierarchy. The desired state comes from the pods in the
+    /// store alone: a leftover gets no entry, and is never looked at.
+    #[test]
+    fn leftover_pod_directories_get_nothing() {
+        let base = std::env::temp_dir().join(format!("imdsguard-desired-{}", std::process::id()));
+        let root_path = base.join("kubepods");
+        for n in 0..50 {
+            std::fs::create_dir_all(root_path.join(format!("besteffort/pod{}", uid(n)))).unwrap();
+        }
+        let root = CgroupDir {
+            id: std::fs::metadata(&root_path).unwrap().ino(),
+            path: root_path.clone(),
+            level: 1,
+        };
+        let layout = KubepodsLayout::at(&root_path).unwrap();
+        let live: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "imds", "name": "prod-1", "uid": uid(7), "labels": {"app": "prod"}},
+            "status": {"qosClass": "BestEffort"},
+        }))
+        .unwrap();
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "imds"}})).unwrap();
+        let want = compute(
+            &Policy::from_yaml(POLICY).unwrap(),
+            &[Arc::new(live)],
+            &[Arc::new(ns)],
+            &root,
+            &layout,
+        );
+        let live_dir = root_path.join(format!("besteffort/pod{}", uid(7)));
+        assert_eq!(
+            want.allowed,
+            BTreeMap::from([(
+                std::fs::metadata(&live_dir).unwrap().ino(),
+                AllowTarget {
+                    level: 3,
+                    action: action::ALLOW
+                }
+            )])
+        );
+        assert_eq!(want.decisions.len(), 1);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

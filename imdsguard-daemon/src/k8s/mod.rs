@@ -6,6 +6,7 @@ pub mod agent;
 pub mod attribution;
 pub mod cgroup_watch;
 pub mod desired;
+pub mod kubepods_wait;
 mod names;
 pub mod pod_cgroup;
 pub mod policy;

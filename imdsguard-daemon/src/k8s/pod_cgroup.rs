@@ -190,6 +190,15 @@ impl KubepodsLayout {
         Self::from_root(&root).ok_or(PodCgroupError::UnknownDriver { path: root })
     }
 
+    /// The layout a kubepods directory at `root` will have, without looking
+    /// at the filesystem: for a root that does not exist yet. The driver
+    /// still comes from the name, so a misspelt root is refused at once
+    /// instead of being waited for.
+    pub fn named(root: impl Into<PathBuf>) -> Result<Self, PodCgroupError> {
+        let root = root.into();
+        Self::from_root(&root).ok_or(PodCgroupError::UnknownDriver { path: root })
+    }
+
     fn from_root(root: &Path) -> Option<Self> {
         let (driver, slice_prefix) = kubepods_kind(root.file_name()?.to_str()?)?;
         Some(Self {
@@ -255,11 +264,44 @@ fn kubepods_kind(name: &str) -> Option<(CgroupDriver, String)> {
 /// cgroups and kubepods directories are not searched: a kubelet running
 /// inside a pod is not this node's kubelet.
 pub fn discover(cgroup2_mount: &Path) -> Result<KubepodsLayout, PodCgroupError> {
+    scan(cgroup2_mount)?.verdict(cgroup2_mount)
+}
+
+/// One discovery pass below a cgroup2 mount.
+pub(crate) struct Scan {
+    /// Every kubepods directory found, sorted.
+    pub found: Vec<KubepodsLayout>,
+    /// Every directory listed: a kubepods cgroup that appears later shows
+    /// up in one of these.
+    pub listed: Vec<PathBuf>,
+}
+
+impl Scan {
+    /// Exactly one kubepods directory, or why not.
+    pub fn verdict(mut self, cgroup2_mount: &Path) -> Result<KubepodsLayout, PodCgroupError> {
+        match self.found.len() {
+            0 => Err(PodCgroupError::NoKubepods {
+                mount: cgroup2_mount.into(),
+                max_depth: DISCOVER_MAX_DEPTH,
+            }),
+            1 => Ok(self.found.remove(0)),
+            _ => Err(PodCgroupError::AmbiguousKubepods {
+                mount: cgroup2_mount.into(),
+                found: self.found.into_iter().map(|l| l.root).collect(),
+            }),
+        }
+    }
+}
+
+/// Breadth-first, at most [`DISCOVER_MAX_DEPTH`] levels down; errors only
+/// when the mount itself cannot be read.
+pub(crate) fn scan(cgroup2_mount: &Path) -> Result<Scan, PodCgroupError> {
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| PodCgroupError::Io { op, path, source }
     };
     let mut found = Vec::new();
+    let mut listed = Vec::new();
     let mut queue = VecDeque::from([(cgroup2_mount.to_path_buf(), 0)]);
     while let Some((dir, depth)) = queue.pop_front() {
         let entries = match fs::read_dir(&dir) {
@@ -267,6 +309,7 @@ pub fn discover(cgroup2_mount: &Path) -> Result<KubepodsLayout, PodCgroupError> 
             Err(e) if e.kind() == io::ErrorKind::NotFound && depth > 0 => continue,
             other => other.map_err(io("read", &dir))?,
         };
+        listed.push(dir.clone());
         for entry in entries {
             let entry = entry.map_err(io("read", &dir))?;
             // file_type() does not follow symlinks: the walk stays in the tree.
@@ -289,17 +332,7 @@ pub fn discover(cgroup2_mount: &Path) -> Result<KubepodsLayout, PodCgroupError> 
         }
     }
     found.sort_by(|a, b| a.root.cmp(&b.root));
-    match found.len() {
-        0 => Err(PodCgroupError::NoKubepods {
-            mount: cgroup2_mount.into(),
-            max_depth: DISCOVER_MAX_DEPTH,
-        }),
-        1 => Ok(found.remove(0)),
-        _ => Err(PodCgroupError::AmbiguousKubepods {
-            mount: cgroup2_mount.into(),
-            found: found.into_iter().map(|l| l.root).collect(),
-        }),
-    }
+    Ok(Scan { found, listed })
 }
 
 fn is_pod_dir_name(name: &str) -> bool {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use imdsguard_testlab::{
     cgroups::TestCgroup,
-    cluster::{Cluster, SEED_POLICY, pod_cgroup, start_agent},
+    cluster::{Cluster, SEED_POLICY, pod_cgroup, spawn_agent, start_agent},
     kube_apiserver::KubeApiserver,
     lab::Lab,
     probe::Outcome,
@@ -25,6 +25,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "node_agent_finds_every_qos_class_under_both_drivers",
             node_agent_finds_every_qos_class_under_both_drivers,
+        ),
+        trial(
+            "node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet",
+            node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet,
         ),
     ]
 }
@@ -408,6 +412,93 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
         .unwrap();
         assert!(out.status.success());
     }
+}
+
+/// A hybrid cgroup host where kubelet runs with `--cgroup-root=/node` and
+/// the cgroupfs driver: the unified `node/kubepods` directory appears only
+/// when runc starts the node's first container, parents and all. A host
+/// agent started before that waits (not ready, nothing attached), then
+/// attaches and judges the pods below it.
+fn node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet() {
+    let lab = lab("k8s-wait");
+    let api = KubeApiserver::start()
+        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
+    let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
+    cluster.apply_rbac();
+    cluster.create_namespace("imds");
+    let prod_uid = cluster.create_pod("imds", "prod-1", "prod");
+    let test_uid = cluster.create_pod("imds", "test-1", "test");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, SEED_POLICY).unwrap();
+
+    let kubepods = lab.root().path().join("node/kubepods");
+    let mut d = spawn_agent(
+        bin(),
+        &api,
+        &lab,
+        &kubepods,
+        &policy,
+        dir.path(),
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .expect("spawn the node agent");
+    let serving = d
+        .wait_for(Duration::from_secs(10), |v| {
+            v["message"] == "serving /metrics, /healthz and /readyz"
+        })
+        .unwrap();
+    let addr = serving["metrics_addr"].as_str().unwrap().to_string();
+    let waiting = d
+        .wait_for(Duration::from_secs(10), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the kubepods cgroup does not exist yet"))
+        })
+        .unwrap();
+    assert_eq!(
+        waiting["kubepods_root"].as_str(),
+        Some(kubepods.display().to_string().as_str()),
+        "{waiting}"
+    );
+    // The nearest existing ancestor is what is watched.
+    assert_eq!(
+        waiting["watching"].as_str(),
+        Some(lab.root().path().display().to_string().as_str()),
+        "{waiting}"
+    );
+    // While it waits: alive, not ready, nothing attached or pinned.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(&addr, "/readyz").starts_with("HTTP/1.1 503"));
+    assert_nothing_attached(&lab);
+    assert!(!lab.pin_dir().join("links").exists());
+    assert!(!d.logs().iter().any(|v| v["message"] == "ready"));
+
+    // runc starts the first containers: their paths, parents included.
+    let ctr = |uid: &str, id: &str| {
+        lab.cgroup(&format!(
+            "node/kubepods/besteffort/pod{uid}/{}",
+            id.repeat(4)
+        ))
+        .unwrap()
+    };
+    let test = ctr(&test_uid, "0123456789abcdef");
+    let prod = ctr(&prod_uid, "fedcba9876543210");
+    d.wait_for(Duration::from_secs(10), |v| v["message"] == "ready")
+        .expect("ready once the kubepods cgroup appeared");
+    let appeared = d
+        .logs()
+        .into_iter()
+        .find(|v| v["message"] == "the kubepods cgroup appeared; attaching")
+        .expect("the wait's end is logged");
+    assert_eq!(
+        appeared["kubepods_root"].as_str(),
+        Some(kubepods.display().to_string().as_str())
+    );
+    assert!(http_get(&addr, "/readyz").starts_with("HTTP/1.1 200"));
+    eventually(&lab, &test, false);
+    eventually(&lab, &prod, true);
 }
 
 /// A bare HTTP GET against the agent's metrics address (host loopback).

@@ -21,7 +21,70 @@ pub fn trials() -> Vec<Trial> {
             a_denial_flood_is_counted_exactly,
         ),
         trial("uninstall_removes_everything", uninstall_removes_everything),
+        trial(
+            "text_logs_have_no_colour_off_a_terminal",
+            text_logs_have_no_colour_off_a_terminal,
+        ),
     ]
+}
+
+/// `run` with text logs into a pipe (a log file, `kubectl logs`): the
+/// ready line and a denial (a WARN, coloured on a terminal) carry no ANSI
+/// escapes.
+fn text_logs_have_no_colour_off_a_terminal() {
+    use std::io::{BufRead as _, BufReader};
+
+    let lab = lab("nocolour");
+    let test = lab.cgroup("test").unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["--log-format", "text", "run", "--cgroup-root"])
+        .arg(lab.root().path())
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let wait_for = |what: &str, lines: &mut Vec<String>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !lines.iter().any(|l| l.contains(what)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(e) => panic!("no {what:?} line ({e}): {lines:#?}"),
+            }
+        }
+    };
+    wait_for(" ready", &mut lines);
+    assert_eperm(&lab, Some(&test), "tcp", "169.254.169.254:80");
+    wait_for("metadata access denied", &mut lines);
+    let coloured: Vec<&String> = lines.iter().filter(|l| l.contains('\x1b')).collect();
+    assert!(coloured.is_empty(), "ANSI escapes in {coloured:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains(" WARN ")),
+        "the denial is a plain WARN line: {lines:#?}"
+    );
 }
 
 fn enforcement_survives_sigkill() {

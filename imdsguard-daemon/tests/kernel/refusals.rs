@@ -13,7 +13,81 @@ pub fn trials() -> Vec<Trial> {
             bad_input_is_refused_and_nothing_attached,
         ),
         trial("bad_environments_are_refused", bad_environments_are_refused),
+        trial(
+            "node_agent_checks_its_mounts_before_anything_else",
+            node_agent_checks_its_mounts_before_anything_else,
+        ),
     ]
+}
+
+/// Sets the propagation of the lab's own bpffs mount (MS_SHARED or
+/// MS_PRIVATE); nothing else is touched.
+fn propagate(path: &std::path::Path, flag: libc::c_ulong) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path; a propagation change takes no
+    // source, type or data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            flag,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// `imdsguard node` checks the pin directory's mount and the kubepods
+/// root's filesystem first: a private bpffs is a warning that names the
+/// fix, a pin directory off bpffs and a kubepods root that can never
+/// appear on cgroup v2 are errors. No API server is needed: the agent
+/// stops at its (missing) kubeconfig right after these checks.
+fn node_agent_checks_its_mounts_before_anything_else() {
+    let lab = lab("node-mounts");
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-node-mounts").unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, imdsguard_testlab::cluster::SEED_POLICY).unwrap();
+    let node = |pin_dir: &std::path::Path, kubepods: &std::path::Path| {
+        let out = std::process::Command::new(bin())
+            .args(["node", "--node-name", "n1", "--policy"])
+            .arg(&policy)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("--kubepods-root")
+            .arg(kubepods)
+            .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "no API server: it must stop");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let kubepods = lab.root().path().join("kubepods");
+
+    propagate(lab.bpffs(), libc::MS_PRIVATE);
+    let err = node(&lab.pin_dir(), &kubepods);
+    assert!(
+        err.contains("is private") && err.contains("mount --make-shared /sys/fs/bpf"),
+        "no warning for a private bpffs:\n{err}"
+    );
+    assert!(err.contains(&lab.bpffs().display().to_string()), "{err}");
+    assert!(err.contains("kubernetes client"), "{err}");
+
+    propagate(lab.bpffs(), libc::MS_SHARED);
+    let err = node(&lab.pin_dir(), &kubepods);
+    assert!(!err.contains("is private"), "{err}");
+    assert!(err.contains("kubernetes client"), "{err}");
+
+    let err = node(&dir.join("pins"), &kubepods);
+    assert!(err.contains("is not on a bpf filesystem"), "{err}");
+    assert!(!err.contains("kubernetes client"), "{err}");
+
+    let err = node(&lab.pin_dir(), &dir.join("kubepods"));
+    assert!(err.contains("is not on cgroup v2"), "{err}");
+    assert!(!err.contains("kubernetes client"), "{err}");
+    assert_nothing_attached(&lab);
 }
 
 fn run_expecting_failure(args: &[String], needle: &str) {
@@ -145,28 +219,44 @@ fn bad_environments_are_refused() {
         "Read-only file system",
     );
 
-    // The node agent on a node whose unified hierarchy has no kubepods
-    // (kubelet on cgroup v1, or no kubelet): discovery fails, clearly.
+    // The node agent without API access stops before it looks for (or
+    // waits for) the kubepods cgroup, so before anything is attached. A
+    // unified hierarchy without kubepods is no longer an error: the agent
+    // waits for it (kubernetes::node_agent_waits_for_a_kubepods_root_that_
+    // does_not_exist_yet, and the discovery wait's unit tests). A kubepods
+    // root that cannot appear on cgroup v2 still is one (below).
     let policy = std::env::temp_dir().join(imdsguard_testlab::unique("imdsguard-policy.yaml"));
     std::fs::write(&policy, "rules: []\n").unwrap();
-    let out = daemon::command(
-        bin(),
-        &[
-            "node",
-            "--node-name",
-            "n",
-            "--policy",
-            &policy.display().to_string(),
-            "--pin-dir",
-            &lab.pin_dir().display().to_string(),
-        ],
-    )
-    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["node", "--node-name", "n", "--policy"])
+        .arg(&policy)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .env("KUBECONFIG", policy.with_extension("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("kubernetes client"), "{err}");
+    assert!(!err.contains("waiting for it"), "{err}");
+    let v1 = V1Mount::new();
+    let out = std::process::Command::new(bin())
+        .args(["node", "--node-name", "n", "--policy"])
+        .arg(&policy)
+        .arg("--pin-dir")
+        .arg(lab.pin_dir())
+        .arg("--kubepods-root")
+        .arg(v1.0.join("kubepods"))
+        .env("KUBECONFIG", policy.with_extension("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
     std::fs::remove_file(&policy).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("cannot find the pods' cgroups") && err.contains("kubepods"),
+        err.contains("is not on cgroup v2") && err.contains("can never appear there"),
         "{err}"
     );
 

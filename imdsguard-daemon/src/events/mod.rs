@@ -4,7 +4,12 @@
 //! The first event of each (cgroup, destination, verdict) in a window is
 //! logged at once; repeats are counted and summarised when the window
 //! closes. Memory is bounded by `MAX_KEYS`; past it, repeats are counted in
-//! one overflow bucket.
+//! one overflow bucket. [`reporter`] reads the ring buffer and names the
+//! owners.
+
+pub mod reporter;
+
+pub use reporter::{Reporter, report};
 
 use std::{
     collections::HashMap,
@@ -13,18 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::sync::Arc;
-
-use aya::maps::{MapData, RingBuf};
 use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, cause, hook, verdict};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
-use tracing::{error, info, warn};
 
-use crate::{
-    destinations::addr_of_words,
-    metrics::{DecisionLabels, Metrics},
-};
+use crate::destinations::addr_of_words;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,12 +202,56 @@ pub struct Attribution {
     pub cgroup: String,
     /// `namespace/name`, in Kubernetes mode.
     pub pod: Option<String>,
+    /// The container's name, once the pod's status lists it.
     pub container: Option<String>,
+    /// The container id from the cgroup's name (64 hex digits).
+    pub container_id: Option<String>,
+    /// Why no pod is named, in Kubernetes mode (e.g. the pod store has not
+    /// synced yet); goes into the log line's `attribution` field.
+    pub unattributed: Option<&'static str>,
+}
+
+/// The namespace label of a decision whose pod could not be named: explicit,
+/// so that such decisions are counted under a name nobody mistakes for a
+/// namespace (Kubernetes names cannot hold parentheses).
+pub const UNATTRIBUTED: &str = "(unattributed)";
+
+/// What the `container` field says of a container that the pod's status
+/// does not list (yet); `container_id` then carries the id.
+pub const CONTAINER_NOT_IN_STATUS: &str = "(not yet in pod status)";
+
+impl Attribution {
+    /// The namespace for metrics: the pod's, or [`UNATTRIBUTED`].
+    pub fn namespace(&self) -> &str {
+        self.pod
+            .as_deref()
+            .and_then(|p| p.split_once('/'))
+            .map_or(UNATTRIBUTED, |(ns, _)| ns)
+    }
+
+    /// The pod is known and its container id too, but the pod's status
+    /// does not name that container yet: a look a moment later may.
+    pub fn awaits_container_name(&self) -> bool {
+        self.pod.is_some() && self.container_id.is_some() && self.container.is_none()
+    }
+
+    /// The `container` field of a log line.
+    pub fn container_field(&self) -> Option<&str> {
+        self.container.as_deref().or(self
+            .container_id
+            .is_some()
+            .then_some(CONTAINER_NOT_IN_STATUS))
+    }
 }
 
 /// Maps cgroup ids to owners, and hears about each decision that is logged.
 pub trait Attributor: Send + 'static {
     fn attribute(&mut self, cgroup_id: u64) -> Attribution;
+    /// Whether owners can be named yet. A node agent cannot before its pod
+    /// store has its first full list; decisions wait for that (a while).
+    fn synced(&self) -> bool {
+        true
+    }
     /// Called for the first decision of a key in each window (the ones
     /// that are logged), e.g. to emit a Kubernetes Event.
     fn reported(&mut self, _decision: &Decision, _who: &Attribution) {}
@@ -218,112 +259,12 @@ pub trait Attributor: Send + 'static {
     fn revoked(&mut self, _revoked: &crate::revoke::sweep::Revoked, _who: &Attribution) {}
 }
 
-/// Reads decision events until the task is dropped and logs them,
-/// summarising repeats.
-pub async fn report(
-    ring: RingBuf<MapData>,
-    mut attributor: impl Attributor,
-    metrics: Option<Arc<Metrics>>,
-) {
-    // SAFETY: the RingBuf owns its map fd for its whole life and always
-    // returns that same fd from as_raw_fd().
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            error!(error = %e, "cannot poll the event ring buffer; decisions will only be counted");
-            return;
-        }
-    };
-    let mut summarizer = Summarizer::new(Duration::from_secs(10), Instant::now());
-    let mut who_cache: HashMap<u64, Attribution> = HashMap::new();
-    let mut flush = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            guard = fd.readable_mut() => {
-                let Ok(mut guard) = guard else { return };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    let Some(d) = Decision::decode(&item) else { continue };
-                    // Attribution is cached for the window: a flood from one
-                    // cgroup costs one lookup, not one per event.
-                    let who = who_cache.entry(d.cgroup_id).or_insert_with(|| attributor.attribute(d.cgroup_id)).clone();
-                    if let Some(m) = &metrics {
-                        let namespace = who.pod.as_deref().and_then(|p| p.split_once('/')).map_or("", |(ns, _)| ns);
-                        m.decisions
-                            .get_or_create(&DecisionLabels {
-                                verdict: d.verdict.to_string(),
-                                namespace: namespace.into(),
-                                destination: d.destination.to_string(),
-                            })
-                            .inc();
-                    }
-                    if summarizer.observe(&d) {
-                        log_decision(&d, &who);
-                        attributor.reported(&d, &who);
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = flush.tick() => {
-                who_cache.clear();
-                for s in summarizer.flush(Instant::now()) {
-                    match s.key {
-                        Some(k) => {
-                            let who = attributor.attribute(k.cgroup_id);
-                            info!(
-                                cgroup_id = k.cgroup_id,
-                                cgroup = %who.cgroup,
-                                pod = who.pod.as_deref(),
-                                destination = %k.destination,
-                                verdict = %k.verdict,
-                                hook = k.hook,
-                                address_form = k.address_form,
-                                repeats = s.suppressed,
-                                "repeated metadata access (summarised)"
-                            );
-                        }
-                        None => warn!(repeats = s.suppressed, "metadata access from too many distinct sources to list (summarised)"),
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn log_decision(d: &Decision, who: &Attribution) {
-    let (pod, container) = (who.pod.as_deref(), who.container.as_deref());
-    match d.verdict {
-        Verdict::Denied if d.hook == "sock_create" => warn!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
-            "raw socket denied"
-        ),
-        Verdict::Audited if d.hook == "sock_create" => info!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
-            "raw socket would be denied (audit)"
-        ),
-        Verdict::Denied => warn!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
-            "metadata access denied"
-        ),
-        Verdict::Audited => info!(
-            verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
-            "metadata access would be denied (audit)"
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::destinations::words_of;
 
-    fn event(port: u32) -> Event {
+    pub(super) fn event(port: u32) -> Event {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
         Event {
@@ -345,7 +286,7 @@ mod tests {
         }
     }
 
-    fn bytes(e: &Event) -> Vec<u8> {
+    pub(super) fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
         unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
             .to_vec()
