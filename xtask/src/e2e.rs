@@ -33,6 +33,7 @@ const NODE_COMMANDS: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("iptables", "iptables"),
     ("curl", "curl"),
+    ("conntrack", "conntrack"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 

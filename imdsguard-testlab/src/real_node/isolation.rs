@@ -183,7 +183,9 @@ pub const HOST_PATHS: &[&str] = &[
     "/var/log/containers",
     "/usr/libexec/kubernetes",
     "/var/lib/cni",
-    "/var/run/kubernetes",
+    // /var/run is a symlink to /run: mountinfo names the real path, so
+    // these are written as such.
+    "/run/kubernetes",
     "/run/containerd",
     // Shared, so that the pods' network namespaces that containerd mounts
     // here reach the agent's HostToContainer hostPath (revocation).
@@ -206,6 +208,8 @@ impl HostPaths {
         };
         for path in HOST_PATHS.iter().map(Path::new) {
             me.create_dir(path)?;
+            let path = &fs::canonicalize(path)
+                .with_context(|| format!("resolve {}", path.display()))?;
             mount(
                 Some("tmpfs"),
                 path,
@@ -378,6 +382,7 @@ impl CgroupRoot {
         let unified = unified.context("no cgroup v2 mount in /proc/self/mountinfo")?;
         v1.sort();
         v1.dedup();
+        sweep_stale(&v1, &unified, name)?;
         let mut me = Self {
             name: name.to_owned(),
             dirs: Vec::new(),
@@ -461,6 +466,34 @@ impl Drop for CgroupRoot {
             eprintln!("real node: remove cgroups: {e:#}");
         }
     }
+}
+
+/// Removes what an earlier run that was killed outright (no Drop ran) left:
+/// cgroup roots named like ours whose creating process is gone. Their
+/// processes (shims, containers) are killed first.
+fn sweep_stale(v1: &[PathBuf], unified: &Path, name: &str) -> anyhow::Result<()> {
+    // Our names are `<prefix>-<pid>-<n>-<nanos>` (crate::unique).
+    let prefix = name.split('-').take(2).collect::<Vec<_>>().join("-") + "-";
+    for entry in fs::read_dir(unified)?.flatten() {
+        let stale = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = stale
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("real node: removing the stale cgroup root {stale} of a killed run");
+        let _ = fs::write(unified.join(&stale).join("cgroup.kill"), "1");
+        thread::sleep(Duration::from_millis(200));
+        for mount in v1.iter().map(PathBuf::as_path).chain(std::iter::once(unified)) {
+            remove_cgroup_tree(&mount.join(&stale))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a cgroup and its children, deepest first. A v1 cgroup can stay

@@ -214,6 +214,9 @@ impl RealNode {
                 p("apiserver-kubelet.crt"),
                 os("--kubelet-client-key"),
                 p("apiserver-kubelet.key"),
+                // The node's name resolves nowhere here: reach kubelet (logs,
+                // exec) at its InternalIP.
+                os("--kubelet-preferred-address-types=InternalIP"),
                 os("--token-auth-file"),
                 p("tokens.csv"),
                 os("--authorization-mode=Node,RBAC"),

@@ -24,7 +24,6 @@ pub struct Kube<'a> {
 #[derive(Debug, Clone)]
 pub struct PodInfo {
     pub name: String,
-    pub uid: String,
     pub phase: String,
     pub ready: bool,
     pub deleting: bool,
@@ -81,7 +80,6 @@ impl Kube<'_> {
             .iter()
             .map(|p| PodInfo {
                 name: p["metadata"]["name"].as_str().unwrap_or_default().into(),
-                uid: p["metadata"]["uid"].as_str().unwrap_or_default().into(),
                 phase: p["status"]["phase"].as_str().unwrap_or_default().into(),
                 ready: p["status"]["conditions"]
                     .as_array()
