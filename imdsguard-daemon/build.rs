@@ -37,6 +37,14 @@ fn main() -> anyhow::Result<()> {
 
     let toolchain_file = root_dir.join("rust-toolchain.toml");
     let toolchain = channel(toolchain_file.as_std_path())?;
+    // aya-build passes the nested cargo's stderr on line by line as
+    // `cargo:warning`, so each `Compiling ...` line of the eBPF build would
+    // show up as a warning of the daemon (74 of them on a fresh machine).
+    // Quiet, that cargo prints nothing when the build is clean; compiler
+    // errors and warnings (which aya-build forwards from the JSON messages)
+    // and cargo's own errors still show.
+    // SAFETY: build scripts are single-threaded, and no thread runs yet.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: "imdsguard-ebpf",
