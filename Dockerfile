@@ -10,8 +10,9 @@
 # in a runc container with the DaemonSet's capabilities and seccomp profile.
 # deploy/README.md, "The image", says more.
 
-# The workspace's toolchain (edition 2024).
-ARG RUST_IMAGE=docker.io/library/rust:1.95.0-bookworm
+# The workspace's toolchain, as rust-toolchain.toml pins it (xtask's
+# setup::check_dockerfile holds the two together).
+ARG RUST_IMAGE=docker.io/library/rust:1.99.1-bookworm
 # Pin this by digest in a release pipeline (`static-debian12@sha256:...`);
 # this repository's machines cannot resolve one.
 ARG BASE_IMAGE=gcr.io/distroless/static-debian12
@@ -22,11 +23,21 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
  && rm -rf /var/lib/apt/lists/*
 # What `cargo xtask setup` installs: the daemon's build.rs builds the eBPF
-# crate with nightly's rust-src (-Z build-std=core) and links it with
-# bpf-linker 0.10.0, which uses rustc's own LLVM (no system LLVM).
-RUN rustup target add x86_64-unknown-linux-musl \
- && rustup toolchain install nightly --profile minimal --component rust-src \
- && cargo install bpf-linker@0.10.0 --locked
+# crate with the nightly that imdsguard-ebpf/rust-toolchain.toml names, and
+# its rust-src (-Z build-std=core), and links it with bpf-linker, which
+# loads that nightly's own LLVM (no system LLVM). BPF_LINKER_VERSION is
+# xtask/src/setup.rs's.
+ARG BPF_LINKER_VERSION=0.10.0
+WORKDIR /src
+COPY rust-toolchain.toml ./
+COPY imdsguard-ebpf/rust-toolchain.toml imdsguard-ebpf/
+# With no argument, `rustup toolchain install` installs the toolchain file's
+# toolchain, components and profile.
+RUN rustup toolchain install \
+ && rustup target add x86_64-unknown-linux-musl \
+ && cargo install "bpf-linker@${BPF_LINKER_VERSION}" --locked
+WORKDIR /src/imdsguard-ebpf
+RUN rustup toolchain install
 WORKDIR /src
 COPY . .
 # Static by default on musl: the binary runs on distroless/static. The same

@@ -4,7 +4,7 @@ use which::which;
 /// emit the `bpf_target_arch` cfg that aya-ebpf needs.
 fn main() {
     let bpf_linker = which("bpf-linker").expect(
-        "bpf-linker not found: run `cargo xtask setup` (installs bpf-linker 0.10.0 and nightly rust-src)",
+        "bpf-linker not found: run `cargo xtask setup` (installs bpf-linker and the nightly of rust-toolchain.toml)",
     );
     println!(
         "cargo:rerun-if-changed={}",

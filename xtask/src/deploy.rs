@@ -290,7 +290,9 @@ fn ensure_layer(layer: &Layer) -> anyhow::Result<PathBuf> {
 }
 
 /// hadolint on the Dockerfile; its deliberate exceptions are marked inline.
+/// First, that its toolchain and bpf-linker are the pinned ones.
 fn lint_dockerfile() -> anyhow::Result<()> {
+    crate::setup::check_dockerfile()?;
     let dir = tools_dir().join(format!("hadolint-{HADOLINT_VERSION}"));
     let hadolint = dir.join("bin/hadolint");
     if !hadolint.is_file() {

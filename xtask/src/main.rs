@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install the eBPF toolchain (nightly rust-src, bpf-linker 0.10.0) and system tools.
+    /// Install the eBPF toolchain (the pinned nightly with rust-src, bpf-linker) and system tools.
     Setup,
     /// Play the seed scenario on this machine's kernel (needs root).
     Demo(demo::Options),

@@ -1,60 +1,100 @@
 //! Installs what a fresh machine lacks. Idempotent and quick when done.
+//!
+//! The toolchains are pinned in files: `rust-toolchain.toml` (the stable
+//! toolchain everything but the eBPF crate builds with; `.ci/run` and the
+//! README install it before the first cargo call, so it is running us) and
+//! `imdsguard-ebpf/rust-toolchain.toml` (the nightly the daemon's build.rs
+//! builds the eBPF crate with). bpf-linker is pinned here.
 
-use std::process::Command;
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow, bail};
 
+use crate::test::{output, status, workspace_root};
+
+/// The bpf-linker release built for the LLVM of the eBPF nightly: 0.10.0
+/// loads rustc's own libLLVM 22 (its default features, `rust-llvm-22`).
+/// Newer releases want LLVM 23. The Dockerfile's `ARG BPF_LINKER_VERSION`
+/// must agree ([`check_dockerfile`]).
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
+/// The LLVM major [`BPF_LINKER_VERSION`] loads; the eBPF nightly must have it.
+const BPF_LINKER_LLVM: &str = "22";
 
 pub fn run() -> anyhow::Result<()> {
-    ensure_rust_src()?;
+    ensure_ebpf_toolchain()?;
     ensure_bpf_linker()?;
     ensure_tools()?;
     Ok(())
 }
 
-fn ensure_rust_src() -> anyhow::Result<()> {
-    let out = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+/// The eBPF crate's directory, whose rust-toolchain.toml names its nightly.
+fn ebpf_dir() -> PathBuf {
+    workspace_root().join("imdsguard-ebpf")
+}
+
+/// The `channel` of a rust-toolchain.toml, read line by line: the files are
+/// ours and keep it on one line. imdsguard-daemon/build.rs reads it the
+/// same way.
+pub fn channel(path: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .find(|v| !v.is_empty())
+        .ok_or_else(|| anyhow!("{}: no `channel = \"...\"` line", path.display()))
+}
+
+fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
+    let nightly = channel(&ebpf_dir().join("rust-toolchain.toml"))?;
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", &nightly])
         .output()
         .context("run rustup")?;
-    let installed = String::from_utf8_lossy(&out.stdout);
-    if out.status.success() && installed.lines().any(|l| l.starts_with("rust-src")) {
-        return Ok(());
+    let has_rust_src = installed.status.success()
+        && String::from_utf8_lossy(&installed.stdout)
+            .lines()
+            .any(|l| l.starts_with("rust-src"));
+    if !has_rust_src {
+        eprintln!("xtask: installing {nightly} and its rust-src for the eBPF crate");
+        // With no argument, rustup installs what the directory's toolchain
+        // file names, components and profile included. RUSTUP_TOOLCHAIN,
+        // which rustup's cargo proxy sets for `cargo xtask`, would override
+        // the file.
+        status(
+            Command::new("rustup")
+                .args(["toolchain", "install"])
+                .current_dir(ebpf_dir())
+                .env_remove("RUSTUP_TOOLCHAIN"),
+        )?;
     }
-    eprintln!("xtask: installing the nightly toolchain's rust-src");
-    crate::test::status(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        "nightly",
-        "--profile",
-        "minimal",
-    ]))?;
-    crate::test::status(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    // A nightly with another LLVM builds, but bpf-linker cannot load its
+    // libLLVM ("unable to open LLVM shared lib ... dlopen failed").
+    let llvm = llvm_major(&nightly)?;
+    if llvm != BPF_LINKER_LLVM {
+        bail!(
+            "{nightly} has LLVM {llvm}, but bpf-linker {BPF_LINKER_VERSION} loads LLVM {BPF_LINKER_LLVM}: \
+             move imdsguard-ebpf/rust-toolchain.toml and BPF_LINKER_VERSION together"
+        );
+    }
+    Ok(())
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {
-    let current = Command::new("bpf-linker").arg("--version").output();
-    if let Ok(out) = current {
-        let v = String::from_utf8_lossy(&out.stdout);
-        if v.contains(BPF_LINKER_VERSION) {
+    let want = format!("bpf-linker {BPF_LINKER_VERSION}");
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output() {
+        let have = String::from_utf8_lossy(&out.stdout);
+        if have.trim() == want {
             return Ok(());
         }
-        eprintln!(
-            "xtask: bpf-linker is {}, want {BPF_LINKER_VERSION}",
-            v.trim()
-        );
+        eprintln!("xtask: bpf-linker is {}, want {want}", have.trim());
     }
-    // 0.10.0 links with rustc's own LLVM 22 (no system LLVM needed); newer
-    // releases want an external LLVM 23.
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
-    crate::test::status(Command::new("cargo").args([
+    eprintln!("xtask: installing {want} (about a minute)");
+    status(Command::new("cargo").args([
         "install",
         &format!("bpf-linker@{BPF_LINKER_VERSION}"),
         "--locked",
@@ -65,4 +105,108 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 /// iproute2 for the test network namespaces.
 fn ensure_tools() -> anyhow::Result<()> {
     crate::test::ensure_commands(&[("ip", "iproute2")])
+}
+
+/// The Dockerfile builds with what this module installs: its rust image is
+/// the workspace's toolchain, it installs bpf-linker [`BPF_LINKER_VERSION`],
+/// and it takes the eBPF nightly from imdsguard-ebpf/rust-toolchain.toml
+/// instead of naming one.
+pub fn check_dockerfile() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let dockerfile = fs::read_to_string(root.join("Dockerfile")).context("read the Dockerfile")?;
+    check_dockerfile_text(&dockerfile, &channel(&root.join("rust-toolchain.toml"))?)
+}
+
+fn check_dockerfile_text(dockerfile: &str, toolchain: &str) -> anyhow::Result<()> {
+    let arg = |name: &str| {
+        let prefix = format!("ARG {name}=");
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .ok_or_else(|| anyhow!("the Dockerfile has no `{prefix}...`"))
+    };
+    let linker = arg("BPF_LINKER_VERSION")?;
+    if linker != BPF_LINKER_VERSION {
+        bail!(
+            "the Dockerfile installs bpf-linker {linker}, xtask/src/setup.rs {BPF_LINKER_VERSION}"
+        );
+    }
+    let image = arg("RUST_IMAGE")?;
+    let tag = image.rsplit_once(':').map_or("", |(_, tag)| tag);
+    if !tag.starts_with(&format!("{toolchain}-")) {
+        bail!("the Dockerfile builds on {image}, rust-toolchain.toml pins {toolchain}");
+    }
+    if !dockerfile
+        .lines()
+        .any(|l| l.starts_with("COPY imdsguard-ebpf/rust-toolchain.toml "))
+    {
+        bail!(
+            "the Dockerfile does not install the eBPF nightly from imdsguard-ebpf/rust-toolchain.toml"
+        );
+    }
+    Ok(())
+}
+
+/// The installed rustc's `LLVM version:` major, for a toolchain name.
+fn llvm_major(toolchain: &str) -> anyhow::Result<String> {
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
+    vv.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("rustc +{toolchain} -vV names no LLVM version"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerfile_agrees_with_the_pins() {
+        check_dockerfile().unwrap();
+    }
+
+    #[test]
+    fn dockerfile_check_sees_a_drift() {
+        let good = "ARG RUST_IMAGE=docker.io/library/rust:1.99.1-bookworm\n\
+                    ARG BPF_LINKER_VERSION=0.10.0\n\
+                    COPY imdsguard-ebpf/rust-toolchain.toml imdsguard-ebpf/\n";
+        check_dockerfile_text(good, "1.99.1").unwrap();
+        check_dockerfile_text(good, "1.99.2").unwrap_err();
+        check_dockerfile_text(good, "1.99").unwrap_err();
+        check_dockerfile_text(&good.replace("0.10.0", "0.10.1"), "1.99.1").unwrap_err();
+        check_dockerfile_text(&good.replace("COPY", "# COPY"), "1.99.1").unwrap_err();
+    }
+
+    #[test]
+    fn ebpf_toolchain_is_a_dated_nightly() {
+        let nightly = channel(&ebpf_dir().join("rust-toolchain.toml")).unwrap();
+        let date = nightly.strip_prefix("nightly-").unwrap_or_default();
+        assert!(
+            date.len() == 10 && date.split('-').all(|p| p.parse::<u32>().is_ok()),
+            "{nightly}: the moving nightly changes LLVM under bpf-linker; pin nightly-YYYY-MM-DD"
+        );
+    }
+
+    #[test]
+    fn channel_reads_the_pinned_line() {
+        let dir = std::env::temp_dir().join(format!("xtask-channel-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rust-toolchain.toml");
+        fs::write(
+            &file,
+            "# channel = \"a comment\"\n[toolchain]\nchannel  =  \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n",
+        )
+        .unwrap();
+        let read = channel(&file);
+        fs::write(&file, "[toolchain]\nprofile = \"minimal\"\n").unwrap();
+        let missing = channel(&file);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read.unwrap(), "nightly-2026-05-20");
+        assert!(missing.is_err());
+    }
 }
