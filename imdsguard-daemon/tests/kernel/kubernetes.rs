@@ -1,5 +1,5 @@
 //! The node agent against a real kube-apiserver (built by
-//! `cargo xtask kube-apiserver`), with the daemon's real RBAC from
+//! `cargo xtask kubernetes`), with the daemon's real RBAC from
 //! deploy/manifests/rbac.yaml. Pods are placed on the test node with
 //! `spec.nodeName`; the test plays kubelet by creating their cgroups.
 
@@ -59,7 +59,7 @@ fn eventually(lab: &Lab, cg: &TestCgroup, want_reached: bool) -> Duration {
 fn node_agent_follows_labels_policy_and_outages() {
     let lab = lab("k8s");
     let mut api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
@@ -325,7 +325,7 @@ fn container_dir(driver: &str) -> String {
 fn node_agent_finds_every_qos_class_under_both_drivers() {
     let lab = lab("k8s-qos");
     let api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
@@ -422,7 +422,7 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
 fn node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet() {
     let lab = lab("k8s-wait");
     let api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kube-apiserver` once)");
+        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
