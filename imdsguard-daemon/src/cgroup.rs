@@ -13,6 +13,8 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
+use procfs::process::{MountInfo, Process};
+
 use crate::{Error, Result, sys};
 
 pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
@@ -26,23 +28,15 @@ pub struct Cgroup2Mount {
     pub root: PathBuf,
 }
 
-/// Parses mountinfo text and returns every cgroup2 mount, in order.
-pub fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // "36 35 98:0 /root /mnt opts - fstype source superopts"
-            let (pre, post) = line.split_once(" - ")?;
-            if post.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            let mut fields = pre.split_whitespace();
-            let root = fields.nth(3)?;
-            let mount_point = fields.next()?;
-            Some(Cgroup2Mount {
-                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
-                root: PathBuf::from(unescape_mountinfo(root)),
-            })
+/// The cgroup2 mounts among `mounts`, in order.
+fn cgroup2_of(mounts: impl IntoIterator<Item = MountInfo>) -> Vec<Cgroup2Mount> {
+    mounts
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| Cgroup2Mount {
+            // procfs leaves mountinfo's octal escapes in place.
+            mount_point: PathBuf::from(unescape_mountinfo(&m.mount_point.to_string_lossy())),
+            root: PathBuf::from(unescape_mountinfo(&m.root)),
         })
         .collect()
 }
@@ -70,9 +64,13 @@ pub(crate) fn unescape_mountinfo(s: &str) -> String {
 
 /// All cgroup2 mounts of this process's mount namespace.
 pub fn cgroup2_mounts() -> Result<Vec<Cgroup2Mount>> {
-    let text = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(Error::io("read", "/proc/self/mountinfo"))?;
-    let mounts = parse_cgroup2_mounts(&text);
+    let mountinfo = Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map_err(|source| Error::Procfs {
+            path: "/proc/self/mountinfo",
+            source,
+        })?;
+    let mounts = cgroup2_of(mountinfo);
     if mounts.is_empty() {
         return Err(Error::NoCgroup2Mount);
     }
@@ -272,7 +270,13 @@ pub fn paths_of_ids(root: &Path, ids: &[u64]) -> std::collections::HashMap<u64, 
 
 #[cfg(test)]
 mod tests {
+    use procfs::{FromBufRead as _, process::MountInfos};
+
     use super::*;
+
+    fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
+        cgroup2_of(MountInfos::from_buf_read(mountinfo.as_bytes()).unwrap())
+    }
 
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

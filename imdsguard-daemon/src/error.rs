@@ -170,6 +170,13 @@ pub enum Error {
     #[error("kubernetes client configuration (KUBECONFIG or in-cluster)")]
     KubeConfig(#[source] kube::config::InferConfigError),
 
+    #[error("read {path}")]
+    Procfs {
+        path: &'static str,
+        #[source]
+        source: procfs::ProcError,
+    },
+
     #[error("{op} {path}")]
     Io {
         op: &'static str,

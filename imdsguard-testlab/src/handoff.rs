@@ -13,11 +13,11 @@
 //!   connection fails or MILLIS pass. Reports a [`HoldReport`].
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    mem::size_of,
+    io::{BufRead as _, BufReader, IoSlice, IoSliceMut, Read as _, Write as _},
+    mem::MaybeUninit,
     net::SocketAddr,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
     path::Path,
@@ -26,6 +26,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
+};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
@@ -108,7 +112,7 @@ pub fn pass_socket(target: SocketAddr, path: &Path, transport: Transport) -> Out
             Err(e) => return Outcome::from_io(&e, "connect to the receiver"),
         }
     };
-    if let Err(e) = send_fd(&unix, sock.as_raw_fd()) {
+    if let Err(e) = send_fd(&unix, sock.as_fd()) {
         return Outcome::from_io(&e, "sendmsg(SCM_RIGHTS)");
     }
     // Keep our copy open until the receiver has used its own: the point of
@@ -281,66 +285,39 @@ impl Drop for Held {
     }
 }
 
-const CMSG_SPACE: usize = 64;
-
-/// One fd over a unix stream, in an SCM_RIGHTS control message.
-fn send_fd(unix: &UnixStream, fd: RawFd) -> std::io::Result<()> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut control = [0u8; CMSG_SPACE];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the
-    // sendmsg call, and the CMSG_* macros stay within `control`, whose
-    // length covers CMSG_SPACE(sizeof(int)).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<RawFd>() as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        if libc::sendmsg(unix.as_raw_fd(), &msg, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+/// One fd over a unix stream, in an SCM_RIGHTS control message beside one
+/// byte (a stream socket carries no control message without data).
+fn send_fd(unix: &UnixStream, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("SCM_RIGHTS message does not fit"));
     }
+    sendmsg(
+        unix,
+        &[IoSlice::new(&[0])],
+        &mut control,
+        SendFlags::empty(),
+    )?;
     Ok(())
 }
 
 fn recv_fd(unix: &UnixStream) -> std::io::Result<OwnedFd> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut control = [0u8; CMSG_SPACE];
-    // SAFETY: as in send_fd; the received fd is new and ours alone, so
-    // OwnedFd may own it.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len();
-        if libc::recvmsg(unix.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(std::io::Error::other("control message truncated"));
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(std::io::Error::other("no SCM_RIGHTS message"));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        Ok(OwnedFd::from_raw_fd(fd))
+    let iov = &mut [IoSliceMut::new(&mut byte)];
+    let msg = recvmsg(unix, iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(std::io::Error::other("control message truncated"));
     }
+    // Fds left in the buffer are closed when it drops.
+    control
+        .drain()
+        .find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("no SCM_RIGHTS message"))
 }

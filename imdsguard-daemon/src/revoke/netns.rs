@@ -13,6 +13,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use procfs::{ProcError, process::Process};
+
 /// Runs `f` on a new thread that first joins the network namespace `ns` (an
 /// open `/proc/<pid>/ns/net` or a bind-mounted netns file) with
 /// setns(CLONE_NEWNET). Only that thread changes namespace and it ends with
@@ -82,10 +84,11 @@ pub fn netns_of<'a>(
             Err(e) => return Err(at("read", &procs, e)),
         };
         for line in pids.lines() {
-            let pid: u32 = line.trim().parse().map_err(|_| {
+            let pid = line.trim().parse::<i32>().ok().filter(|&p| p >= 0);
+            let Some(pid) = pid else {
                 let e = io::Error::new(io::ErrorKind::InvalidData, format!("not a pid: {line:?}"));
-                at("read", &procs, e)
-            })?;
+                return Err(at("read", &procs, e));
+            };
             // A pid outside our pid namespace reads as 0 (task_pid_vnr):
             // it has no /proc entry here.
             if pid == 0 {
@@ -93,15 +96,20 @@ pub fn netns_of<'a>(
             }
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             // Open first, then stat the open file: keying by a path's stat
-            // would race with the pid being reused.
-            let ns = match File::open(&path) {
+            // would race with the pid being reused. procfs opens ns/net
+            // relative to the /proc/<pid> directory it holds open.
+            let ns = match Process::new(pid).and_then(|p| p.open_relative("ns/net")) {
                 Ok(ns) => ns,
-                Err(e) if vanished(&e) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
+                // Exited, a zombie (its namespaces already released: ENOENT)
+                // or reaped during the open (ESRCH).
+                Err(ProcError::NotFound(_)) => continue,
+                // EACCES or EPERM.
+                Err(ProcError::PermissionDenied(_)) => {
+                    let e = io::Error::from(io::ErrorKind::PermissionDenied);
                     denied(at("open", &path, e))?;
                     continue;
                 }
-                Err(e) => return Err(at("open", &path, e)),
+                Err(e) => return Err(at("open", &path, proc_io_error(e))),
             };
             let ino = ns.metadata().map_err(|e| at("stat", &path, e))?.ino();
             if seen.insert(ino) {
@@ -112,15 +120,18 @@ pub fn netns_of<'a>(
     Ok(found)
 }
 
-/// Whether `e` means the process or cgroup went away meanwhile: ENOENT for
-/// removed files and for zombies (whose namespaces are already released),
-/// ESRCH for a process reaped during the open, ENODEV for a cgroup being
-/// removed.
+/// Whether `e` means the cgroup went away meanwhile: ENOENT for a removed
+/// cgroup, ENODEV for one being removed.
 fn vanished(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)
-    )
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV))
+}
+
+/// procfs's error as an `io::Error`, keeping the errno where there is one.
+fn proc_io_error(e: ProcError) -> io::Error {
+    match e {
+        ProcError::Io(e, _) => e,
+        e => io::Error::other(e),
+    }
 }
 
 fn at(op: &str, path: &Path, e: io::Error) -> io::Error {
@@ -131,27 +142,19 @@ fn at(op: &str, path: &Path, e: io::Error) -> io::Error {
 pub(crate) mod tests {
     use super::*;
 
-    /// This process's cgroup v2 directory: the cgroup2 mount point from
-    /// mountinfo plus our `0::` path, relative to the mount's root.
+    /// This process's cgroup v2 directory: the cgroup2 mount point plus our
+    /// `0::` path, relative to the mount's root.
     pub(crate) fn own_cgroup_dir() -> PathBuf {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        // "id parent maj:min root mountpoint options... - fstype source ..."
-        let (mount_root, mount_point) = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (fields, rest) = l.split_once(" - ")?;
-                (rest.split(' ').next()? == "cgroup2").then_some(())?;
-                let f: Vec<&str> = fields.split(' ').collect();
-                Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
-            })
-            .expect("no cgroup2 mount in /proc/self/mountinfo");
-        let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let mount = crate::cgroup::primary_cgroup2_mount().unwrap();
+        let cgroups = Process::myself().unwrap().cgroups().unwrap();
         let path = cgroups
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("no cgroup v2 line");
-        let rel = path.strip_prefix(mount_root.as_str()).unwrap_or(path);
-        Path::new(&mount_point).join(rel.trim_start_matches('/'))
+            .into_iter()
+            .find(|c| c.hierarchy == 0)
+            .expect("no cgroup v2 line in /proc/self/cgroup")
+            .pathname;
+        let rel = Path::new(&path);
+        let rel = rel.strip_prefix(&mount.root).unwrap_or(rel);
+        mount.mount_point.join(rel.strip_prefix("/").unwrap_or(rel))
     }
 
     /// The cgroup v2 id is the inode number of the cgroup's directory.

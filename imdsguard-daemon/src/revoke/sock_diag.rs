@@ -3,44 +3,38 @@
 //!
 //! A netlink socket answers for the network namespace it was created in, so
 //! a [`SockDiag`] sees the namespace of the thread that called
-//! [`SockDiag::open`]; [`super::netns::in_netns`] reaches other ones. Replies
-//! are parsed as untrusted bytes: every length is checked before use, and
-//! malformed input is an `io::Error`, never a panic.
+//! [`SockDiag::open`]; [`super::netns::in_netns`] reaches other ones. The
+//! messages are framed and parsed by netlink-packet-sock-diag over a
+//! netlink-sys socket. Replies are untrusted bytes: malformed input is an
+//! `io::Error` (`InvalidData`), never a panic.
 
-use std::{
-    cell::Cell,
-    fmt, io,
-    mem::size_of,
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+use std::{cell::Cell, fmt, io, net::SocketAddr};
+
+use netlink_packet_core::{
+    DecodeError, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla as _,
 };
+use netlink_packet_sock_diag::{
+    SockDiagDestroy, SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 
-/// `linux/sock_diag.h`.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-/// `linux/netlink.h`.
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-/// Masks off `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` from attribute types.
-const NLA_TYPE_MASK: u16 = !0xc000;
-const NLA_HDRLEN: usize = 4;
 /// `linux/inet_diag.h`: the u64 cgroup v2 id the kernel adds, unrequested,
-/// for full sockets.
+/// for full sockets. netlink-packet-sock-diag has no variant for it, so it
+/// arrives as [`Nla::Other`].
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `net/tcp_states.h`.
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
 /// Every TCP state but LISTEN and CLOSE: sockets that hold, are making or
-/// are tearing down a connection.
+/// are tearing down a connection. Kept as raw bits: [`StateFlags`] names
+/// only the classic states, and the kernel's newer ones (NEW_SYN_RECV,
+/// BOUND_INACTIVE) must stay in the filter.
 const TCP_CONNECTION_STATES: u32 = !((1 << TCP_LISTEN) | (1 << TCP_CLOSE));
 /// The kernel sizes dump chunks for a 32 KiB reader; twice that leaves room,
 /// and MSG_TRUNC still reveals a reply that did not fit.
 const RECV_BUF_LEN: usize = 64 * 1024;
-const NLMSG_HDRLEN: usize = size_of::<NlMsgHdr>();
 
 macro_rules! malformed {
     ($($fmt:tt)*) => {
@@ -49,6 +43,10 @@ macro_rules! malformed {
             format!("malformed sock_diag reply: {}", format_args!($($fmt)*)),
         )
     };
+}
+
+fn decode_error(e: DecodeError) -> io::Error {
+    malformed!("{e}")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,7 +83,7 @@ pub struct DiagSocket {
     pub uid: u32,
     /// The identity as dumped, cookie included, so that a destroy hits this
     /// socket and never a later one that reuses its addresses.
-    id: SockId,
+    id: SocketId,
 }
 
 #[cfg(test)]
@@ -97,10 +95,10 @@ impl DiagSocket {
         dst: SocketAddr,
         cgroup_id: Option<u64>,
     ) -> Self {
-        let family = if dst.is_ipv4() {
-            libc::AF_INET
+        let (family, id) = if dst.is_ipv4() {
+            (libc::AF_INET, SocketId::new_v4())
         } else {
-            libc::AF_INET6
+            (libc::AF_INET6, SocketId::new_v6())
         };
         Self {
             transport,
@@ -111,7 +109,7 @@ impl DiagSocket {
             cgroup_id,
             inode: 0,
             uid: 0,
-            id: SockId::default(),
+            id,
         }
     }
 }
@@ -124,113 +122,16 @@ pub enum Destroyed {
     Gone,
 }
 
-/// Plain-integer `repr(C)` types without padding: any bytes of their size
-/// are a valid value, and every value is initialised bytes.
-///
-/// # Safety
-/// Implementors must be `repr(C)`, made only of integers or arrays of them,
-/// and have no padding.
-unsafe trait Pod: Copy {}
-
-/// `struct nlmsghdr`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NlMsgHdr {
-    len: u32,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-/// `struct inet_diag_sockid`. Ports and addresses are network byte order,
-/// kept as bytes so they go back to the kernel untouched; `ifindex` and
-/// `cookie` are host order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u8; 16],
-    dst: [u8; 16],
-    ifindex: u32,
-    cookie: [u32; 2],
-}
-
-/// `struct inet_diag_req_v2`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct InetDiagReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
-}
-
-/// `struct inet_diag_msg`, the fixed part of each dumped socket.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct InetDiagMsg {
-    family: u8,
-    state: u8,
-    timer: u8,
-    retrans: u8,
-    id: SockId,
-    expires: u32,
-    rqueue: u32,
-    wqueue: u32,
-    uid: u32,
-    inode: u32,
-}
-
-/// Implements [`Pod`] for a type after checking its size against the uapi
-/// header's; a mismatch would mean hidden padding.
-macro_rules! pod {
-    ($($t:ty = $size:literal),*) => {$(
-        const _: () = assert!(size_of::<$t>() == $size);
-        // SAFETY: every type listed below is repr(C) and made of integers,
-        // and the size assert above rules out padding.
-        unsafe impl Pod for $t {}
-    )*};
-}
-pod!(
-    NlMsgHdr = 16,
-    SockId = 48,
-    InetDiagReqV2 = 56,
-    InetDiagMsg = 72
-);
-
-/// Reads a `T` from the start of `bytes`, or `None` if there are too few.
-fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length is checked above, T: Pod accepts any bytes, and
-    // read_unaligned copes with wherever the value sits in the buffer.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-fn as_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: T: Pod has no padding, so all size_of::<T>() bytes behind the
-    // reference are initialised, and they live as long as the borrow.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
 fn context(what: impl fmt::Display) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// Runs a syscall returning -1 on error, retrying on EINTR.
-fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+/// Runs a socket call, retrying on EINTR.
+fn retry_eintr<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
-        match usize::try_from(call()) {
-            Ok(n) => return Ok(n),
-            Err(_) => match io::Error::last_os_error() {
-                e if e.kind() == io::ErrorKind::Interrupted => {}
-                e => return Err(e),
-            },
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
         }
     }
 }
@@ -240,24 +141,19 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
 /// other's replies.
 #[derive(Debug)]
 pub struct SockDiag {
-    fd: OwnedFd,
+    /// Never cloned: netlink-sys's `Socket` is `Clone` over a raw fd that
+    /// each copy closes on drop.
+    socket: Socket,
     seq: Cell<u32>,
 }
 
 impl SockDiag {
     /// Opens a socket in the calling thread's network namespace.
     pub fn open() -> io::Result<Self> {
-        let (domain, ty) = (libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC);
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let fd = unsafe { libc::socket(domain, ty, libc::NETLINK_SOCK_DIAG) };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return Err(context("open NETLINK_SOCK_DIAG socket")(e));
-        }
-        // SAFETY: socket() just returned this descriptor and nobody else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket =
+            Socket::new(NETLINK_SOCK_DIAG).map_err(context("open NETLINK_SOCK_DIAG socket"))?;
         let seq = Cell::new(0);
-        Ok(Self { fd, seq })
+        Ok(Self { socket, seq })
     }
 
     /// Every socket of `transport`/`family` in the namespace except TCP
@@ -268,17 +164,21 @@ impl SockDiag {
     /// pending, the kernel refuses another (EBUSY).
     pub fn dump(&self, transport: Transport, family: u8) -> io::Result<Vec<DiagSocket>> {
         let what = format!("sock_diag dump of {transport} sockets of family {family}");
-        if !matches!(i32::from(family), libc::AF_INET | libc::AF_INET6) {
-            let e = io::Error::new(io::ErrorKind::InvalidInput, "not AF_INET or AF_INET6");
-            return Err(context(what)(e));
-        }
+        let any = match i32::from(family) {
+            libc::AF_INET => SocketId::new_v4(),
+            libc::AF_INET6 => SocketId::new_v6(),
+            _ => {
+                let e = io::Error::new(io::ErrorKind::InvalidInput, "not AF_INET or AF_INET6");
+                return Err(context(what)(e));
+            }
+        };
         let states = match transport {
             Transport::Tcp => TCP_CONNECTION_STATES,
             Transport::Udp => u32::MAX,
         };
-        let req = InetDiagReqV2::new(transport, family, states, SockId::default());
+        let req = SockDiagMessage::InetRequest(inet_request(transport, family, states, any));
         let mut out = Vec::new();
-        self.exchange(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, req, |buf, seq| {
+        self.exchange(req, NLM_F_DUMP, |buf, seq| {
             Ok(parse_dump(buf, seq, transport, &mut out)?.then_some(()))
         })
         .map_err(context(what))?;
@@ -291,9 +191,10 @@ impl SockDiag {
     pub fn destroy(&self, s: &DiagSocket) -> io::Result<Destroyed> {
         let what = format!("destroy {} socket {} -> {}", s.transport, s.src, s.dst);
         // The kernel ignores states when the id names one socket.
-        let req = InetDiagReqV2::new(s.transport, s.family, u32::MAX, s.id);
+        let req = inet_request(s.transport, s.family, u32::MAX, s.id.clone());
+        let req = SockDiagDestroy::new(SockDiagMessage::InetRequest(req));
         let errno = self
-            .exchange(SOCK_DESTROY, NLM_F_ACK, req, parse_ack)
+            .exchange(req, NLM_F_ACK, parse_ack)
             .map_err(context(&what))?;
         match errno {
             0 => Ok(Destroyed::Closed),
@@ -308,49 +209,31 @@ impl SockDiag {
 
     /// Sends one request, then feeds each reply datagram and the request's
     /// sequence number to `handle` until it returns a result.
-    fn exchange<R>(
+    fn exchange<M: NetlinkSerializable, R>(
         &self,
-        ty: u16,
+        msg: M,
         flags: u16,
-        req: InetDiagReqV2,
         mut handle: impl FnMut(&[u8], u32) -> io::Result<Option<R>>,
     ) -> io::Result<R> {
         let seq = self.seq.get().wrapping_add(1);
         self.seq.set(seq);
-        let len = (NLMSG_HDRLEN + size_of::<InetDiagReqV2>()) as u32;
-        let flags = NLM_F_REQUEST | flags;
-        let hdr = NlMsgHdr {
-            len,
-            ty,
-            flags,
-            seq,
-            pid: 0,
-        };
-        let msg = [as_bytes(&hdr), as_bytes(&req)].concat();
-        let fd = self.fd.as_raw_fd();
-        // SAFETY: msg is a live buffer of msg.len() bytes. An unconnected
-        // netlink socket sends to the kernel, and a datagram goes whole.
-        retry_eintr(|| unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) })?;
+        let bytes = request_bytes(msg, flags, seq);
+        // An unconnected netlink socket sends to the kernel, and a datagram
+        // goes whole.
+        retry_eintr(|| self.socket.send(&bytes, 0))?;
         let mut buf = vec![0; RECV_BUF_LEN];
         loop {
-            // SAFETY: all-zero is a valid sockaddr_nl.
-            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            let mut from_len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            let (ptr, cap) = (buf.as_mut_ptr().cast(), buf.len());
-            // SAFETY: buf and from are live and writable for the lengths
-            // given. MSG_TRUNC makes netlink return the datagram's full
-            // length, so one bigger than buf is caught below. No timeout is
-            // needed: the kernel queues each reply during our own calls.
-            let n = retry_eintr(|| unsafe {
-                let from_ptr = (&raw mut from).cast();
-                libc::recvfrom(fd, ptr, cap, libc::MSG_TRUNC, from_ptr, &mut from_len)
-            })?;
+            // MSG_TRUNC makes netlink return the datagram's full length, so
+            // one bigger than buf is caught below. No timeout is needed: the
+            // kernel queues each reply during our own calls.
+            let (n, from) =
+                retry_eintr(|| self.socket.recv_from(&mut &mut buf[..], libc::MSG_TRUNC))?;
             if n > buf.len() {
-                return Err(malformed!("{n}-byte datagram, {cap}-byte buffer"));
+                return Err(malformed!("{n}-byte datagram, {}-byte buffer", buf.len()));
             }
             // Other processes may send to our port; only the kernel (port 0)
             // speaks for the sockets of this namespace.
-            if from.nl_pid == 0
+            if from.port_number() == 0
                 && let Some(r) = handle(&buf[..n], seq)?
             {
                 return Ok(r);
@@ -359,46 +242,56 @@ impl SockDiag {
     }
 }
 
-impl InetDiagReqV2 {
-    fn new(transport: Transport, family: u8, states: u32, id: SockId) -> Self {
-        let protocol = match transport {
-            Transport::Tcp => libc::IPPROTO_TCP as u8,
-            Transport::Udp => libc::IPPROTO_UDP as u8,
-        };
-        Self {
-            family,
-            protocol,
-            ext: 0,
-            pad: 0,
-            states,
-            id,
-        }
-    }
+/// One request as it goes on the wire.
+fn request_bytes<M: NetlinkSerializable>(msg: M, flags: u16, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | flags;
+    header.sequence_number = seq;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+    // Sets the length and the message type: SOCK_DIAG_BY_FAMILY, or
+    // SOCK_DESTROY for a SockDiagDestroy.
+    msg.finalize();
+    let mut bytes = vec![0; msg.buffer_len()];
+    msg.serialize(&mut bytes);
+    bytes
 }
 
-/// Splits the first item, `len` bytes of which `hdr` are header, off `buf`,
-/// returning its payload; items are padded to 4 bytes, except maybe the last.
-fn split<'a>(buf: &mut &'a [u8], hdr: usize, len: usize) -> io::Result<&'a [u8]> {
-    let b: &'a [u8] = buf;
-    if len < hdr || len > b.len() {
-        return Err(malformed!("length {len} with {} bytes left", b.len()));
-    }
-    *buf = &b[len.next_multiple_of(4).min(b.len())..];
-    Ok(&b[hdr..len])
-}
-
-/// The next netlink message in `buf`, which must not be empty.
-fn next_message<'a>(buf: &mut &'a [u8]) -> io::Result<(NlMsgHdr, &'a [u8])> {
-    let hdr = read_pod::<NlMsgHdr>(buf).ok_or_else(|| malformed!("truncated header"))?;
-    Ok((hdr, split(buf, NLMSG_HDRLEN, hdr.len as usize)?))
-}
-
-/// The errno in an NLMSG_ERROR (or NLMSG_DONE) payload; 0 for success.
-fn error_code(payload: &[u8]) -> io::Result<i32> {
-    let Some(&code) = payload.first_chunk::<4>() else {
-        return Err(malformed!("truncated error"));
+fn inet_request(transport: Transport, family: u8, states: u32, socket_id: SocketId) -> InetRequest {
+    let protocol = match transport {
+        Transport::Tcp => libc::IPPROTO_TCP as u8,
+        Transport::Udp => libc::IPPROTO_UDP as u8,
     };
-    match i32::from_ne_bytes(code) {
+    InetRequest {
+        family,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::from_bits_retain(states),
+        socket_id,
+    }
+}
+
+/// Splits the next netlink message off `buf`, which must not be empty, and
+/// parses it, unless it answers another request than `seq` (a late reply to
+/// one this socket gave up on): then `None`, and its payload is not read.
+/// Messages are padded to 4 bytes, except maybe the last.
+fn next_message(buf: &mut &[u8], seq: u32) -> io::Result<Option<NetlinkMessage<SockDiagMessage>>> {
+    let b: &[u8] = buf;
+    // Checks that the header fits and that its length covers the header
+    // and stays within `b`.
+    let nl = NetlinkBuffer::new_checked(b).map_err(decode_error)?;
+    let len = nl.length() as usize;
+    *buf = &b[len.next_multiple_of(4).min(b.len())..];
+    if nl.sequence_number() != seq {
+        return Ok(None);
+    }
+    NetlinkMessage::deserialize(&b[..len])
+        .map(Some)
+        .map_err(decode_error)
+}
+
+/// The errno in an NLMSG_ERROR or NLMSG_DONE code; 0 for success.
+fn errno(code: i32) -> io::Result<i32> {
+    match code {
         c if c <= 0 => Ok(c.wrapping_neg()),
         c => Err(malformed!("positive error code {c}")),
     }
@@ -412,20 +305,28 @@ fn parse_dump(
     out: &mut Vec<DiagSocket>,
 ) -> io::Result<bool> {
     while !buf.is_empty() {
-        let (hdr, payload) = next_message(&mut buf)?;
-        match hdr.ty {
-            // A late reply to an earlier request this socket gave up on.
-            _ if hdr.seq != seq => {}
-            SOCK_DIAG_BY_FAMILY => out.push(parse_socket(t, payload)?),
-            NLMSG_NOOP => {}
-            // DONE carries the dump's final status, but not on old kernels.
-            NLMSG_DONE if payload.is_empty() => return Ok(true),
-            NLMSG_DONE | NLMSG_ERROR => match error_code(payload)? {
-                0 if hdr.ty == NLMSG_DONE => return Ok(true),
+        let Some(msg) = next_message(&mut buf, seq)? else {
+            continue;
+        };
+        match msg.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                out.push(parse_socket(t, *r)?)
+            }
+            NetlinkPayload::Noop => {}
+            // DONE carries the dump's final status, but not on old kernels:
+            // the crate reads an empty one as success.
+            NetlinkPayload::Done(done) => match errno(done.code)? {
+                0 => return Ok(true),
+                e => return Err(io::Error::from_raw_os_error(e)),
+            },
+            NetlinkPayload::Error(e) => match errno(e.raw_code())? {
                 0 => return Err(malformed!("acknowledgement in a dump")),
                 e => return Err(io::Error::from_raw_os_error(e)),
             },
-            ty => return Err(malformed!("message type {ty} in a dump")),
+            _ => {
+                let ty = msg.header.message_type;
+                return Err(malformed!("message type {ty} in a dump"));
+            }
         }
     }
     Ok(false)
@@ -434,51 +335,46 @@ fn parse_dump(
 /// The errno answering request `seq`, or `None` if `buf` does not hold it.
 fn parse_ack(mut buf: &[u8], seq: u32) -> io::Result<Option<i32>> {
     while !buf.is_empty() {
-        let (hdr, payload) = next_message(&mut buf)?;
-        match hdr.ty {
-            _ if hdr.seq != seq => {}
-            NLMSG_ERROR => return error_code(payload).map(Some),
-            ty => return Err(malformed!("message type {ty} instead of an ack")),
+        let Some(msg) = next_message(&mut buf, seq)? else {
+            continue;
+        };
+        match msg.payload {
+            NetlinkPayload::Error(e) => return errno(e.raw_code()).map(Some),
+            _ => {
+                let ty = msg.header.message_type;
+                return Err(malformed!("message type {ty} instead of an ack"));
+            }
         }
     }
     Ok(None)
 }
 
-fn parse_socket(transport: Transport, payload: &[u8]) -> io::Result<DiagSocket> {
-    let msg = read_pod::<InetDiagMsg>(payload).ok_or_else(|| malformed!("truncated socket"))?;
-    let id = msg.id;
-    let addr = |a: [u8; 16], port: [u8; 2]| {
-        let port = u16::from_be_bytes(port);
-        match i32::from(msg.family) {
-            libc::AF_INET => Ok(SocketAddrV4::new([a[0], a[1], a[2], a[3]].into(), port).into()),
-            libc::AF_INET6 => Ok(SocketAddrV6::new(a.into(), port, 0, 0).into()),
-            f => Err(malformed!("address family {f}")),
-        }
-    };
+fn parse_socket(transport: Transport, r: InetResponse) -> io::Result<DiagSocket> {
+    let h = r.header;
     let mut cgroup_id = None;
-    let mut attrs = &payload[size_of::<InetDiagMsg>()..];
-    while !attrs.is_empty() {
-        // struct nlattr: u16 length, u16 type.
-        let Some(&[l0, l1, t0, t1]) = attrs.first_chunk::<NLA_HDRLEN>() else {
-            return Err(malformed!("truncated attribute"));
-        };
-        let ty = u16::from_ne_bytes([t0, t1]) & NLA_TYPE_MASK;
-        let value = split(&mut attrs, NLA_HDRLEN, u16::from_ne_bytes([l0, l1]).into())?;
-        if ty == INET_DIAG_CGROUP_ID {
-            let v = <[u8; 8]>::try_from(value);
-            let v = v.map_err(|_| malformed!("cgroup id of {} bytes", value.len()))?;
+    for nla in &r.nlas {
+        if let Nla::Other(a) = nla
+            && a.kind() & NLA_TYPE_MASK == INET_DIAG_CGROUP_ID
+        {
+            // DefaultNla keeps its value private; emit_value copies it out.
+            let mut v = [0; 8];
+            if a.value_len() != v.len() {
+                return Err(malformed!("cgroup id of {} bytes", a.value_len()));
+            }
+            a.emit_value(&mut v);
             cgroup_id = Some(u64::from_ne_bytes(v));
         }
     }
+    let id = h.socket_id;
     Ok(DiagSocket {
         transport,
-        family: msg.family,
-        state: msg.state,
-        src: addr(id.src, id.sport)?,
-        dst: addr(id.dst, id.dport)?,
+        family: h.family,
+        state: h.state,
+        src: SocketAddr::new(id.source_address, id.source_port),
+        dst: SocketAddr::new(id.destination_address, id.destination_port),
         cgroup_id,
-        inode: msg.inode,
-        uid: msg.uid,
+        inode: h.inode,
+        uid: h.uid,
         id,
     })
 }
@@ -488,6 +384,7 @@ mod tests {
     use std::{
         io::Read as _,
         net::{TcpListener, TcpStream, UdpSocket},
+        os::fd::AsRawFd as _,
         time::Duration,
     };
 
@@ -614,19 +511,27 @@ mod tests {
         assert_eq!(e.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
+    /// `linux/netlink.h` and `linux/sock_diag.h`, spelled out here so the
+    /// tests check the crate against the uapi rather than against itself.
+    const NLMSG_HDRLEN: usize = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLA_HDRLEN: usize = 4;
+    /// `struct inet_diag_msg`, the fixed part of each dumped socket.
+    const INET_DIAG_MSG_LEN: usize = 72;
+
     fn message(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-        let (len, flags, pid) = ((NLMSG_HDRLEN + payload.len()) as u32, 0, 0);
-        let mut m = [
-            as_bytes(&NlMsgHdr {
-                len,
-                ty,
-                flags,
-                seq,
-                pid,
-            }),
-            payload,
-        ]
-        .concat();
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        // struct nlmsghdr: length, type, flags, seq, port.
+        let header = [
+            &len.to_ne_bytes()[..],
+            &ty.to_ne_bytes(),
+            &0u16.to_ne_bytes(),
+            &seq.to_ne_bytes(),
+            &0u32.to_ne_bytes(),
+        ];
+        let mut m = [&header.concat()[..], payload].concat();
         m.resize(m.len().next_multiple_of(4), 0);
         m
     }
@@ -638,21 +543,23 @@ mod tests {
         a
     }
 
-    /// A dumped AF_INET socket 10.0.0.1:1234 -> 169.254.169.254:80 with the
-    /// given attributes after the fixed part.
+    /// A dumped AF_INET socket 10.0.0.1:1234 -> 169.254.169.254:80 (uid
+    /// 1000, inode 42) with the given attributes after the fixed part, laid
+    /// out byte by byte as `struct inet_diag_msg`.
     fn socket(attrs: &[u8]) -> Vec<u8> {
-        let (sport, dport) = (1234u16.to_be_bytes(), 80u16.to_be_bytes());
-        let mut id = SockId {
-            sport,
-            dport,
-            ..SockId::default()
-        };
-        id.src[..4].copy_from_slice(&[10, 0, 0, 1]);
-        id.dst[..4].copy_from_slice(&[169, 254, 169, 254]);
-        let mut msg = read_pod::<InetDiagMsg>(&[0; size_of::<InetDiagMsg>()]).unwrap();
-        (msg.family, msg.state, msg.id, msg.uid, msg.inode) =
-            (libc::AF_INET as u8, 1, id, 1000, 42);
-        [as_bytes(&msg), attrs].concat()
+        let mut msg = vec![libc::AF_INET as u8, 1, 0, 0];
+        msg.extend(1234u16.to_be_bytes());
+        msg.extend(80u16.to_be_bytes());
+        msg.extend([10, 0, 0, 1]);
+        msg.extend([0; 12]);
+        msg.extend([169, 254, 169, 254]);
+        msg.extend([0; 12]);
+        // ifindex, cookie, expires, rqueue, wqueue.
+        msg.extend([0; 4 + 8 + 4 + 4 + 4]);
+        msg.extend(1000u32.to_ne_bytes());
+        msg.extend(42u32.to_ne_bytes());
+        assert_eq!(msg.len(), INET_DIAG_MSG_LEN);
+        [&msg[..], attrs].concat()
     }
 
     #[test]
@@ -665,7 +572,7 @@ mod tests {
         .concat();
         let buf = [
             message(SOCK_DIAG_BY_FAMILY, 9, &socket(&attrs)),
-            message(20, 8, &[]),
+            message(SOCK_DIAG_BY_FAMILY, 8, &[]),
         ];
         let mut out = Vec::new();
         assert!(!parse_dump(&buf.concat(), 9, Transport::Tcp, &mut out).unwrap());
@@ -688,7 +595,11 @@ mod tests {
 
     #[test]
     fn malformed_replies_are_errors() {
-        let good = message(20, 1, &socket(&attr(INET_DIAG_CGROUP_ID, &[0; 8])));
+        let good = message(
+            SOCK_DIAG_BY_FAMILY,
+            1,
+            &socket(&attr(INET_DIAG_CGROUP_ID, &[0; 8])),
+        );
         // Every truncation, then header lengths too short and past the end.
         let mut bad: Vec<Vec<u8>> = (1..good.len()).map(|n| good[..n].to_vec()).collect();
         for len in [0u32, 15, good.len() as u32 + 4] {
@@ -696,13 +607,21 @@ mod tests {
         }
         // An attribute longer than the message.
         let mut m = good.clone();
-        let at = NLMSG_HDRLEN + size_of::<InetDiagMsg>();
+        let at = NLMSG_HDRLEN + INET_DIAG_MSG_LEN;
         m[at..at + 2].copy_from_slice(&200u16.to_ne_bytes());
         bad.push(m);
         // A 4-byte cgroup id, an unknown family, a short error, a bad type.
-        bad.push(message(20, 1, &socket(&attr(INET_DIAG_CGROUP_ID, &[0; 4]))));
-        let mut m = message(20, 1, &socket(&[]));
+        bad.push(message(
+            SOCK_DIAG_BY_FAMILY,
+            1,
+            &socket(&attr(INET_DIAG_CGROUP_ID, &[0; 4])),
+        ));
+        let mut m = message(SOCK_DIAG_BY_FAMILY, 1, &socket(&[]));
         m[NLMSG_HDRLEN] = 99;
+        bad.push(m);
+        // An AF_UNIX socket where an inet one belongs.
+        let mut m = message(SOCK_DIAG_BY_FAMILY, 1, &socket(&[]));
+        m[NLMSG_HDRLEN] = libc::AF_UNIX as u8;
         bad.push(m);
         bad.push(message(NLMSG_ERROR, 1, &[0; 2]));
         bad.push(message(77, 1, &[]));
@@ -712,5 +631,48 @@ mod tests {
         }
         assert!(parse_ack(&good[..10], 1).is_err());
         assert!(parse_ack(&message(NLMSG_ERROR, 1, &5i32.to_ne_bytes()), 1).is_err());
+    }
+
+    #[test]
+    fn a_destroy_request_names_the_dumped_socket_with_its_cookie() {
+        let mut attrs = attr(INET_DIAG_CGROUP_ID, &7u64.to_ne_bytes());
+        let mut dumped = socket(&[]);
+        // The cookie, at offset 4 + 2 * 2 + 2 * 16 + 4 of inet_diag_msg.
+        dumped[44..52].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        dumped.append(&mut attrs);
+        let mut out = Vec::new();
+        let reply = message(SOCK_DIAG_BY_FAMILY, 1, &dumped);
+        parse_dump(&reply, 1, Transport::Udp, &mut out).unwrap();
+        let s = &out[0];
+        let req = inet_request(s.transport, s.family, u32::MAX, s.id.clone());
+        let req = SockDiagDestroy::new(SockDiagMessage::InetRequest(req));
+        let bytes = request_bytes(req, NLM_F_ACK, 5);
+        // struct inet_diag_req_v2 after the header.
+        assert_eq!(bytes.len(), NLMSG_HDRLEN + 56);
+        let header = [
+            &(bytes.len() as u32).to_ne_bytes()[..],
+            &21u16.to_ne_bytes(), // SOCK_DESTROY
+            &(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes(),
+            &5u32.to_ne_bytes(),
+            &0u32.to_ne_bytes(),
+        ]
+        .concat();
+        assert_eq!(bytes[..NLMSG_HDRLEN], header[..]);
+        let body = &bytes[NLMSG_HDRLEN..];
+        assert_eq!(
+            body[..8],
+            [
+                libc::AF_INET as u8,
+                libc::IPPROTO_UDP as u8,
+                0,
+                0,
+                255,
+                255,
+                255,
+                255
+            ]
+        );
+        // The socket id as dumped: ports, addresses, ifindex and cookie.
+        assert_eq!(body[8..], dumped[4..52]);
     }
 }

@@ -143,6 +143,8 @@ pub fn sweep(root: &CgroupDir, policy: &Policy, netns_dirs: &[PathBuf]) -> Repor
         }
     };
     let mut namespaces: BTreeMap<u64, Option<File>> = BTreeMap::new();
+    // A stat, not procfs: its namespaces() is per process, and this must be
+    // the namespace of the thread that runs the sweep.
     let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino());
     if let Ok(own) = own {
         // Ours needs no setns (and so no CAP_SYS_ADMIN): hostNetwork pods.

@@ -60,6 +60,10 @@ use imdsguard_testlab::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::PostParams};
+use procfs::{
+    Current as _, LoadAverage, Meminfo,
+    process::{FDTarget, Process},
+};
 use serde_json::Value;
 
 const NS: &str = "imds";
@@ -67,7 +71,7 @@ const QOS_DIR: &str = "kubepods-besteffort.slice";
 const IMDS: &str = "169.254.169.254:80";
 /// Nothing listens there in the lab namespace: connects are refused.
 const CLOSED_PORT: &str = "127.0.0.1:9";
-const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 const USAGE: &str = "\
 imdsguard-scale-bench [--imdsguard PATH] [FLAGS]
@@ -441,16 +445,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn header(out: &mut String, o: &Options, node: &Node, load: &str) -> anyhow::Result<()> {
+    // The whole string: procfs's KernelVersion keeps only major.minor.patch.
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
-        })
-        .and_then(|kib| kib.parse::<f64>().ok())
-        .map_or_else(|| "?".into(), |kib| format!("{:.0} GiB", kib / MIB));
+    let mem = Meminfo::current().map_or_else(
+        |_| "?".into(),
+        |m| format!("{:.0} GiB", m.mem_total as f64 / GIB),
+    );
     let args: Vec<String> = std::env::args().skip(1).collect();
     writeln!(out, "# imdsguard scale bench\n")?;
     writeln!(
@@ -572,8 +572,8 @@ fn footprint(
     Ok(FootprintRow {
         pods: size,
         entries,
-        rss: proc_status_kib(pid, "VmRSS")?,
-        hwm: proc_status_kib(pid, "VmHWM")?,
+        rss: rss_kib(pid)?,
+        hwm: hwm_kib(pid)?,
         cpu_pct: cpu_pct(c1 - c0, idle),
         idle,
         objects: bpf_objects(pid)?,
@@ -885,7 +885,7 @@ fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<String> {
     // are gone again.
     let base = node.pods.len();
     wait_for_entries(node, base)?;
-    let rss0 = proc_status_kib(pid, "VmRSS")?;
+    let rss0 = rss_kib(pid)?;
     let interval = Duration::from_secs((o.soak_secs / 12).max(5));
     let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
     let end = t0 + Duration::from_secs(o.soak_secs);
@@ -913,7 +913,7 @@ fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<String> {
             deleted += 1;
         }
         if Instant::now() >= next_sample {
-            samples.push((t0.elapsed(), proc_status_kib(pid, "VmRSS")?));
+            samples.push((t0.elapsed(), rss_kib(pid)?));
             next_sample += interval;
         }
     }
@@ -927,9 +927,9 @@ fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<String> {
     let entries = wait_for_entries(node, base)?;
     std::thread::sleep(Duration::from_secs(2));
     let cpu1 = cpu_ticks(pid)?;
-    let rss1 = proc_status_kib(pid, "VmRSS")?;
+    let rss1 = rss_kib(pid)?;
     samples.push((t0.elapsed(), rss1));
-    let hwm = proc_status_kib(pid, "VmHWM")?;
+    let hwm = hwm_kib(pid)?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -1282,34 +1282,39 @@ impl Drop for ProxyStub {
 
 // ------------------------------------------------------ /proc and fdinfo
 
-fn proc_status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("{key} missing from /proc/{pid}/status"))
+fn process(pid: u32) -> anyhow::Result<Process> {
+    Process::new(i32::try_from(pid)?).with_context(|| format!("open /proc/{pid}"))
+}
+
+/// Resident set size, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = process(pid)?.status();
+    let status = status.with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .vmrss
+        .with_context(|| format!("VmRSS missing from /proc/{pid}/status"))
+}
+
+/// Peak resident set size ("high water mark"), in KiB.
+fn hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = process(pid)?.status();
+    let status = status.with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .vmhwm
+        .with_context(|| format!("VmHWM missing from /proc/{pid}/status"))
 }
 
 /// utime + stime of the whole process, in clock ticks.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which may hold spaces: state is
-    // field 3, utime 14, stime 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/PID/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> anyhow::Result<u64> {
-        Ok(f.get(n - 3).context("short /proc/PID/stat")?.parse()?)
-    };
-    Ok(field(14)? + field(15)?)
+    let stat = process(pid)?
+        .stat()
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    Ok(stat.utime + stat.stime)
 }
 
 /// CPU time as a percentage of one CPU over `wall`.
 fn cpu_pct(ticks: u64, wall: Duration) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = procfs::ticks_per_second().max(1) as f64;
     ticks as f64 / hz / wall.as_secs_f64() * 100.0
 }
 
@@ -1325,21 +1330,25 @@ struct BpfObject {
 
 fn bpf_objects(pid: u32) -> anyhow::Result<Vec<BpfObject>> {
     let mut seen: BTreeMap<(&'static str, u32), BpfObject> = BTreeMap::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let entry = entry?;
-        // An fd closed since the listing: skipped.
-        let Ok(target) = fs::read_link(entry.path()) else {
-            continue;
-        };
-        let kind = match target.to_str() {
-            Some("anon_inode:bpf-map") => "map",
-            Some("anon_inode:bpf-prog") => "prog",
+    let process = process(pid)?;
+    let fds = process
+        .fd()
+        .with_context(|| format!("list /proc/{pid}/fd"))?;
+    // procfs skips an fd closed since the listing.
+    for fd in fds {
+        let fd = fd.with_context(|| format!("list /proc/{pid}/fd"))?;
+        let kind = match &fd.target {
+            FDTarget::AnonInode(k) if k == "bpf-map" => "map",
+            FDTarget::AnonInode(k) if k == "bpf-prog" => "prog",
             _ => continue,
         };
-        let Ok(info) = fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            entry.file_name().to_string_lossy()
-        )) else {
+        // Hand-parsed: procfs has no reader for fdinfo's BPF keys (map_id,
+        // prog_id, map_type, max_entries, memlock).
+        let info = process
+            .open_relative(format!("fdinfo/{}", fd.fd))
+            .ok()
+            .and_then(|f| std::io::read_to_string(f).ok());
+        let Some(info) = info else {
             continue;
         };
         let field = |k: &str| -> u64 {
@@ -1387,8 +1396,9 @@ fn map_type_name(t: u32) -> String {
 }
 
 fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    // As /proc/loadavg prints them.
+    LoadAverage::current()
+        .map(|l| format!("{:.2} {:.2} {:.2}", l.one, l.five, l.fifteen))
         .unwrap_or_default()
 }
 
@@ -1441,6 +1451,17 @@ mod tests {
             Duration::new(1_709_294_400, 1000)
         );
         assert!(parse_timestamp("2024-03-01 12:00:00").is_none());
+    }
+
+    #[test]
+    fn proc_readers_read_this_process() {
+        let pid = std::process::id();
+        let (rss, hwm) = (rss_kib(pid).unwrap(), hwm_kib(pid).unwrap());
+        assert!(rss > 0 && hwm >= rss, "{rss} {hwm}");
+        cpu_ticks(pid).unwrap();
+        assert!(bpf_objects(pid).unwrap().is_empty());
+        assert_eq!(loadavg().split(' ').count(), 3, "{}", loadavg());
+        assert!(rss_kib(u32::MAX).is_err());
     }
 
     #[test]
