@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(header(&r, "content-type"), Some(OPENMETRICS));
         let m = body(&r);
         assert!(
-            m.contains("imdsguard_kernel_verdicts{verdict=\"denied\"} 3\n"),
+            m.contains("imdsguard_kernel_verdicts_total{verdict=\"denied\"} 3\n"),
             "{m}"
         );
         assert!(m.ends_with("# EOF\n"), "{m}");

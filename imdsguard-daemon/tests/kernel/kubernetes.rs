@@ -105,7 +105,9 @@ fn node_agent_follows_labels_policy_and_outages() {
         "imdsguard_allow_map_entries 2",
         "imdsguard_protected_prefixes 9",
         "imdsguard_reconcile_duration_seconds_count",
-        r#"imdsguard_kernel_verdicts{verdict="denied"}"#,
+        r#"imdsguard_kernel_verdicts_total{verdict="denied"}"#,
+        "# TYPE imdsguard_kernel_verdicts counter",
+        "imdsguard_ringbuf_dropped_total ",
         r#"imdsguard_decisions_total{verdict="denied",namespace="imds",destination="169.254.169.254:80"}"#,
     ] {
         assert!(m.contains(needle), "{needle:?} not in /metrics:\n{m}");
