@@ -96,6 +96,28 @@ impl EnforcerHandle {
     }
 }
 
+#[cfg(test)]
+impl EnforcerHandle {
+    /// A handle whose owner task answers `counters` with `counters` and
+    /// refuses map writes: for tests of code that only reads through it.
+    pub(crate) fn answering_counters(counters: Counters) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Command>(8);
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    Command::Counters { reply } => {
+                        let _ = reply.send(Ok(counters));
+                    }
+                    Command::SyncAllowed { reply, .. } | Command::SetDestinations { reply, .. } => {
+                        let _ = reply.send(Err(gone()));
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+}
+
 /// Spawns the owner task. `desired` is what a re-attach after tampering
 /// re-installs (its allow set is left as it is in the map). With a
 /// `revoker`, changes that can take an allow away trigger a sweep.

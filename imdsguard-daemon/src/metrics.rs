@@ -2,13 +2,20 @@
 //! `/healthz` and `/readyz`.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, AtomicU32, Ordering},
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -41,9 +48,8 @@ pub struct Metrics {
     /// Decisions read before the pod store's first sync that did not fit
     /// the hold buffer, so were counted unattributed at once.
     pub decisions_held_overflow: Counter,
-    /// The kernel's per-CPU verdict counters, summed at scrape time.
-    pub kernel_verdicts: Family<VerdictLabels, Gauge>,
-    pub ringbuf_dropped: Gauge,
+    /// The kernel's own counters, exposed by [`KernelCounters`].
+    kernel: Arc<KernelCounters>,
     pub allow_map_entries: Gauge,
     pub protected_prefixes: Gauge,
     pub reconcile_duration: Histogram,
@@ -71,8 +77,7 @@ impl Metrics {
         let m = Self {
             decisions: Family::default(),
             decisions_held_overflow: Counter::default(),
-            kernel_verdicts: Family::default(),
-            ringbuf_dropped: Gauge::default(),
+            kernel: Arc::default(),
             allow_map_entries: Gauge::default(),
             protected_prefixes: Gauge::default(),
             // 50 µs .. ~0.8 s
@@ -96,16 +101,7 @@ impl Metrics {
             "Decisions read before the pod store synced that overflowed the hold buffer and were counted unattributed",
             m.decisions_held_overflow.clone(),
         );
-        registry.register(
-            "kernel_verdicts",
-            "Kernel verdict counters on protected destinations",
-            m.kernel_verdicts.clone(),
-        );
-        registry.register(
-            "ringbuf_dropped",
-            "Decision events lost because the ring buffer was full",
-            m.ringbuf_dropped.clone(),
-        );
+        registry.register_collector(Box::new(m.kernel.clone()));
         registry.register(
             "allow_map_entries",
             "Entries in the allowed-cgroup map",
@@ -149,19 +145,9 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// The kernel's totals as just read; the next render reports them.
     pub fn set_kernel_counters(&self, c: &Counters) {
-        for (verdict, n) in [
-            ("allowed", c.allowed),
-            ("denied", c.denied),
-            ("audited", c.audited),
-        ] {
-            self.kernel_verdicts
-                .get_or_create(&VerdictLabels {
-                    verdict: verdict.into(),
-                })
-                .set(n as i64);
-        }
-        self.ringbuf_dropped.set(c.events_dropped as i64);
+        self.kernel.set(c);
     }
 
     /// OpenMetrics text.
@@ -170,6 +156,65 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The kernel's per-CPU counters (summed across CPUs) as OpenMetrics
+/// counters: `imdsguard_kernel_verdicts_total{verdict}` and
+/// `imdsguard_ringbuf_dropped_total`.
+///
+/// The totals live in a BPF map, not in a prometheus-client `Counter` that
+/// we would have to keep in step: the scrape handler reads them (an async
+/// call to the task owning the map, which `Collector::encode` cannot make)
+/// and stores them here just before rendering. Until the first read they
+/// are left out, rather than reported as made-up zeros.
+#[derive(Debug, Default)]
+struct KernelCounters {
+    last: Mutex<Option<Counters>>,
+}
+
+impl KernelCounters {
+    fn set(&self, c: &Counters) {
+        // A panic elsewhere while holding the lock cannot leave a torn
+        // `Counters` (it is `Copy`), so a poisoned lock is still usable.
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(*c);
+    }
+
+    fn get(&self) -> Option<Counters> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Like an empty `Family`, which the registry leaves out entirely.
+        let Some(c) = self.get() else {
+            return Ok(());
+        };
+        // Help texts end with a period, as `Registry::register` writes them.
+        let mut verdicts = encoder.encode_descriptor(
+            "kernel_verdicts",
+            "Kernel verdict counters on protected destinations.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (verdict, n) in [
+            ("allowed", c.allowed),
+            ("denied", c.denied),
+            ("audited", c.audited),
+        ] {
+            let labels = VerdictLabels {
+                verdict: verdict.into(),
+            };
+            ConstCounter::new(n).encode(verdicts.encode_family(&labels)?)?;
+        }
+        let dropped = encoder.encode_descriptor(
+            "ringbuf_dropped",
+            "Decision events lost because the ring buffer was full.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(c.events_dropped).encode(dropped)
     }
 }
 
@@ -199,5 +244,69 @@ impl Health {
         self.first_sync_done.load(Ordering::Relaxed)
             && self.attached_hooks.load(Ordering::Relaxed)
                 == self.wanted_hooks.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_are_counters_read_at_render() {
+        let m = Metrics::new();
+        let before = m.render();
+        assert!(!before.contains("kernel_verdicts"), "{before}");
+        assert!(!before.contains("ringbuf_dropped"), "{before}");
+
+        m.set_kernel_counters(&Counters {
+            allowed: 5,
+            denied: 3,
+            audited: 1,
+            events_dropped: 2,
+        });
+        let out = m.render();
+        for line in [
+            "# HELP imdsguard_kernel_verdicts Kernel verdict counters on protected destinations.\n",
+            "# TYPE imdsguard_kernel_verdicts counter\n",
+            "imdsguard_kernel_verdicts_total{verdict=\"allowed\"} 5\n",
+            "imdsguard_kernel_verdicts_total{verdict=\"denied\"} 3\n",
+            "imdsguard_kernel_verdicts_total{verdict=\"audited\"} 1\n",
+            "# TYPE imdsguard_ringbuf_dropped counter\n",
+            "imdsguard_ringbuf_dropped_total 2\n",
+        ] {
+            assert!(out.contains(line), "{line:?} not in:\n{out}");
+        }
+        assert!(out.ends_with("# EOF\n"), "{out}");
+
+        // Each render shows the totals of the last read.
+        m.set_kernel_counters(&Counters {
+            denied: 4,
+            ..Default::default()
+        });
+        let out = m.render();
+        assert!(
+            out.contains("imdsguard_kernel_verdicts_total{verdict=\"denied\"} 4\n"),
+            "{out}"
+        );
+        assert!(out.contains("imdsguard_ringbuf_dropped_total 0\n"), "{out}");
+    }
+
+    #[test]
+    fn other_metric_names_are_unchanged() {
+        let m = Metrics::new();
+        m.policy_reload_failures.inc();
+        m.connections_revoked.inc();
+        m.programs_attached.set(2);
+        let out = m.render();
+        for line in [
+            "imdsguard_policy_reload_failures_total 1\n",
+            "imdsguard_connections_revoked_total 1\n",
+            "# TYPE imdsguard_programs_attached gauge\n",
+            "imdsguard_programs_attached 2\n",
+            "imdsguard_allow_map_entries 0\n",
+            "imdsguard_reconcile_duration_seconds_count 0\n",
+        ] {
+            assert!(out.contains(line), "{line:?} not in:\n{out}");
+        }
     }
 }

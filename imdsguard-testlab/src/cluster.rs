@@ -119,8 +119,8 @@ impl Cluster {
         )
         .unwrap();
         let mut docs = text.split("\n---\n");
-        let role: ClusterRole = serde_yaml::from_str(docs.next().unwrap()).unwrap();
-        let binding: ClusterRoleBinding = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        let role: ClusterRole = serde_saphyr::from_str(docs.next().unwrap()).unwrap();
+        let binding: ClusterRoleBinding = serde_saphyr::from_str(docs.next().unwrap()).unwrap();
         self.rt.block_on(async {
             Api::<ClusterRole>::all(self.admin.clone())
                 .create(&PostParams::default(), &role)

@@ -263,8 +263,8 @@ impl KubeApiserver {
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=default={peer_url}"));
         let log = self.dir.join("etcd.log");
-        let mut child = spawn_logged(cmd, &log)
-            .context("start etcd (`cargo xtask kubernetes` installs it)")?;
+        let mut child =
+            spawn_logged(cmd, &log).context("start etcd (`cargo xtask kubernetes` installs it)")?;
         let health = format!("{}/health", self.etcd_url);
         let ready = wait_until(&mut child, &log, || curl_ok(&health, |c| c));
         // Kept even if not ready, so that Drop stops it.
@@ -369,4 +369,3 @@ pub fn curl_ok(url: &str, extra: impl FnOnce(&mut Command) -> &mut Command) -> b
         .status()
         .is_ok_and(|s| s.success())
 }
-

@@ -22,9 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use imdsguard_testlab::kube_apiserver::{DAEMON_USER, KubeApiserver};
 use imdsguard_testlab::scratch::ScratchDir;
-use serde::Deserialize as _;
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
 
 const NAMESPACE: &str = "imdsguard-system";
 /// Labels only the chart sets; the plain manifests must equal the chart's
@@ -106,11 +104,9 @@ const ALL_FEATURES: &[&str] = &[
     "deploy/helm/imdsguard/ci/all-features-values.yaml",
 ];
 
-fn docs(text: &str) -> Vec<Yaml> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| Yaml::deserialize(d).expect("valid YAML"))
-        .filter(|d| !d.is_null())
-        .collect()
+/// The documents of a YAML stream, empty ones left out.
+fn docs(text: &str) -> Vec<Json> {
+    serde_saphyr::from_multiple(text).expect("valid YAML")
 }
 
 /// The plain manifests, in the order `kubectl apply -f deploy/manifests/`
@@ -125,32 +121,32 @@ fn plain_files() -> Vec<PathBuf> {
     files
 }
 
-fn plain_docs() -> Vec<Yaml> {
+fn plain_docs() -> Vec<Json> {
     plain_files()
         .iter()
         .flat_map(|f| docs(&fs::read_to_string(f).expect("read manifest")))
         .collect()
 }
 
-fn kind(doc: &Yaml) -> &str {
+fn kind(doc: &Json) -> &str {
     doc["kind"].as_str().expect("kind")
 }
 
-fn name(doc: &Yaml) -> &str {
+fn name(doc: &Json) -> &str {
     doc["metadata"]["name"].as_str().expect("metadata.name")
 }
 
-fn find<'a>(docs: &'a [Yaml], k: &str) -> &'a Yaml {
+fn find<'a>(docs: &'a [Json], k: &str) -> &'a Json {
     let mut found = docs.iter().filter(|d| kind(d) == k);
     let doc = found.next().unwrap_or_else(|| panic!("no {k}"));
     assert!(found.next().is_none(), "more than one {k}");
     doc
 }
 
-fn strip_helm_labels(v: &mut Yaml) {
+fn strip_helm_labels(v: &mut Json) {
     match v {
-        Yaml::Mapping(m) => {
-            if let Some(Yaml::Mapping(labels)) = m.get_mut("labels") {
+        Json::Object(m) => {
+            if let Some(Json::Object(labels)) = m.get_mut("labels") {
                 for l in HELM_ONLY_LABELS {
                     labels.remove(*l);
                 }
@@ -159,12 +155,12 @@ fn strip_helm_labels(v: &mut Yaml) {
                 strip_helm_labels(child);
             }
         }
-        Yaml::Sequence(s) => s.iter_mut().for_each(strip_helm_labels),
+        Json::Array(s) => s.iter_mut().for_each(strip_helm_labels),
         _ => {}
     }
 }
 
-fn by_kind_and_name(docs: &[Yaml]) -> BTreeMap<(String, String), Yaml> {
+fn by_kind_and_name(docs: &[Json]) -> BTreeMap<(String, String), Json> {
     docs.iter()
         .map(|d| {
             let mut d = d.clone();
@@ -180,7 +176,7 @@ fn plain_manifests_equal_the_charts_default_rendering() {
     // The chart leaves the Namespace to `helm install --create-namespace`
     // unless asked.
     let chart = by_kind_and_name(&docs(&render(&["--set", "namespace.create=true"])));
-    let keys = |m: &BTreeMap<(String, String), Yaml>| m.keys().cloned().collect::<Vec<_>>();
+    let keys = |m: &BTreeMap<(String, String), Json>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&plain), keys(&chart), "different objects");
     for (key, doc) in &plain {
         assert_eq!(
@@ -195,11 +191,11 @@ fn rbac_yaml_keeps_its_shape_and_grants_only_reads_and_events() {
     let text = fs::read_to_string(repo().join("deploy/manifests/rbac.yaml")).expect("read");
     let parts: Vec<&str> = text.split("\n---\n").collect();
     assert_eq!(parts.len(), 2, "rbac.yaml: two documents");
-    let role: Yaml = serde_yaml::from_str(parts[0]).expect("ClusterRole");
-    let binding: Yaml = serde_yaml::from_str(parts[1]).expect("ClusterRoleBinding");
+    let role: Json = serde_saphyr::from_str(parts[0]).expect("ClusterRole");
+    let binding: Json = serde_saphyr::from_str(parts[1]).expect("ClusterRoleBinding");
     assert_eq!(kind(&role), "ClusterRole");
     assert_eq!(kind(&binding), "ClusterRoleBinding");
-    let rules: Yaml = serde_yaml::from_str(
+    let rules: Json = serde_saphyr::from_str(
         r#"
 - apiGroups: [""]
   resources: ["pods", "namespaces"]
@@ -223,7 +219,7 @@ fn rbac_yaml_keeps_its_shape_and_grants_only_reads_and_events() {
 }
 
 /// What the DaemonSet promises about privileges, in every rendering.
-fn assert_daemonset_contract(ds: &Yaml, what: &str) {
+fn assert_daemonset_contract(ds: &Json, what: &str) {
     let pod = &ds["spec"]["template"]["spec"];
     for host in ["hostPID", "hostNetwork", "hostIPC"] {
         assert!(pod[host].is_null(), "{what}: {host} is set");
@@ -246,7 +242,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
         Some("imdsguard/imdsguard.json"),
         "{what}"
     );
-    let containers = pod["containers"].as_sequence().expect("containers");
+    let containers = pod["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1, "{what}: one container");
     let c = &containers[0];
     let image = c["image"].as_str().expect("image");
@@ -263,7 +259,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
     assert_eq!(sc["runAsUser"].as_u64(), Some(0), "{what}");
     let caps = |k: &str| -> Vec<&str> {
         sc["capabilities"][k]
-            .as_sequence()
+            .as_array()
             .unwrap_or_else(|| panic!("{what}: capabilities.{k}"))
             .iter()
             .map(|v| v.as_str().expect("capability"))
@@ -271,7 +267,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
     };
     assert_eq!(caps("drop"), ["ALL"], "{what}");
     let args: Vec<&str> = c["args"]
-        .as_sequence()
+        .as_array()
         .expect("args")
         .iter()
         .map(|a| a.as_str().expect("arg"))
@@ -292,7 +288,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
             .expect("--netns-dir")
             + 1];
         let mount = c["volumeMounts"]
-            .as_sequence()
+            .as_array()
             .expect("volumeMounts")
             .iter()
             .find(|m| m["mountPath"].as_str() == Some(dir))
@@ -325,7 +321,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
     // hostPath: the cgroup tree (read-only) and bpffs, plus the runtime's
     // netns directory with revocation; nothing else.
     let host_paths: BTreeMap<&str, &str> = pod["volumes"]
-        .as_sequence()
+        .as_array()
         .expect("volumes")
         .iter()
         .filter_map(|v| Some((v["name"].as_str()?, v["hostPath"]["path"].as_str()?)))
@@ -335,7 +331,7 @@ fn assert_daemonset_contract(ds: &Yaml, what: &str) {
         want.insert("netns", "/var/run/netns");
     }
     assert_eq!(host_paths, want, "{what}");
-    for m in c["volumeMounts"].as_sequence().expect("volumeMounts") {
+    for m in c["volumeMounts"].as_array().expect("volumeMounts") {
         match m["name"].as_str() {
             Some("cgroup") => assert_eq!(m["readOnly"].as_bool(), Some(true), "{what}"),
             Some("bpffs") => assert_eq!(
@@ -363,7 +359,7 @@ fn every_rendering_keeps_the_daemonset_contract() {
         "--netns-dir",
     ] {
         assert!(
-            args.as_sequence()
+            args.as_array()
                 .unwrap()
                 .iter()
                 .any(|a| a.as_str() == Some(want)),
@@ -374,19 +370,19 @@ fn every_rendering_keeps_the_daemonset_contract() {
     let monitor = find(&all, "ServiceMonitor");
     let service = find(&all, "Service");
     for (k, v) in monitor["spec"]["selector"]["matchLabels"]
-        .as_mapping()
+        .as_object()
         .expect("matchLabels")
     {
-        assert_eq!(&service["metadata"]["labels"][k.as_str().unwrap()], v);
+        assert_eq!(&service["metadata"]["labels"][k], v);
     }
     assert_eq!(
         monitor["spec"]["endpoints"][0]["port"],
         service["spec"]["ports"][0]["name"]
     );
     // startupTaint.enabled grants get/patch on nodes, and only then.
-    let node_rule = |docs: &[Yaml]| {
+    let node_rule = |docs: &[Json]| {
         find(docs, "ClusterRole")["rules"]
-            .as_sequence()
+            .as_array()
             .unwrap()
             .iter()
             .any(|r| r["resources"][0].as_str() == Some("nodes"))
@@ -477,7 +473,7 @@ fn admission_policy_parses_and_names_the_seed_policys_allow_rule() {
     assert_eq!(d[1]["spec"]["policyName"].as_str(), Some(name(&d[0])));
     let variable = |n: &str| -> String {
         d[0]["spec"]["variables"]
-            .as_sequence()
+            .as_array()
             .unwrap()
             .iter()
             .find(|v| v["name"].as_str() == Some(n))
@@ -488,16 +484,16 @@ fn admission_policy_parses_and_names_the_seed_policys_allow_rule() {
     };
     // The policy's allow rule, from the ConfigMap the manifests ship.
     let configmap = find(&plain_docs(), "ConfigMap").clone();
-    let policy: Yaml =
-        serde_yaml::from_str(configmap["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+    let policy: Json =
+        serde_saphyr::from_str(configmap["data"]["policy.yaml"].as_str().unwrap()).unwrap();
     let allow = policy["rules"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .find(|r| r["access"].as_str() == Some("allow"))
         .expect("an allow rule");
     let (key, value) = allow["podSelector"]["matchLabels"]
-        .as_mapping()
+        .as_object()
         .unwrap()
         .iter()
         .next()
@@ -512,13 +508,13 @@ fn admission_policy_parses_and_names_the_seed_policys_allow_rule() {
                 .join(", ")
         )
     };
-    assert_eq!(variable("allowKey"), format!("'{}'", key.as_str().unwrap()));
+    assert_eq!(variable("allowKey"), format!("'{key}'"));
     assert_eq!(
         variable("allowValues"),
         cel_list(vec![value.as_str().unwrap()])
     );
     let namespaces = allow["namespaces"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|n| n.as_str().unwrap())
@@ -603,9 +599,9 @@ fn assert_subset(want: &Json, got: &Json, path: &str) {
 /// creates a pod from the DaemonSet's template, and returns the kubectl and
 /// the file. The Namespace is created first, as `helm install
 /// --create-namespace` would; a Namespace object in `docs` then updates it.
-fn apply_to_apiserver(what: &str, docs: &[Yaml], api: &KubeApiserver) -> (Kubectl, PathBuf) {
+fn apply_to_apiserver(what: &str, docs: &[Json], api: &KubeApiserver) -> (Kubectl, PathBuf) {
     let kubectl = Kubectl::new(api, what);
-    let (applicable, skipped): (Vec<&Yaml>, Vec<&Yaml>) =
+    let (applicable, skipped): (Vec<&Json>, Vec<&Json>) =
         docs.iter().partition(|d| kind(d) != "ServiceMonitor");
     for s in &skipped {
         eprintln!(
@@ -618,7 +614,7 @@ fn apply_to_apiserver(what: &str, docs: &[Yaml], api: &KubeApiserver) -> (Kubect
         .join(&format!("{}.yaml", what.replace(' ', "-")));
     let text = applicable
         .iter()
-        .map(|d| serde_yaml::to_string(d).expect("YAML"))
+        .map(|d| serde_saphyr::to_string(d).expect("YAML"))
         .collect::<Vec<_>>()
         .join("---\n");
     fs::write(&file, text).expect("write rendering");
@@ -637,9 +633,8 @@ fn apply_to_apiserver(what: &str, docs: &[Yaml], api: &KubeApiserver) -> (Kubect
     let items = stored["items"].as_array().expect("items");
     assert_eq!(items.len(), applicable.len(), "{what}: stored objects");
     for (want, got) in applicable.iter().zip(items) {
-        let want = serde_json::to_value(want).expect("YAML to JSON");
         assert_subset(
-            &want,
+            want,
             got,
             &format!("{what}: {}/{}", got["kind"], got["metadata"]["name"]),
         );

@@ -79,9 +79,7 @@ fn version_dir() -> PathBuf {
 /// Every cached binary reports the version (pause has no flag: it must be a
 /// non-empty file).
 fn cached() -> bool {
-    BINARIES
-        .iter()
-        .all(|b| reports_version(&binary_path(b)))
+    BINARIES.iter().all(|b| reports_version(&binary_path(b)))
         && fs::metadata(binary_path("pause")).is_ok_and(|m| m.len() > 0)
 }
 

@@ -25,7 +25,7 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::{
@@ -91,12 +91,17 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         "listen on --metrics-addr",
         args.metrics_addr.to_string(),
     ))?;
-    tokio::spawn(http::serve(
+    // Dropping `stop_http` (any return from here on) also stops the server.
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let http_server = tokio::spawn(http::serve(
         listener,
         http::Endpoints {
             metrics: metrics.clone(),
             health: health.clone(),
             enforcer: enforcer_slot.clone(),
+        },
+        async {
+            let _ = http_stopped.await;
         },
     ));
     info!(metrics_addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
@@ -284,6 +289,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         stopped,
         "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall`)"
     );
+    // Responses in flight finish, so a scrape racing the exit still gets
+    // its answer; `serve` bounds the wait.
+    let _ = stop_http.send(());
+    let _ = http_server.await;
     Ok(())
 }
 

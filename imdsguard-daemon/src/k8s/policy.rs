@@ -128,14 +128,16 @@ impl std::fmt::Display for RuleRef {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// Not YAML, or not the policy's shape: `path` is where (empty for the
-    /// document itself), `line` and `column` are serde_yaml's, 1-based.
+    /// document itself), `line` and `column` are the parser's, 1-based.
     #[error("{}invalid policy yaml{}", path_prefix(.path), at_line(*.line, *.column))]
     Yaml {
         path: String,
         line: Option<usize>,
         column: Option<usize>,
+        /// Boxed: serde-saphyr's error is large, and every other variant
+        /// small.
         #[source]
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
     },
 
     #[error("{rule}.name: invalid rule name {name:?}: {problem}")]
@@ -363,9 +365,7 @@ impl Policy {
     }
 
     pub fn from_yaml(yaml: &str) -> Result<Self, PolicyError> {
-        let spec: PolicySpec =
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(yaml))
-                .map_err(|e| yaml_error(yaml, e))?;
+        let spec = parse_spec(yaml)?;
         let mut seen = BTreeMap::new();
         let rules = spec
             .rules
@@ -433,16 +433,46 @@ fn parse_destinations(specs: Vec<String>) -> Result<Vec<Destination>, PolicyErro
     Ok(parsed)
 }
 
-fn yaml_error(yaml: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> PolicyError {
-    let path = describe_path(yaml, e.path());
-    let source = e.into_inner();
-    let location = source.location();
-    PolicyError::Yaml {
-        path,
-        line: location.as_ref().map(|l| l.line()),
-        column: location.as_ref().map(|l| l.column()),
-        source,
+/// The parser settings for policies.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        // Our errors carry the line and column; a rendered snippet would put
+        // a multi-line drawing into one-line (JSON) logs.
+        with_snippet: false,
+        // Repeated keys reach the visitors as they did with serde_yaml:
+        // structs refuse repeated fields and `matchLabels` names the key.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+        // As serde_yaml did, `app:` in `matchLabels` is the empty label
+        // value rather than an error.
+        null_as_string: true,
     }
+}
+
+fn parse_spec(yaml: &str) -> Result<PolicySpec, PolicyError> {
+    // serde-saphyr lends its deserializer to a closure only, so the path
+    // tracker is set up by hand where `serde_path_to_error::deserialize`
+    // would do it.
+    let mut path = None;
+    serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
+        let mut track = serde_path_to_error::Track::new();
+        let spec = PolicySpec::deserialize(serde_path_to_error::Deserializer::new(de, &mut track));
+        if spec.is_err() {
+            path = Some(track.path());
+        }
+        spec
+    })
+    .map_err(|source| {
+        // No path: the error lies outside the document (a second one, say).
+        let path = path.map(|p| describe_path(yaml, &p)).unwrap_or_default();
+        let location = source.location();
+        let number = |n: u64| usize::try_from(n).ok();
+        PolicyError::Yaml {
+            path,
+            line: location.and_then(|l| number(l.line())),
+            column: location.and_then(|l| number(l.column())),
+            source: Box::new(source),
+        }
+    })
 }
 
 /// Renders a serde path in the style of the validation errors, naming the
@@ -479,9 +509,14 @@ fn rule_name(yaml: &str, index: usize) -> Option<String> {
     }
     #[derive(Deserialize)]
     struct NameOnly {
-        name: Option<serde_yaml::Value>,
+        name: Option<serde_json::Value>,
     }
-    let names: Names = serde_yaml::from_str(yaml).ok()?;
+    let options = serde_saphyr::options! {
+        // A label key repeated somewhere in the rule leaves its name
+        // readable; a repeated `name` does not.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+    };
+    let names: Names = serde_saphyr::from_str_with_options(yaml, options).ok()?;
     let name = names.rules.into_iter().nth(index)?.name?;
     name.as_str().filter(|n| !n.is_empty()).map(str::to_owned)
 }
@@ -862,6 +897,23 @@ mod tests {
             e.to_string()
                 .starts_with("rules[0] (r).namespaces[1]: invalid namespace name \"Kube_System\""),
             "{e}"
+        );
+    }
+
+    /// What serde_yaml accepted, and how, before the move to serde-saphyr.
+    #[test]
+    fn scalars_read_as_before() {
+        let p = Policy::from_yaml(
+            "rules: [{name: r, podSelector: {matchLabels: {app: , v: 1.0, n: 012, on: true}}}]",
+        )
+        .unwrap();
+        let selector = p.rules()[0].pod_selector().unwrap();
+        assert_eq!(selector.to_string(), "app=,n=012,on=true,v=1.0");
+        // One document only.
+        let e = err("rules: []\n---\nrules: []\n");
+        assert!(
+            matches!(&e, PolicyError::Yaml { path, .. } if path.is_empty()),
+            "{e:?}"
         );
     }
 

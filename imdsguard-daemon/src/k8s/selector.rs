@@ -347,12 +347,17 @@ mod tests {
             .collect()
     }
 
+    /// Parsed as the policy parser parses it.
+    fn from_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, serde_saphyr::Error> {
+        serde_saphyr::from_str_with_options(yaml, crate::k8s::policy::yaml_options())
+    }
+
     fn selector(yaml: &str) -> LabelSelector {
-        serde_yaml::from_str(yaml).unwrap()
+        from_yaml(yaml).unwrap()
     }
 
     fn spec_error(yaml: &str) -> SelectorError {
-        let spec: LabelSelectorSpec = serde_yaml::from_str(yaml).unwrap();
+        let spec: LabelSelectorSpec = from_yaml(yaml).unwrap();
         LabelSelector::try_from(&spec).unwrap_err()
     }
 
@@ -490,28 +495,25 @@ mod tests {
 
     #[test]
     fn deserialize_validates_and_rejects_unknown_fields() {
-        let bad =
-            serde_yaml::from_str::<LabelSelector>("matchExpressions: [{key: a, operator: Equals}]")
-                .unwrap_err();
+        let bad = from_yaml::<LabelSelector>("matchExpressions: [{key: a, operator: Equals}]")
+            .unwrap_err();
         assert!(
             bad.to_string()
                 .contains("matchExpressions[0].operator: unknown operator"),
             "{bad}"
         );
-        let dup = serde_yaml::from_str::<LabelSelector>("matchLabels: {app: a, tier: b, app: c}")
-            .unwrap_err();
+        let dup = from_yaml::<LabelSelector>("matchLabels: {app: a, tier: b, app: c}").unwrap_err();
         assert!(
             dup.to_string().contains("duplicate label key \"app\""),
             "{dup}"
         );
-        let typo = serde_yaml::from_str::<LabelSelector>("matchLabel: {app: x}").unwrap_err();
+        let typo = from_yaml::<LabelSelector>("matchLabel: {app: x}").unwrap_err();
         assert!(
             typo.to_string().contains("unknown field `matchLabel`"),
             "{typo}"
         );
-        let typo = serde_yaml::from_str::<LabelSelector>(
-            "matchExpressions: [{key: a, operator: In, value: [x]}]",
-        );
+        let typo =
+            from_yaml::<LabelSelector>("matchExpressions: [{key: a, operator: In, value: [x]}]");
         assert!(
             typo.unwrap_err()
                 .to_string()

@@ -58,8 +58,8 @@ fn eventually(lab: &Lab, cg: &TestCgroup, want_reached: bool) -> Duration {
 
 fn node_agent_follows_labels_policy_and_outages() {
     let lab = lab("k8s");
-    let mut api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
+    let mut api =
+        KubeApiserver::start().expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
@@ -109,7 +109,9 @@ fn node_agent_follows_labels_policy_and_outages() {
         "imdsguard_allow_map_entries 2",
         "imdsguard_protected_prefixes 9",
         "imdsguard_reconcile_duration_seconds_count",
-        r#"imdsguard_kernel_verdicts{verdict="denied"}"#,
+        r#"imdsguard_kernel_verdicts_total{verdict="denied"}"#,
+        "# TYPE imdsguard_kernel_verdicts counter",
+        "imdsguard_ringbuf_dropped_total ",
         r#"imdsguard_decisions_total{verdict="denied",namespace="imds",destination="169.254.169.254:80"}"#,
     ] {
         assert!(m.contains(needle), "{needle:?} not in /metrics:\n{m}");
@@ -324,8 +326,8 @@ fn container_dir(driver: &str) -> String {
 
 fn node_agent_finds_every_qos_class_under_both_drivers() {
     let lab = lab("k8s-qos");
-    let api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
+    let api =
+        KubeApiserver::start().expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
@@ -421,8 +423,8 @@ fn node_agent_finds_every_qos_class_under_both_drivers() {
 /// attaches and judges the pods below it.
 fn node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet() {
     let lab = lab("k8s-wait");
-    let api = KubeApiserver::start()
-        .expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
+    let api =
+        KubeApiserver::start().expect("start kube-apiserver (run `cargo xtask kubernetes` once)");
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-k8s").unwrap();
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();

@@ -13,8 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub const USAGE: &str =
-    "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst] [--count N] [--hold ADDR:PORT]";
+pub const USAGE: &str = "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst] [--count N] [--hold ADDR:PORT]";
 pub const DEFAULT_TARGET: &str = "169.254.169.254:80";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,6 +1,6 @@
 //! Against a local IMDSv2 on 127.0.0.1 only.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 
@@ -126,7 +126,11 @@ fn hold_reports_open_then_closed() {
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("imdsguard-probe hold=open"), "{text}");
     assert_eq!(field(lines[1], "hold"), "closed", "{text}");
-    assert_eq!(field(lines[1], "errno"), libc::ECONNRESET.to_string(), "{text}");
+    assert_eq!(
+        field(lines[1], "errno"),
+        libc::ECONNRESET.to_string(),
+        "{text}"
+    );
 }
 
 #[test]

@@ -42,8 +42,14 @@ pub fn isolate() -> anyhow::Result<()> {
             io::Error::last_os_error()
         );
     }
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .context("make every mount private in the node's mount namespace")?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )
+    .context("make every mount private in the node's mount namespace")?;
     crate::process::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
     Ok(())
 }
@@ -107,10 +113,7 @@ fn umount(target: &Path) -> io::Result<()> {
 /// first.
 pub fn mounts_below(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let info = procfs_mountinfo()?;
-    let mut found: Vec<PathBuf> = info
-        .into_iter()
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    let mut found: Vec<PathBuf> = info.into_iter().filter(|p| p.starts_with(dir)).collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
     Ok(found)
@@ -208,8 +211,8 @@ impl HostPaths {
         };
         for path in HOST_PATHS.iter().map(Path::new) {
             me.create_dir(path)?;
-            let path = &fs::canonicalize(path)
-                .with_context(|| format!("resolve {}", path.display()))?;
+            let path =
+                &fs::canonicalize(path).with_context(|| format!("resolve {}", path.display()))?;
             mount(
                 Some("tmpfs"),
                 path,
@@ -238,7 +241,9 @@ impl HostPaths {
         let mut p = path;
         while !p.exists() {
             top = Some(p.to_owned());
-            p = p.parent().context("a host path without an existing parent")?;
+            p = p
+                .parent()
+                .context("a host path without an existing parent")?;
         }
         if let Some(top) = top {
             fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
@@ -325,7 +330,11 @@ impl Sysctls {
     pub fn changed(&self) -> Vec<String> {
         self.0
             .iter()
-            .filter(|(p, v)| fs::read_to_string(p).map(|now| now.trim() != v).unwrap_or(true))
+            .filter(|(p, v)| {
+                fs::read_to_string(p)
+                    .map(|now| now.trim() != v)
+                    .unwrap_or(true)
+            })
             .map(|(p, v)| format!("{} (was {v})", p.display()))
             .collect()
     }
@@ -489,7 +498,11 @@ fn sweep_stale(v1: &[PathBuf], unified: &Path, name: &str) -> anyhow::Result<()>
         eprintln!("real node: removing the stale cgroup root {stale} of a killed run");
         let _ = fs::write(unified.join(&stale).join("cgroup.kill"), "1");
         thread::sleep(Duration::from_millis(200));
-        for mount in v1.iter().map(PathBuf::as_path).chain(std::iter::once(unified)) {
+        for mount in v1
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(std::iter::once(unified))
+        {
             remove_cgroup_tree(&mount.join(&stale))?;
         }
     }

@@ -234,11 +234,13 @@ impl RealNode {
         let ca = self.ca();
         let bearer = format!("Authorization: Bearer {}", self.admin_token);
         self.wait("kube-apiserver", || {
-            ["/readyz", "/api/v1/namespaces/default"].iter().all(|path| {
-                curl_ok(&format!("https://{NODE_IP}:6443{path}"), |c| {
-                    c.arg("--cacert").arg(&ca).args(["-H", &bearer])
+            ["/readyz", "/api/v1/namespaces/default"]
+                .iter()
+                .all(|path| {
+                    curl_ok(&format!("https://{NODE_IP}:6443{path}"), |c| {
+                        c.arg("--cacert").arg(&ca).args(["-H", &bearer])
+                    })
                 })
-            })
         })?;
 
         let admin = self.admin_kubeconfig().into_os_string();
@@ -303,7 +305,11 @@ impl RealNode {
                 os("--healthz-bind-address=127.0.0.1:10256"),
             ],
         )?;
-        self.add_daemon("kubelet", binary_path("kubelet"), self.kubelet_args(sync_frequency))?;
+        self.add_daemon(
+            "kubelet",
+            binary_path("kubelet"),
+            self.kubelet_args(sync_frequency),
+        )?;
 
         self.wait_node_ready()?;
         // In-cluster config reaches the API server through the Service:
@@ -314,8 +320,16 @@ impl RealNode {
                 .is_ok_and(|rules| rules.contains("default/kubernetes:https"))
         })?;
         self.wait("kube-controller-manager", || {
-            self.kubectl_out(&["-n", "default", "get", "serviceaccount", "default", "-o", "jsonpath={.secrets[0].name}"])
-                .is_ok_and(|s| !s.trim().is_empty())
+            self.kubectl_out(&[
+                "-n",
+                "default",
+                "get",
+                "serviceaccount",
+                "default",
+                "-o",
+                "jsonpath={.secrets[0].name}",
+            ])
+            .is_ok_and(|s| !s.trim().is_empty())
         })?;
         Ok(())
     }
@@ -351,7 +365,9 @@ impl RealNode {
             // Imported images can never be pulled again: never collect them.
             os("--image-gc-high-threshold=100"),
             os("--image-gc-low-threshold=99"),
-            os("--eviction-hard=memory.available<1Mi,nodefs.available<1%,imagefs.available<1%,nodefs.inodesFree<1%"),
+            os(
+                "--eviction-hard=memory.available<1Mi,nodefs.available<1%,imagefs.available<1%,nodefs.inodesFree<1%",
+            ),
             os("--anonymous-auth=false"),
             os("--client-ca-file"),
             d.join("pki/ca.crt").into_os_string(),
@@ -361,7 +377,10 @@ impl RealNode {
             d.join("resolv.conf").into_os_string(),
             os("--cluster-domain=cluster.local"),
             os("--read-only-port=0"),
-            os(&format!("--sync-frequency={}s", sync_frequency.as_secs().max(1))),
+            os(&format!(
+                "--sync-frequency={}s",
+                sync_frequency.as_secs().max(1)
+            )),
             os("--serialize-image-pulls=false"),
         ]
     }
@@ -487,7 +506,10 @@ impl RealNode {
             // Not reaped yet, so the pid is still ours: a zombie shows up as
             // state Z in /proc.
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
             if state.is_none() || state == Some("Z") {
                 bail!(
                     "{} (pid {pid}) exited; log {}:\n{}",
@@ -601,7 +623,11 @@ impl RealNode {
                 self.dir.display()
             ));
         }
-        ensure!(errors.is_empty(), "real node teardown: {}", errors.join("; "));
+        ensure!(
+            errors.is_empty(),
+            "real node teardown: {}",
+            errors.join("; ")
+        );
         Ok(())
     }
 }
@@ -620,7 +646,11 @@ fn shims_gone(socket: &Path) -> anyhow::Result<()> {
     let needle = socket.to_string_lossy().into_owned();
     let mut left = Vec::new();
     for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

@@ -56,7 +56,8 @@ fn sign(dir: &Path, name: &str, subject: &str, ext: &str) -> anyhow::Result<()> 
         format!("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}"),
     )
     .with_context(|| format!("write {}", ext_file.display()))?;
-    let run = |args: &[&str]| crate::process::run(Command::new("openssl").args(args).current_dir(dir));
+    let run =
+        |args: &[&str]| crate::process::run(Command::new("openssl").args(args).current_dir(dir));
     run(&[
         "req",
         "-nodes",

@@ -81,12 +81,10 @@ impl Kube<'_> {
             .map(|p| PodInfo {
                 name: p["metadata"]["name"].as_str().unwrap_or_default().into(),
                 phase: p["status"]["phase"].as_str().unwrap_or_default().into(),
-                ready: p["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    }),
+                ready: p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                }),
                 deleting: !p["metadata"]["deletionTimestamp"].is_null(),
                 images: p["spec"]["containers"]
                     .as_array()
@@ -119,7 +117,10 @@ impl Kube<'_> {
                 bail!(
                     "{ns}/{selector}: want {n} ready pods after {timeout:?}, have {:?}\n{}",
                     pods.iter()
-                        .map(|p| format!("{} {} ready={} deleting={}", p.name, p.phase, p.ready, p.deleting))
+                        .map(|p| format!(
+                            "{} {} ready={} deleting={}",
+                            p.name, p.phase, p.ready, p.deleting
+                        ))
                         .collect::<Vec<_>>(),
                     self.kubectl(&["-n", ns, "get", "events", "--sort-by=.lastTimestamp"])
                         .unwrap_or_default()

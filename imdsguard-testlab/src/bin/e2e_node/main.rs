@@ -47,9 +47,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut map = std::collections::HashMap::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         map.insert(flag, value);
     }
     let mut take = |flag: &str| {
@@ -154,7 +152,14 @@ fn dump_logs(node: &RealNode) {
             imdsguard_testlab::process::log_tail(&node.log(d))
         );
     }
-    if let Ok(out) = node.kubectl_out(&["-n", "imdsguard-system", "logs", "-l", "app.kubernetes.io/name=imdsguard", "--tail=60"]) {
+    if let Ok(out) = node.kubectl_out(&[
+        "-n",
+        "imdsguard-system",
+        "logs",
+        "-l",
+        "app.kubernetes.io/name=imdsguard",
+        "--tail=60",
+    ]) {
         eprintln!("---- agent log (tail) ----\n{out}");
     }
 }

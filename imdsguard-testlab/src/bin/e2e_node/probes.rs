@@ -64,9 +64,7 @@ pub fn verdicts(log: &str) -> Verdicts {
             .iter()
             .find(|l| l.is_first())
             .and_then(|l| l.verdict().map(str::to_owned)),
-        latest: lines
-            .last()
-            .and_then(|l| l.verdict().map(str::to_owned)),
+        latest: lines.last().and_then(|l| l.verdict().map(str::to_owned)),
         probes: lines.len(),
     }
 }

@@ -57,15 +57,29 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         let k = kube(node, args);
         println!("\n== helm install (image {AGENT_IMAGE}:e2e-1, kubepodsRoot {kubepods})");
         k.helm(&[
-            "install", "imdsguard", &chart, "-n", SYSTEM, "--create-namespace",
-            "--set", &format!("image.repository={AGENT_IMAGE}"),
-            "--set", "image.tag=e2e-1",
-            "--set", "image.pullPolicy=Never",
-            "--set", &format!("kubepodsRoot={kubepods}"),
-            "--wait", "--timeout", "180s",
+            "install",
+            "imdsguard",
+            &chart,
+            "-n",
+            SYSTEM,
+            "--create-namespace",
+            "--set",
+            &format!("image.repository={AGENT_IMAGE}"),
+            "--set",
+            "image.tag=e2e-1",
+            "--set",
+            "image.pullPolicy=Never",
+            "--set",
+            &format!("kubepodsRoot={kubepods}"),
+            "--wait",
+            "--timeout",
+            "180s",
         ])?;
         let agent = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-        println!("agent pod {} Ready (in-cluster config, ServiceAccount token)", agent[0].name);
+        println!(
+            "agent pod {} Ready (in-cluster config, ServiceAccount token)",
+            agent[0].name
+        );
     }
 
     // 2. The seed workloads.
@@ -74,9 +88,24 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     k.apply(&workloads::namespace(OTHER))?;
     k.apply(&workloads::deployment(NS, "prod", 2))?;
     k.apply(&workloads::deployment(NS, "test", 2))?;
-    k.apply(&workloads::pod(NS, "prod-guaranteed", "prod", Shape::Guaranteed))?;
-    k.apply(&workloads::pod(NS, "test-hostnet", "test", Shape::HostNetwork))?;
-    k.apply(&workloads::pod(OTHER, "prod-elsewhere", "prod", Shape::Plain))?;
+    k.apply(&workloads::pod(
+        NS,
+        "prod-guaranteed",
+        "prod",
+        Shape::Guaranteed,
+    ))?;
+    k.apply(&workloads::pod(
+        NS,
+        "test-hostnet",
+        "test",
+        Shape::HostNetwork,
+    ))?;
+    k.apply(&workloads::pod(
+        OTHER,
+        "prod-elsewhere",
+        "prod",
+        Shape::Plain,
+    ))?;
     let prod = k.wait_ready(NS, "app=prod", 3, POD_TIMEOUT)?;
     let test = k.wait_ready(NS, "app=test", 3, POD_TIMEOUT)?;
     k.wait_ready(OTHER, "app=prod", 1, POD_TIMEOUT)?;
@@ -115,9 +144,25 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
 
     // 3. Relabel flips, timed from the patch to the first new verdict.
     println!("\n== relabel flips (prod-guaranteed)");
-    k.kubectl(&["-n", NS, "label", "pod", "prod-guaranteed", "app=test", "--overwrite"])?;
+    k.kubectl(&[
+        "-n",
+        NS,
+        "label",
+        "pod",
+        "prod-guaranteed",
+        "app=test",
+        "--overwrite",
+    ])?;
     let to_denied = k.wait_verdict(NS, "prod-guaranteed", "denied", FLIP_TIMEOUT)?;
-    k.kubectl(&["-n", NS, "label", "pod", "prod-guaranteed", "app=prod", "--overwrite"])?;
+    k.kubectl(&[
+        "-n",
+        NS,
+        "label",
+        "pod",
+        "prod-guaranteed",
+        "app=prod",
+        "--overwrite",
+    ])?;
     let to_ok = k.wait_verdict(NS, "prod-guaranteed", "ok", FLIP_TIMEOUT)?;
     println!(
         "app=prod -> app=test: denied after {} ms; back: ok after {} ms",
@@ -127,7 +172,11 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
 
     // 4. Scale up and down.
     println!("\n== scale prod 2 -> 4 -> 2");
-    let before: Vec<String> = k.pods(NS, "app=prod")?.into_iter().map(|p| p.name).collect();
+    let before: Vec<String> = k
+        .pods(NS, "app=prod")?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     k.kubectl(&["-n", NS, "scale", "deployment", "prod", "--replicas=4"])?;
     let scaled = k.wait_ready(NS, "app=prod", 5, POD_TIMEOUT)?;
     for p in scaled.iter().filter(|p| !before.contains(&p.name)) {
@@ -140,7 +189,10 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     for p in &kept {
         k.wait_verdict(NS, &p.name, "ok", FLIP_TIMEOUT)?;
     }
-    println!("  scaled down; the {} remaining prod pods still read IMDS", kept.len());
+    println!(
+        "  scaled down; the {} remaining prod pods still read IMDS",
+        kept.len()
+    );
 
     // 5. Pod deletion: the ReplicaSet's replacement is denied from its
     //    first probe.
@@ -150,7 +202,11 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     let test_now = wait_replaced(&k, "app=test", 3, &victim)?;
     let fresh = test_now
         .iter()
-        .find(|p| p.name.starts_with("test-") && p.name != "test-hostnet" && !test.iter().any(|t| t.name == p.name))
+        .find(|p| {
+            p.name.starts_with("test-")
+                && p.name != "test-hostnet"
+                && !test.iter().any(|t| t.name == p.name)
+        })
         .context("no replacement test pod")?;
     let v = k.wait_first_probe(NS, &fresh.name)?;
     ensure!(
@@ -159,22 +215,42 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         fresh.name,
         v.first
     );
-    println!("  {} replaced by {}: first probe denied", victim, fresh.name);
+    println!(
+        "  {} replaced by {}: first probe denied",
+        victim, fresh.name
+    );
 
     // 6. A policy ConfigMap edit reaches the agent through kubelet's
     //    symlink swap.
     println!("\n== policy ConfigMap edit: test-denied -> allow, and back");
-    let policy = k.kubectl(&["-n", SYSTEM, "get", "configmap", "imdsguard-policy", "-o", "jsonpath={.data.policy\\.yaml}"])?;
+    let policy = k.kubectl(&[
+        "-n",
+        SYSTEM,
+        "get",
+        "configmap",
+        "imdsguard-policy",
+        "-o",
+        "jsonpath={.data.policy\\.yaml}",
+    ])?;
     let allowing = policy.replacen("access: deny", "access: allow", 1);
-    ensure!(allowing != policy, "the chart's policy has no `access: deny` rule:\n{policy}");
+    ensure!(
+        allowing != policy,
+        "the chart's policy has no `access: deny` rule:\n{policy}"
+    );
     let started = Instant::now();
     patch_policy(&k, &allowing)?;
     k.wait_verdict(NS, &fresh.name, "ok", CONFIGMAP_TIMEOUT)?;
-    println!("  test pods allowed {} s after the edit", started.elapsed().as_secs());
+    println!(
+        "  test pods allowed {} s after the edit",
+        started.elapsed().as_secs()
+    );
     let started = Instant::now();
     patch_policy(&k, &policy)?;
     k.wait_verdict(NS, &fresh.name, "denied", CONFIGMAP_TIMEOUT)?;
-    println!("  denied again {} s after the revert", started.elapsed().as_secs());
+    println!(
+        "  denied again {} s after the revert",
+        started.elapsed().as_secs()
+    );
 
     // 7-10. Faults while a denied pod probes as fast as it can.
     k.apply(&workloads::pod(NS, "burst", "test", Shape::Burst))?;
@@ -183,22 +259,41 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     drop(k);
     let mut faults = Vec::new();
 
-    faults.push(under_burst(node, args, "agent pod deleted, DaemonSet recreates it", |node| {
-        let k = kube(node, args);
-        let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-        k.kubectl(&["-n", SYSTEM, "delete", "pod", &old[0].name, "--wait=false"])?;
-        wait_agent_replaced(&k, &old[0].name, None)
-    })?);
+    faults.push(under_burst(
+        node,
+        args,
+        "agent pod deleted, DaemonSet recreates it",
+        |node| {
+            let k = kube(node, args);
+            let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+            k.kubectl(&["-n", SYSTEM, "delete", "pod", &old[0].name, "--wait=false"])?;
+            wait_agent_replaced(&k, &old[0].name, None)
+        },
+    )?);
 
-    faults.push(under_burst(node, args, "helm upgrade to a new image (e2e-2)", |node| {
-        let k = kube(node, args);
-        let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-        k.helm(&[
-            "upgrade", "imdsguard", &chart, "-n", SYSTEM, "--reuse-values",
-            "--set", "image.tag=e2e-2", "--wait", "--timeout", "180s",
-        ])?;
-        wait_agent_replaced(&k, &old[0].name, Some(&format!("{AGENT_IMAGE}:e2e-2")))
-    })?);
+    faults.push(under_burst(
+        node,
+        args,
+        "helm upgrade to a new image (e2e-2)",
+        |node| {
+            let k = kube(node, args);
+            let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+            k.helm(&[
+                "upgrade",
+                "imdsguard",
+                &chart,
+                "-n",
+                SYSTEM,
+                "--reuse-values",
+                "--set",
+                "image.tag=e2e-2",
+                "--wait",
+                "--timeout",
+                "180s",
+            ])?;
+            wait_agent_replaced(&k, &old[0].name, Some(&format!("{AGENT_IMAGE}:e2e-2")))
+        },
+    )?);
 
     faults.push(under_burst(node, args, "kubelet restart", |node| {
         node.restart("kubelet")
@@ -206,12 +301,18 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     faults.push(under_burst(node, args, "containerd restart", |node| {
         node.restart("containerd")?;
         // The containers ran on through the restart; kubelet reconnects.
-        kube(node, args).wait_ready(NS, "app=test", 4, POD_TIMEOUT).map(drop)
+        kube(node, args)
+            .wait_ready(NS, "app=test", 4, POD_TIMEOUT)
+            .map(drop)
     })?);
 
     let k = kube(node, args);
     // Enforcement as before, after all of it.
-    let prod_pod = k.pods(NS, "app=prod")?.into_iter().next().context("no prod pod")?;
+    let prod_pod = k
+        .pods(NS, "app=prod")?
+        .into_iter()
+        .next()
+        .context("no prod pod")?;
     k.wait_verdict(NS, &prod_pod.name, "ok", FLIP_TIMEOUT)?;
     k.wait_verdict(NS, &fresh.name, "denied", FLIP_TIMEOUT)?;
 
@@ -220,15 +321,32 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     println!("\n== revocation (helm upgrade --set revocation.enabled=true)");
     let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
     k.helm(&[
-        "upgrade", "imdsguard", &chart, "-n", SYSTEM, "--reuse-values",
-        "--set", "revocation.enabled=true", "--wait", "--timeout", "180s",
+        "upgrade",
+        "imdsguard",
+        &chart,
+        "-n",
+        SYSTEM,
+        "--reuse-values",
+        "--set",
+        "revocation.enabled=true",
+        "--wait",
+        "--timeout",
+        "180s",
     ])?;
     wait_agent_replaced(&k, &old[0].name, None)?;
     k.apply(&workloads::pod(NS, "holder", "prod", Shape::Hold))?;
     k.wait_ready(NS, "app=prod", 4, POD_TIMEOUT)?;
     wait_hold(&k, "open")?;
     let started = Instant::now();
-    k.kubectl(&["-n", NS, "label", "pod", "holder", "app=test", "--overwrite"])?;
+    k.kubectl(&[
+        "-n",
+        NS,
+        "label",
+        "pod",
+        "holder",
+        "app=test",
+        "--overwrite",
+    ])?;
     let closed = wait_hold(&k, "closed")?;
     println!(
         "  holder's connection closed {} ms after the relabel ({closed})",
@@ -240,7 +358,10 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         log.contains("revoked") && log.contains("holder"),
         "no revocation of holder in the agent's log:\n{log}"
     );
-    ensure!(!log.contains('\u{1b}'), "the agent's log holds ANSI escapes");
+    ensure!(
+        !log.contains('\u{1b}'),
+        "the agent's log holds ANSI escapes"
+    );
 
     // 12. The start-up race over many allowed pod starts.
     println!(
@@ -249,9 +370,20 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     );
     let base = k.pods(NS, "app=prod")?.len();
     for round in 0..args.race_rounds {
-        let before: Vec<String> = k.pods(NS, "app=prod")?.into_iter().map(|p| p.name).collect();
+        let before: Vec<String> = k
+            .pods(NS, "app=prod")?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         let replicas = 2 + RACE_BATCH;
-        k.kubectl(&["-n", NS, "scale", "deployment", "prod", &format!("--replicas={replicas}")])?;
+        k.kubectl(&[
+            "-n",
+            NS,
+            "scale",
+            "deployment",
+            "prod",
+            &format!("--replicas={replicas}"),
+        ])?;
         let up = k.wait_ready(NS, "app=prod", base + RACE_BATCH as usize, POD_TIMEOUT * 2)?;
         for p in up.iter().filter(|p| !before.contains(&p.name)) {
             let v = k.wait_first_probe(NS, &p.name)?;
@@ -259,11 +391,19 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         }
         k.kubectl(&["-n", NS, "scale", "deployment", "prod", "--replicas=2"])?;
         k.wait_ready(NS, "app=prod", base, POD_TIMEOUT)?;
-        println!("  round {}: {} allowed pod starts so far, {} denied first", round + 1, race.starts, race.denied_first);
+        println!(
+            "  round {}: {} allowed pod starts so far, {} denied first",
+            round + 1,
+            race.starts,
+            race.denied_first
+        );
     }
 
     println!("\n== summary");
-    println!("{:<46} {:>10} {:>8} {:>8}", "fault (denied pod probing at full rate)", "attempts", "denied", "got through");
+    println!(
+        "{:<46} {:>10} {:>8} {:>8}",
+        "fault (denied pod probing at full rate)", "attempts", "denied", "got through"
+    );
     for (name, b) in &faults {
         println!("{name:<46} {:>10} {:>8} {:>8}", b.attempts, b.denied, b.ok);
     }
@@ -271,8 +411,15 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         "start-up race: {} of {} allowed pod starts had their first metadata request denied",
         race.denied_first, race.starts
     );
-    let leaks: Vec<&str> = faults.iter().filter(|(_, b)| b.ok > 0).map(|(n, _)| n.as_str()).collect();
-    ensure!(leaks.is_empty(), "the denied pod got through during: {leaks:?}");
+    let leaks: Vec<&str> = faults
+        .iter()
+        .filter(|(_, b)| b.ok > 0)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    ensure!(
+        leaks.is_empty(),
+        "the denied pod got through during: {leaks:?}"
+    );
     ensure!(
         race.denied_first == 0,
         "start-up race: {} of {} allowed pods were denied at their first request",
@@ -306,7 +453,10 @@ fn wait_probes(k: &Kube, ns: &str, pod: &str, n: usize) -> anyhow::Result<probes
         if v.probes >= n {
             return Ok(v);
         }
-        ensure!(Instant::now() < deadline, "{ns}/{pod}: fewer than {n} probes in 20 s");
+        ensure!(
+            Instant::now() < deadline,
+            "{ns}/{pod}: fewer than {n} probes in 20 s"
+        );
         thread::sleep(Duration::from_millis(200));
     }
 }
@@ -327,7 +477,10 @@ fn wait_replaced(k: &Kube, selector: &str, n: usize, gone: &str) -> anyhow::Resu
         {
             return Ok(pods);
         }
-        ensure!(Instant::now() < deadline, "{gone} not replaced in {POD_TIMEOUT:?}");
+        ensure!(
+            Instant::now() < deadline,
+            "{gone} not replaced in {POD_TIMEOUT:?}"
+        );
     }
 }
 
@@ -342,7 +495,11 @@ fn wait_agent_replaced(k: &Kube, old: &str, image: Option<&str>) -> anyhow::Resu
             && pods[0].ready
             && image.is_none_or(|i| pods[0].images.iter().any(|x| x == i));
         if fresh {
-            println!("  agent pod {} Ready ({})", pods[0].name, pods[0].images.join(","));
+            println!(
+                "  agent pod {} Ready ({})",
+                pods[0].name,
+                pods[0].images.join(",")
+            );
             return Ok(());
         }
         ensure!(
@@ -355,7 +512,17 @@ fn wait_agent_replaced(k: &Kube, old: &str, image: Option<&str>) -> anyhow::Resu
 
 fn patch_policy(k: &Kube, policy: &str) -> anyhow::Result<()> {
     let patch = json!({"data": {"policy.yaml": policy}}).to_string();
-    k.kubectl(&["-n", SYSTEM, "patch", "configmap", "imdsguard-policy", "--type", "merge", "-p", &patch])?;
+    k.kubectl(&[
+        "-n",
+        SYSTEM,
+        "patch",
+        "configmap",
+        "imdsguard-policy",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])?;
     Ok(())
 }
 

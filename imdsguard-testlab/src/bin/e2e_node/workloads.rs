@@ -81,7 +81,13 @@ pub fn pod(ns: &str, name: &str, app: &str, shape: Shape) -> Value {
         }
         Shape::HostNetwork => host_network = true,
         Shape::Plain => {}
-        Shape::Burst => args = vec!["--target".into(), "169.254.169.254:80".into(), "--burst".into()],
+        Shape::Burst => {
+            args = vec![
+                "--target".into(),
+                "169.254.169.254:80".into(),
+                "--burst".into(),
+            ]
+        }
         Shape::Hold => {
             args = vec![
                 "--target".into(),
