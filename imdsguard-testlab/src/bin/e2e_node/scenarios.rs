@@ -429,6 +429,18 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deny_rule_becomes_allow_without_its_mode() {
+        let p = "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: deny\n    mode: enforce\n  - name: u\n    access: deny\n    mode: audit\n";
+        assert_eq!(
+            super::deny_to_allow(p),
+            "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: allow\n  - name: u\n    access: deny\n    mode: audit\n"
+        );
+    }
+}
+
 fn kube<'a>(node: &'a RealNode, args: &Args) -> Kube<'a> {
     Kube {
         node,
@@ -508,6 +520,33 @@ fn wait_agent_replaced(k: &Kube, old: &str, image: Option<&str>) -> anyhow::Resu
         );
         thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// The policy with its first deny rule turned into an allow: `access:
+/// allow`, and the rule's `mode` line dropped (only deny rules take one; the
+/// agent would refuse the edit and keep the last good policy).
+fn deny_to_allow(policy: &str) -> String {
+    let mut out = Vec::new();
+    let mut changed = false;
+    let mut drop_mode = false;
+    for line in policy.lines() {
+        let t = line.trim();
+        if drop_mode && t.starts_with("mode:") {
+            drop_mode = false;
+            continue;
+        }
+        if !changed && t == "access: deny" {
+            out.push(line.replace("access: deny", "access: allow"));
+            changed = true;
+            drop_mode = true;
+            continue;
+        }
+        if t.starts_with("- ") {
+            drop_mode = false;
+        }
+        out.push(line.to_owned());
+    }
+    out.join("\n") + "\n"
 }
 
 fn patch_policy(k: &Kube, policy: &str) -> anyhow::Result<()> {
