@@ -232,7 +232,7 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         "-o",
         "jsonpath={.data.policy\\.yaml}",
     ])?;
-    let allowing = policy.replacen("access: deny", "access: allow", 1);
+    let allowing = deny_to_allow(&policy);
     ensure!(
         allowing != policy,
         "the chart's policy has no `access: deny` rule:\n{policy}"
