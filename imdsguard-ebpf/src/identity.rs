@@ -49,6 +49,8 @@ pub fn stamp(ctx: &SockContext, creator: CallerAction) {
     let mut owner = SocketOwner {
         action: creator.action,
     };
+    // The raw helper, because aya-ebpf's `SkStorage` (0.2.1, and 0.3.0 too)
+    // takes only a `SockAddrContext`, never a `SockContext`.
     // SAFETY: for a cgroup sock program the context is the socket itself
     // (the kernel's bpf_sk_storage_get_cg_sock_proto takes PTR_TO_CTX), and
     // `owner` is a stack value the helper copies into the new storage. The
