@@ -239,7 +239,7 @@ impl Enforcer {
         let name = map_names::SCOPE;
         let mut map: Array<&mut MapData, Scope> =
             Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        map.set(0, scope, 0)
+        map.set(0, &scope, 0)
             .map_err(|source| Error::Map { name, source })
     }
 
@@ -367,7 +367,7 @@ impl Enforcer {
         for i in 0..PREFILTER_WORDS {
             let want = compiled.prefilter[i as usize];
             if words.get(&i, 0).map_err(err)? != want {
-                words.set(i, want, 0).map_err(err)?;
+                words.set(i, &want, 0).map_err(err)?;
             }
         }
         Ok(report)
@@ -384,7 +384,7 @@ impl Enforcer {
         let name = map_names::CONFIG;
         let mut cfg: Array<&mut MapData, Config> =
             Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        cfg.set(0, value, 0)
+        cfg.set(0, &value, 0)
             .map_err(|source| Error::Map { name, source })
     }
 
@@ -443,7 +443,7 @@ impl Enforcer {
                     Some(_) => report.updated += 1,
                     None => report.inserted += 1,
                 }
-                map.insert(id, entry, 0).map_err(err)?;
+                map.insert(&id, &entry, 0).map_err(err)?;
             }
             for id in current.keys() {
                 if !desired.contains_key(id) {

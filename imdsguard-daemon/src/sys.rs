@@ -1,6 +1,7 @@
-//! The few bpf(2) commands aya 0.14 does not expose: link info with the
-//! cgroup fields, BPF_LINK_UPDATE for cgroup links, and BPF_PROG_QUERY.
-//! Plus statfs for filesystem checks.
+//! The few bpf(2) commands aya 0.16 does not expose: link info with the
+//! cgroup fields, BPF_LINK_UPDATE for cgroup sock links, and BPF_PROG_QUERY
+//! on a cgroup. Each function names what aya lacks. Plus statfs for
+//! filesystem checks.
 
 use std::{
     ffi::CString,
@@ -46,6 +47,7 @@ fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<i64> {
 }
 
 /// Opens a pinned object (link, map or program) by path.
+// aya 0.16: `PinnedLink`/`FdLink` expose no fd (no `AsFd`) for `link_info`/`link_update`.
 pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::Io {
         op: "open pinned object",
@@ -97,6 +99,7 @@ pub struct LinkInfo {
     pub attach_type: u32,
 }
 
+// aya 0.16: `LinkInfo` has no accessor for the cgroup fields (`cgroup_id`, `attach_type`).
 pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
     // SAFETY: all-zero is a valid RawLinkInfo.
     let mut info: RawLinkInfo = unsafe { std::mem::zeroed() };
@@ -132,6 +135,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
 /// Atomically swaps the program of a link: the hook never runs without a
 /// program, which is what makes upgrades and re-adoption gap-free. With
 /// `old_prog` the swap only happens if the link still runs that program.
+// aya 0.16: no `CgroupSock::attach_to_link` (only `CgroupSockAddr` has it); one path for all.
 pub fn link_update(
     link: BorrowedFd<'_>,
     new_prog: BorrowedFd<'_>,
@@ -160,6 +164,7 @@ pub fn link_update(
 
 /// Ids of the programs attached directly to `cgroup` at `attach_type`
 /// (not inherited ones).
+// aya 0.16: no `CgroupSockAddr::query`/`CgroupSock::query` (only CgroupDevice, LircMode2).
 pub fn query_cgroup_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> Result<Vec<u32>> {
     #[repr(C)]
     #[derive(Default)]

@@ -158,7 +158,8 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
         // SAFETY: helper call with a scalar argument.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if id != 0 {
-            if let Some(entry) = ALLOWED.get_ptr(id) {
+            // aya-ebpf 0.3 takes the key by reference.
+            if let Some(entry) = ALLOWED.get_ptr(&id) {
                 // SAFETY: the verifier checked the pointer is a map value.
                 return found(unsafe { (*entry).action });
             }

@@ -16,7 +16,8 @@ const SOCK_DGRAM: u32 = 2;
 
 #[inline(always)]
 pub fn protected_destination(ctx: &SockAddrContext, hook: u32, addr: AddrKey, form: u32) -> i32 {
-    let Some(protected) = PROTECTED.get(Key::new(FULL_PREFIX, addr)) else {
+    // aya-ebpf 0.3 takes the key by reference.
+    let Some(protected) = PROTECTED.get(&Key::new(FULL_PREFIX, addr)) else {
         return PROCEED;
     };
     // SAFETY: plain context field loads, rewritten by the verifier.

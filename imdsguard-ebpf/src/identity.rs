@@ -49,6 +49,9 @@ pub fn stamp(ctx: &SockContext, creator: CallerAction) {
     let mut owner = SocketOwner {
         action: creator.action,
     };
+    // The raw helper, because aya-ebpf's `SkStorage` (0.2.1, and 0.3.0 too:
+    // `get_or_insert_ptr_mut`) takes only a `SockAddrContext`, never a
+    // `SockContext`, and its map pointer (`as_ptr`) is crate-private.
     // SAFETY: for a cgroup sock program the context is the socket itself
     // (the kernel's bpf_sk_storage_get_cg_sock_proto takes PTR_TO_CTX), and
     // `owner` is a stack value the helper copies into the new storage. The
@@ -67,9 +70,9 @@ pub fn stamp(ctx: &SockContext, creator: CallerAction) {
 /// The socket creator's action, when it was recorded (not allowed).
 #[inline(always)]
 pub fn creator_action(ctx: &SockAddrContext) -> Option<u32> {
-    // SAFETY: a lookup without create; the kernel checks that the context's
-    // socket is a full socket.
-    let owner = unsafe { SOCKET_OWNER.get_ptr_mut(ctx) };
+    // A lookup without create; the kernel checks that the context's socket
+    // is a full socket. Safe since aya-ebpf 0.3 (it was `unsafe` in 0.2).
+    let owner = SOCKET_OWNER.get_ptr_mut(ctx);
     if owner.is_null() {
         return None;
     }

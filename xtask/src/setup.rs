@@ -18,8 +18,9 @@ use crate::test::{output, status, workspace_root};
 
 /// The bpf-linker release built for the LLVM of the eBPF nightly: 0.10.0
 /// loads rustc's own libLLVM 22 (its default features, `rust-llvm-22`).
-/// Newer releases want LLVM 23. The Dockerfile's `ARG BPF_LINKER_VERSION`
-/// must agree ([`check_dockerfile`]).
+/// Newer releases want LLVM 23. nightly-2026-08-05 is the last nightly with
+/// LLVM 22, so a later nightly means a newer bpf-linker. The Dockerfile's
+/// `ARG BPF_LINKER_VERSION` must agree ([`check_dockerfile`]).
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 /// The LLVM major [`BPF_LINKER_VERSION`] loads; the eBPF nightly must have it.
 const BPF_LINKER_LLVM: &str = "22";
