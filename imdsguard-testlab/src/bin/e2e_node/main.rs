@@ -158,8 +158,18 @@ fn dump_logs(node: &RealNode) {
         "logs",
         "-l",
         "app.kubernetes.io/name=imdsguard",
-        "--tail=60",
+        "--tail=-1",
     ]) {
-        eprintln!("---- agent log (tail) ----\n{out}");
+        // Denials repeat by the thousand; the rest tells what happened.
+        let rest: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                !l.contains("metadata access denied") && !l.contains("repeated metadata access")
+            })
+            .collect();
+        eprintln!(
+            "---- agent log (without denials, last 60) ----\n{}",
+            rest[rest.len().saturating_sub(60)..].join("\n")
+        );
     }
 }
