@@ -149,7 +149,7 @@ pub enum Error {
     Policy {
         path: PathBuf,
         #[source]
-        source: Box<crate::k8s::policy::PolicyError>,
+        source: Box<crate::policy::file::PolicyError>,
     },
 
     #[error(
@@ -162,7 +162,7 @@ pub enum Error {
     },
 
     #[error("cannot find the pods' cgroups")]
-    PodCgroup(#[source] crate::k8s::pod_cgroup::PodCgroupError),
+    PodCgroup(#[source] crate::cgroup::pod::PodCgroupError),
 
     #[error("kubernetes client")]
     Kube(#[source] kube::Error),

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::{
-    actor::EnforcerHandle,
+    bpf::owner::EnforcerHandle,
     metrics::{Health, Metrics},
 };
 
@@ -174,7 +174,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::enforcer::Counters;
+    use crate::bpf::enforcer::Counters;
 
     struct Server {
         addr: std::net::SocketAddr,

@@ -5,24 +5,18 @@
 //! `main.rs` is a thin CLI; everything lives here so that tests, the demo
 //! and the benchmarks drive the same code.
 
-pub mod actor;
-pub mod bpffs;
+pub mod bpf;
 pub mod cgroup;
 pub mod cli;
+pub mod decisions;
 pub mod destinations;
-pub mod ebpf_object;
-pub mod enforcer;
 pub mod error;
-pub mod events;
-pub mod explain;
 pub mod http;
-pub mod k8s;
 pub mod metrics;
-pub mod pins;
+pub mod node;
+pub mod policy;
 pub mod revoke;
 pub mod standalone;
-pub mod status;
-pub mod sys;
 pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -1,11 +1,13 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use imdsguard::{
-    cgroup::CgroupDir,
-    cli::{Cli, Command, Output},
-    destinations, enforcer, explain,
-    pins::PinLayout,
-    standalone, status, telemetry,
+    bpf::enforcer,
+    bpf::pins::PinLayout,
+    cgroup::mount::CgroupDir,
+    cli::args::{Cli, Command, Output},
+    cli::explain,
+    cli::status,
+    destinations, standalone, telemetry,
 };
 
 #[tokio::main]
@@ -14,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(cli.log_format, &cli.log_level).context("invalid --log-level")?;
     match cli.command {
         Command::Run(args) => standalone::run(args).await?,
-        Command::Node(args) => imdsguard::k8s::agent::run(args).await?,
+        Command::Node(args) => imdsguard::node::agent::run(args).await?,
         Command::Status(args) => {
             let mut s = status::read(&PinLayout::new(&args.pin_dir))?;
             if let Some(p) = &args.policy {

@@ -13,12 +13,13 @@ use tracing::{info, warn};
 
 use crate::{
     Error, Result,
-    cgroup::{CgroupDir, paths_of_ids},
-    cli::RunArgs,
+    bpf::enforcer::{AllowTarget, Attachment, Desired, Enforcer},
+    bpf::pins::PinLayout,
+    cgroup::mount::CgroupDir,
+    cgroup::subtree::paths_of_ids,
+    cli::args::RunArgs,
+    decisions::{self, Attribution, Attributor},
     destinations::{self, Destination},
-    enforcer::{AllowTarget, Attachment, Desired, Enforcer},
-    events::{self, Attribution, Attributor},
-    pins::PinLayout,
     revoke,
 };
 
@@ -59,7 +60,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             allowed_paths.insert(dir.id, dir.path);
         }
     }
-    crate::enforcer::level_window(allowed.values().map(|t| t.level))?;
+    crate::bpf::enforcer::level_window(allowed.values().map(|t| t.level))?;
     let mut list = if args.no_default_destinations {
         Vec::new()
     } else {
@@ -96,7 +97,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (mut enforcer, _report) = start()?;
     let ring = enforcer.take_events()?;
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
-    let events = tokio::spawn(events::report(ring, names.clone(), None));
+    let events = tokio::spawn(decisions::report(ring, names.clone(), None));
 
     // First attach (or re-adoption with a new list): close what the
     // denied cgroups already had open.

@@ -17,8 +17,8 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// A new cgroup directly below the cgroup v2 mount (found in mountinfo).
     pub fn create_top(name: &str) -> anyhow::Result<Self> {
-        let mount =
-            imdsguard::cgroup::primary_cgroup2_mount().context("find the cgroup v2 mount")?;
+        let mount = imdsguard::cgroup::mount::primary_cgroup2_mount()
+            .context("find the cgroup v2 mount")?;
         Self::create(mount.mount_point.join(name))
     }
 

@@ -112,5 +112,5 @@ pub fn attach(cgroup: &Path, attach_types: &[u32]) -> anyhow::Result<Vec<NoopLin
 /// The kernel's id of the program behind a link.
 pub fn program_id(link: &NoopLink) -> anyhow::Result<u32> {
     use std::os::fd::AsFd as _;
-    Ok(imdsguard::sys::link_info(link._link.as_fd())?.prog_id)
+    Ok(imdsguard::bpf::sys::link_info(link._link.as_fd())?.prog_id)
 }

@@ -61,7 +61,7 @@ pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<
 /// moved itself elsewhere with setns or unshare is not seen.
 #[cfg(test)]
 pub fn netns_below(root: &Path) -> io::Result<Vec<(u64, File)>> {
-    let dirs = crate::cgroup::subtree(root)?;
+    let dirs = crate::cgroup::subtree::walk(root)?;
     netns_of(dirs.iter().map(|c| c.path.as_path()), &mut |e| Err(e))
 }
 
@@ -145,7 +145,7 @@ pub(crate) mod tests {
     /// This process's cgroup v2 directory: the cgroup2 mount point plus our
     /// `0::` path, relative to the mount's root.
     pub(crate) fn own_cgroup_dir() -> PathBuf {
-        let mount = crate::cgroup::primary_cgroup2_mount().unwrap();
+        let mount = crate::cgroup::mount::primary_cgroup2_mount().unwrap();
         let cgroups = Process::myself().unwrap().cgroups().unwrap();
         let path = cgroups
             .into_iter()

@@ -23,9 +23,10 @@ use super::{
     sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
 };
 use crate::{
-    cgroup::{CgroupDir, subtree},
+    bpf::enforcer::{AllowTarget, Desired, Mode},
+    cgroup::mount::CgroupDir,
+    cgroup::subtree,
     destinations::Compiled,
-    enforcer::{AllowTarget, Desired, Mode},
 };
 
 /// What decides: the allow entries, the default, and the protected set.
@@ -59,7 +60,7 @@ pub struct Tree {
 impl Tree {
     /// One walk of `root` on cgroupfs.
     pub fn read(root: &CgroupDir) -> io::Result<Self> {
-        let cgroups = subtree(&root.path)?;
+        let cgroups = subtree::walk(&root.path)?;
         Ok(Self {
             root: root.id,
             parent: cgroups.iter().skip(1).map(|c| (c.id, c.parent)).collect(),

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::sweep::{self, Policy};
-use crate::{cgroup::CgroupDir, events::Attributor, metrics::Metrics};
+use crate::{cgroup::mount::CgroupDir, decisions::Attributor, metrics::Metrics};
 
 /// Cheap to clone; sends the latest policy to the revoker.
 #[derive(Clone)]

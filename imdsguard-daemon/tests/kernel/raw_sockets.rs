@@ -13,8 +13,8 @@ use std::{
 
 use aya::maps::{Map, MapData, RingBuf};
 use imdsguard::{
-    pins::{Hook, PinLayout},
-    sys,
+    bpf::pins::{Hook, PinLayout},
+    bpf::sys,
 };
 use imdsguard_common::{Event, PROTO_ANY, hook, map_names, verdict};
 use imdsguard_testlab::{

@@ -227,13 +227,13 @@ pub fn pods(lab: &Lab) -> (TestCgroup, TestCgroup) {
 /// Programs attached directly to `cg` at `attach_type`.
 pub fn programs_on(cg: &TestCgroup, attach_type: u32) -> Vec<u32> {
     let f = std::fs::File::open(cg.path()).unwrap();
-    imdsguard::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&f), attach_type).unwrap()
+    imdsguard::bpf::sys::query_cgroup_programs(std::os::fd::AsFd::as_fd(&f), attach_type).unwrap()
 }
 
 /// No program on the lab root at any attach type imdsguard uses.
 #[track_caller]
 pub fn assert_nothing_attached(lab: &Lab) {
-    for hook in imdsguard::pins::Hook::ALL {
+    for hook in imdsguard::bpf::pins::Hook::ALL {
         let progs = programs_on(lab.root(), hook.attach_type());
         assert!(progs.is_empty(), "{} still has {progs:?}", hook.name());
     }

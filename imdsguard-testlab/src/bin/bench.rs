@@ -24,10 +24,10 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use imdsguard::{
-    cgroup::CgroupDir,
+    bpf::enforcer::{AllowTarget, Attachment, Desired, Enforcer, Mode},
+    bpf::pins::PinLayout,
+    cgroup::mount::CgroupDir,
     destinations,
-    enforcer::{AllowTarget, Attachment, Desired, Enforcer, Mode},
-    pins::PinLayout,
 };
 use imdsguard_common::action;
 use imdsguard_testlab::{cgroups::TestCgroup, lab::Lab, netns::NetNs, probe};

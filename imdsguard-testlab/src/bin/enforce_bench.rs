@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use imdsguard::{pins::PinLayout, sys};
+use imdsguard::{bpf::pins::PinLayout, bpf::sys};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     cluster::{Cluster, NODE},

@@ -42,10 +42,10 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use imdsguard::{
-    cgroup::CgroupDir,
+    bpf::enforcer::{self, Attachment, Desired, Enforcer, Mode},
+    bpf::pins::PinLayout,
+    cgroup::mount::CgroupDir,
     destinations,
-    enforcer::{self, Attachment, Desired, Enforcer, Mode},
-    pins::PinLayout,
 };
 use imdsguard_testlab::{
     bench::WorkerReport,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use imdsguard::enforcer;
+use imdsguard::bpf::enforcer;
 use imdsguard_testlab::{
     bench::{Timings, Workload},
     cgroups::TestCgroup,

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use imdsguard::{enforcer, pins::Hook};
+use imdsguard::{bpf::enforcer, bpf::pins::Hook};
 use imdsguard_testlab::{
     bench::{Timings, Workload},
     cgroups::TestCgroup,
@@ -28,8 +28,8 @@ pub fn run(bench: &Bench, pods: &Pods, iterations: u32) -> anyhow::Result<()> {
 
 /// The kernel's id of the program behind imdsguard's pinned link for `hook`.
 fn linked_program(bench: &Bench, hook: Hook) -> anyhow::Result<u32> {
-    let link = imdsguard::sys::obj_get(&bench.pins.link(hook))?;
-    Ok(imdsguard::sys::link_info(link.as_fd())?.prog_id)
+    let link = imdsguard::bpf::sys::obj_get(&bench.pins.link(hook))?;
+    Ok(imdsguard::bpf::sys::link_info(link.as_fd())?.prog_id)
 }
 
 /// ns per run of program `id` while `f` runs; fails if it did not run.

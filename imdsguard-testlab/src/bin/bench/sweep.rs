@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::Context as _;
 use imdsguard::{
+    bpf::enforcer::Mode,
     destinations,
-    enforcer::Mode,
     revoke::sweep::{Policy, Report, sweep},
 };
 use imdsguard_testlab::{bench::Holding, cgroups::TestCgroup, netns::NetNs};

@@ -257,7 +257,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::events::{
+    use crate::decisions::{
         UNATTRIBUTED,
         tests::{bytes, event},
     };

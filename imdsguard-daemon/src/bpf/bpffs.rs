@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Result, cgroup::unescape_mountinfo, sys};
+use crate::{Error, Result, bpf::sys, cgroup::mount::unescape_mountinfo};
 
 pub const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 

@@ -17,7 +17,7 @@ use inotify::{EventMask, Inotify, WatchMask};
 use tokio::sync::Notify;
 use tracing::warn;
 
-use super::pod_cgroup::{CgroupDriver, KubepodsLayout};
+use crate::cgroup::pod::{CgroupDriver, KubepodsLayout};
 use crate::{Error, Result};
 
 fn is_qos_dir(layout: &KubepodsLayout, name: &OsStr) -> bool {

@@ -20,10 +20,10 @@ use kube::{
 };
 use tracing::debug;
 
-use super::pod_cgroup::{container_id_of, parse_pod_dir};
+use crate::cgroup::pod::{container_id_of, parse_pod_dir};
 use crate::{
-    cgroup::paths_of_ids,
-    events::{Attribution, Attributor, CONTAINER_NOT_IN_STATUS, Decision, Verdict},
+    cgroup::subtree::paths_of_ids,
+    decisions::{Attribution, Attributor, CONTAINER_NOT_IN_STATUS, Decision, Verdict},
     revoke::sweep::Revoked,
 };
 
@@ -342,7 +342,7 @@ mod tests {
             (who.pod.as_deref(), who.unattributed),
             (None, Some(NOT_SYNCED))
         );
-        assert_eq!(who.namespace(), crate::events::UNATTRIBUTED);
+        assert_eq!(who.namespace(), crate::decisions::UNATTRIBUTED);
         assert_eq!(who.container_id.as_deref(), Some(CID));
 
         writer.apply_watcher_event(&watcher::Event::Init);

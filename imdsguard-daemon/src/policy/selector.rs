@@ -20,7 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::names::{self, KeyProblem, Malformed};
+use crate::policy::names::{self, KeyProblem, Malformed};
 
 /// A label selector as written, before validation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -349,7 +349,7 @@ mod tests {
 
     /// Parsed as the policy parser parses it.
     fn from_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, serde_saphyr::Error> {
-        serde_saphyr::from_str_with_options(yaml, crate::k8s::policy::yaml_options())
+        serde_saphyr::from_str_with_options(yaml, crate::policy::file::yaml_options())
     }
 
     fn selector(yaml: &str) -> LabelSelector {

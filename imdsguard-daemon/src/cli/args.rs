@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{enforcer::Mode, pins::DEFAULT_PIN_DIR, telemetry::LogFormat};
+use crate::{bpf::enforcer::Mode, bpf::pins::DEFAULT_PIN_DIR, telemetry::LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(

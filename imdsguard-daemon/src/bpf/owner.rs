@@ -9,8 +9,8 @@ use tracing::{error, warn};
 
 use crate::{
     Error, Result,
+    bpf::enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
     destinations::Compiled,
-    enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
     metrics::{Health, Metrics},
     revoke::{sweep::Policy, task::Revoker},
 };

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::sys::attach_type;
+use crate::bpf::sys::attach_type;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imdsguard";
 

@@ -13,11 +13,11 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use super::{
-    pod_cgroup::{KubepodsLayout, PodUid, QosClass},
-    policy::Policy,
+use crate::{bpf::enforcer::AllowTarget, cgroup::mount::CgroupDir};
+use crate::{
+    cgroup::pod::{KubepodsLayout, PodUid, QosClass},
+    policy::file::Policy,
 };
-use crate::{cgroup::CgroupDir, enforcer::AllowTarget};
 
 /// How the policy decided one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -35,7 +35,7 @@
 //!   becomes ready.
 //! - Discovered: the directories that discovery searches (the cgroup v2
 //!   mount and everything down to
-//!   [`DISCOVER_MAX_DEPTH`](super::pod_cgroup::DISCOVER_MAX_DEPTH) levels, except
+//!   [`DISCOVER_MAX_DEPTH`](crate::cgroup::pod::DISCOVER_MAX_DEPTH) levels, except
 //!   pod cgroups) are watched. The first kubepods directory to appear is
 //!   used. If two appear at once, the agent exits, as at start, because it
 //!   cannot tell which one belongs to this node's kubelet.
@@ -53,8 +53,8 @@ use std::{
 use futures::StreamExt as _;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use super::pod_cgroup::{KubepodsLayout, PodCgroupError, scan};
-use crate::cgroup::{CGROUP2_SUPER_MAGIC, primary_cgroup2_mount};
+use crate::cgroup::pod::{KubepodsLayout, PodCgroupError, scan};
+use crate::{cgroup::mount::CGROUP2_SUPER_MAGIC, cgroup::mount::primary_cgroup2_mount};
 
 /// Where the kubepods cgroup is expected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +78,7 @@ impl Kubepods {
         };
         if root.symlink_metadata().is_err() {
             let ancestor = nearest_existing(root);
-            let magic = crate::sys::statfs_magic(&ancestor)?;
+            let magic = crate::bpf::sys::statfs_magic(&ancestor)?;
             if magic != CGROUP2_SUPER_MAGIC {
                 return Err(crate::Error::KubepodsNotOnCgroup2 {
                     root: root.into(),
@@ -237,7 +237,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::k8s::pod_cgroup::CgroupDriver;
+    use crate::cgroup::pod::CgroupDriver;
 
     const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
 

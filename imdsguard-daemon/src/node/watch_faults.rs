@@ -37,11 +37,13 @@ use serde_json::json;
 use tokio::{sync::Notify, task::JoinHandle, time::timeout};
 use tower_test::mock;
 
-use super::{agent::drive, desired, pod_cgroup::KubepodsLayout, policy::Policy};
 use crate::{
-    cgroup::CgroupDir,
-    enforcer::AllowTarget,
+    bpf::enforcer::AllowTarget,
+    cgroup::mount::CgroupDir,
     metrics::{Metrics, WatchLabels},
+};
+use crate::{
+    cgroup::pod::KubepodsLayout, node::agent::drive, policy::desired, policy::file::Policy,
 };
 
 /// How long any single step may take before the test fails.

@@ -28,22 +28,26 @@ use kube::{
 use tokio::sync::{Notify, oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::{
-    attribution::PodAttributor,
-    cgroup_watch, desired,
-    kubepods_wait::{self, Kubepods},
-    pod_cgroup::KubepodsLayout,
-    policy::Policy,
+use crate::{
+    Error, Result,
+    bpf::bpffs,
+    bpf::enforcer::{Attachment, Desired, Enforcer},
+    bpf::owner,
+    bpf::pins::{Hook, PinLayout},
+    cgroup::mount::CgroupDir,
+    cli::args::NodeArgs,
+    decisions,
+    destinations::{self, Compiled},
+    http,
+    metrics::{Health, Metrics, WatchLabels},
 };
 use crate::{
-    Error, Result, actor, bpffs,
-    cgroup::CgroupDir,
-    cli::NodeArgs,
-    destinations::{self, Compiled},
-    enforcer::{Attachment, Desired, Enforcer},
-    events, http,
-    metrics::{Health, Metrics, WatchLabels},
-    pins::{Hook, PinLayout},
+    cgroup::kubepods_wait::{self, Kubepods},
+    cgroup::pod::KubepodsLayout,
+    node::attribution::PodAttributor,
+    node::cgroup_watch,
+    policy::desired,
+    policy::file::Policy,
 };
 
 fn load_policy(args: &NodeArgs) -> Result<(String, Policy)> {
@@ -151,7 +155,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     metrics
         .protected_prefixes
         .set(desired.destinations.entries.len() as i64);
-    let observers = actor::Observers {
+    let observers = owner::Observers {
         metrics: metrics.clone(),
         health: health.clone(),
     };
@@ -178,7 +182,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             Some(Box::new(names)),
         )
     });
-    let (handle, owner) = actor::spawn(
+    let (handle, owner) = owner::spawn(
         enforcer,
         desired,
         Duration::from_secs(2),
@@ -262,7 +266,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             .run(),
         ),
         Box::pin(async move {
-            events::report(
+            decisions::report(
                 ring,
                 PodAttributor::new(root.path.clone(), pod_store, Some(recorder)),
                 Some(metrics),
@@ -338,7 +342,7 @@ struct PolicyReloader {
     args: NodeArgs,
     last_text: String,
     tx: watch::Sender<Arc<Policy>>,
-    handle: actor::EnforcerHandle,
+    handle: owner::EnforcerHandle,
     trigger: Arc<Notify>,
     recorder: Recorder,
     node: k8s_openapi::api::core::v1::ObjectReference,
@@ -415,14 +419,14 @@ impl PolicyReloader {
 
 /// Recomputes the allow map from the full stores whenever something changed.
 struct Reconciler {
-    handle: actor::EnforcerHandle,
+    handle: owner::EnforcerHandle,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     policy: watch::Receiver<Arc<Policy>>,
     root: CgroupDir,
     layout: KubepodsLayout,
     trigger: Arc<Notify>,
-    observers: actor::Observers,
+    observers: owner::Observers,
     metrics_addr: std::net::SocketAddr,
     startup_taint: Option<(Client, String, String)>,
 }
@@ -475,7 +479,9 @@ impl Reconciler {
                         // Only now may pods be scheduled here: enforcement is on.
                         if let Some((client, node, key)) = startup_taint.clone() {
                             tokio::spawn(async move {
-                                if let Err(e) = super::taint::remove(client, &node, &key).await {
+                                if let Err(e) =
+                                    crate::node::taint::remove(client, &node, &key).await
+                                {
                                     error!(error = %e, "could not remove the startup taint; the node stays unschedulable");
                                 }
                             });

@@ -12,11 +12,12 @@ use serde::Serialize;
 
 use crate::{
     Error, Result,
-    cgroup::{paths_of_ids, primary_cgroup2_mount},
+    bpf::enforcer::{Counters, read_counters},
+    bpf::pins::{Hook, PinLayout},
+    bpf::sys,
+    cgroup::mount::primary_cgroup2_mount,
+    cgroup::subtree::paths_of_ids,
     destinations::Prefix,
-    enforcer::{Counters, read_counters},
-    pins::{Hook, PinLayout},
-    sys,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -239,7 +240,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
             a.pod_uid = a
                 .cgroup
                 .as_deref()
-                .and_then(crate::k8s::pod_cgroup::parse_pod_dir)
+                .and_then(crate::cgroup::pod::parse_pod_dir)
                 .map(|(uid, _)| uid.as_str().to_string());
         }
     }
@@ -358,7 +359,7 @@ pub fn render(s: &Status) -> String {
 
 /// Adds the policy file's summary.
 pub fn with_policy(status: &mut Status, path: &std::path::Path) -> Result<()> {
-    use crate::k8s::policy::{Access, Policy};
+    use crate::policy::file::{Access, Policy};
     let (_, policy) = Policy::load(path)?;
     status.policy = Some(PolicySummary {
         path: path.into(),

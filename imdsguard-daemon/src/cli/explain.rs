@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use crate::{
     Error, Result,
-    cgroup::{CgroupDir, primary_cgroup2_mount},
+    bpf::pins::PinLayout,
+    cgroup::mount::CgroupDir,
+    cgroup::mount::primary_cgroup2_mount,
+    cli::status::{action_name, read_scope},
     destinations::Prefix,
-    pins::PinLayout,
-    status::{action_name, read_scope},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -186,7 +187,7 @@ pub async fn for_pod(
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::{Api, Client};
 
-    use crate::k8s::{desired, pod_cgroup, policy::Policy};
+    use crate::{cgroup::pod, policy::desired, policy::file::Policy};
 
     let (ns, name) = pod_ref
         .split_once('/')
@@ -204,8 +205,8 @@ pub async fn for_pod(
         .await
         .map_err(Error::Kube)?;
     let layout = match kubepods_root {
-        Some(p) => pod_cgroup::KubepodsLayout::at(p),
-        None => pod_cgroup::discover(&primary_cgroup2_mount()?.mount_point),
+        Some(p) => pod::KubepodsLayout::at(p),
+        None => pod::discover(&primary_cgroup2_mount()?.mount_point),
     }
     .map_err(Error::PodCgroup)?;
     let root = CgroupDir::open(layout.root())?;

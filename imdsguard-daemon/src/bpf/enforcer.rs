@@ -30,12 +30,13 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::{
-    Error, Result, bpffs,
-    cgroup::CgroupDir,
+    Error, Result,
+    bpf::bpffs,
+    bpf::object,
+    bpf::pins::{Hook, PinLayout},
+    bpf::sys,
+    cgroup::mount::CgroupDir,
     destinations::Compiled,
-    ebpf_object,
-    pins::{Hook, PinLayout},
-    sys,
 };
 
 /// Global default for cgroups without an allow entry.
@@ -194,7 +195,7 @@ impl Enforcer {
         }
         check_pinned_layouts(pins)?;
 
-        let object = ebpf_object::bytes()?;
+        let object = object::bytes()?;
         let map_paths: Vec<_> = MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {

@@ -54,8 +54,8 @@ use super::{
     selector::{LabelSelector, LabelSelectorSpec, SelectorError},
 };
 use crate::{
+    bpf::enforcer::Mode,
     destinations::{self, Destination},
-    enforcer::Mode,
 };
 
 /// What a matching rule grants.
@@ -527,7 +527,7 @@ mod tests {
 
     /// The example in this module's documentation, so it cannot rot.
     fn seed() -> String {
-        let doc: Vec<&str> = include_str!("policy.rs")
+        let doc: Vec<&str> = include_str!("file.rs")
             .lines()
             .map_while(|l| l.strip_prefix("//!"))
             .collect();

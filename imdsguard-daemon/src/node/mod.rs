@@ -1,0 +1,11 @@
+//! The Kubernetes node agent and its I/O: the pod and namespace watchers,
+//! the inotify watch on the pod cgroups, the startup taint, attribution of
+//! decisions to pods, and Kubernetes Events. The decisions themselves come
+//! from [`crate::policy`].
+
+pub mod agent;
+pub mod attribution;
+pub mod cgroup_watch;
+pub mod taint;
+#[cfg(test)]
+mod watch_faults;
