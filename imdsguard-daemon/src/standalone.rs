@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Attachment, Desired, Enforcer},
+    bpf::enforcer::{AllowTarget, Attachment, Enforcer, MapState},
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     cgroup::subtree::paths_of_ids,
@@ -27,7 +27,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub attachment: Attachment,
-    pub desired: Desired,
+    pub desired: MapState,
     pub allowed_paths: BTreeMap<u64, PathBuf>,
 }
 
@@ -78,7 +78,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             deny_raw_sockets: args.deny_raw_sockets,
             judge_socket_creators: args.judge_socket_creators,
         },
-        desired: Desired {
+        desired: MapState {
             mode: args.mode,
             allowed: Some(allowed),
             destinations: destinations::compile(&list)?,
@@ -111,7 +111,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             None,
             Some(Box::new(names)),
         );
-        if let Some(policy) = revoke::sweep::Policy::of(&plan.desired) {
+        if let Some(policy) = revoke::sweep::EnforcedState::of(&plan.desired) {
             revoker.sweep(policy);
         }
         (revoker, task)

@@ -68,7 +68,7 @@ pub struct AllowTarget {
 
 /// Everything the maps should hold.
 #[derive(Clone, Debug)]
-pub struct Desired {
+pub struct MapState {
     pub mode: Mode,
     /// `None` keeps the pinned allow entries as they are: a restarted node
     /// agent does not know the allowed pods until its first full sync, and
@@ -172,7 +172,7 @@ impl Enforcer {
     /// links of hooks this attachment does not want (sendmsg without `udp`,
     /// sock_create without `deny_raw_sockets` or `judge_socket_creators`)
     /// are detached.
-    pub fn start(attachment: Attachment, desired: &Desired) -> Result<(Self, StartReport)> {
+    pub fn start(attachment: Attachment, desired: &MapState) -> Result<(Self, StartReport)> {
         let pins = &attachment.pins;
         let root = &attachment.cgroup_root;
         if root.level == 0 {

@@ -9,10 +9,10 @@ use tracing::{error, warn};
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Attachment, Counters, Desired, Enforcer, Mode, SyncReport},
+    bpf::enforcer::{AllowTarget, Attachment, Counters, Enforcer, MapState, Mode, SyncReport},
     destinations::Compiled,
     metrics::{Health, Metrics},
-    revoke::{sweep::Policy, task::Revoker},
+    revoke::{sweep::EnforcedState, task::Revoker},
 };
 
 /// Where the owner task reports what it sees.
@@ -25,8 +25,8 @@ pub struct Observers {
 /// Asks for a revocation sweep after a change that can take an allow away:
 /// the first full allow set, any entry removed or changed, a new default,
 /// or new protected destinations.
-fn revoke_after(revoker: Option<&Revoker>, desired: &Desired) {
-    if let (Some(r), Some(policy)) = (revoker, Policy::of(desired)) {
+fn revoke_after(revoker: Option<&Revoker>, desired: &MapState) {
+    if let (Some(r), Some(policy)) = (revoker, EnforcedState::of(desired)) {
         r.sweep(policy);
     }
 }
@@ -123,7 +123,7 @@ impl EnforcerHandle {
 /// `revoker`, changes that can take an allow away trigger a sweep.
 pub fn spawn(
     mut enforcer: Enforcer,
-    mut desired: Desired,
+    mut desired: MapState,
     check_every: Duration,
     observers: Option<Observers>,
     revoker: Option<Revoker>,
@@ -184,7 +184,7 @@ pub fn spawn(
                         Ok(attached) => {
                             let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
                             warn!(?missing, "programs were detached behind our back; re-attaching");
-                            let keep = Desired { allowed: None, ..desired.clone() };
+                            let keep = MapState { allowed: None, ..desired.clone() };
                             match Enforcer::start(attachment, &keep) {
                                 Ok((e, _)) => {
                                     enforcer = e;

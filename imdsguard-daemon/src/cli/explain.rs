@@ -187,7 +187,7 @@ pub async fn for_pod(
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use kube::{Api, Client};
 
-    use crate::{cgroup::pod, policy::desired, policy::file::Policy};
+    use crate::{cgroup::pod, policy::desired, policy::file::PolicyFile};
 
     let (ns, name) = pod_ref
         .split_once('/')
@@ -214,7 +214,7 @@ pub async fn for_pod(
     let cgroup = desired::pod_cgroup(&pod, &uid, &root, &layout);
     let rule = match policy {
         Some(path) => {
-            let (_, policy) = Policy::load(path)?;
+            let (_, policy) = PolicyFile::load(path)?;
             let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
             Some(
                 match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {

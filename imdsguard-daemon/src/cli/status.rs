@@ -359,8 +359,8 @@ pub fn render(s: &Status) -> String {
 
 /// Adds the policy file's summary.
 pub fn with_policy(status: &mut Status, path: &std::path::Path) -> Result<()> {
-    use crate::policy::file::{Access, Policy};
-    let (_, policy) = Policy::load(path)?;
+    use crate::policy::file::{Access, PolicyFile};
+    let (_, policy) = PolicyFile::load(path)?;
     status.policy = Some(PolicySummary {
         path: path.into(),
         default_mode: format!("{:?}", policy.default_mode()).to_lowercase(),

@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 use crate::{
     Error, Result,
     bpf::bpffs,
-    bpf::enforcer::{Attachment, Desired, Enforcer},
+    bpf::enforcer::{Attachment, Enforcer, MapState},
     bpf::owner,
     bpf::pins::{Hook, PinLayout},
     cgroup::mount::CgroupDir,
@@ -47,14 +47,14 @@ use crate::{
     node::attribution::PodAttributor,
     node::cgroup_watch,
     policy::desired,
-    policy::file::Policy,
+    policy::file::PolicyFile,
 };
 
-fn load_policy(args: &NodeArgs) -> Result<(String, Policy)> {
-    Policy::load(&args.policy)
+fn load_policy(args: &NodeArgs) -> Result<(String, PolicyFile)> {
+    PolicyFile::load(&args.policy)
 }
 
-fn compile_destinations(policy: &Policy) -> Result<Compiled> {
+fn compile_destinations(policy: &PolicyFile) -> Result<Compiled> {
     match policy.destinations() {
         Some(d) => destinations::compile(d),
         None => destinations::compile(&destinations::defaults()),
@@ -137,7 +137,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 
     // Pinned allow entries are kept until the first full sync: a restarted
     // agent must not revoke pods it has not seen yet.
-    let desired = Desired {
+    let desired = MapState {
         mode: policy.default_mode(),
         allowed: None,
         destinations: compile_destinations(&policy)?,
@@ -341,7 +341,7 @@ where
 struct PolicyReloader {
     args: NodeArgs,
     last_text: String,
-    tx: watch::Sender<Arc<Policy>>,
+    tx: watch::Sender<Arc<PolicyFile>>,
     handle: owner::EnforcerHandle,
     trigger: Arc<Notify>,
     recorder: Recorder,
@@ -371,7 +371,7 @@ impl PolicyReloader {
                 continue;
             }
             last_text = text.clone();
-            match Policy::from_yaml(&text) {
+            match PolicyFile::from_yaml(&text) {
                 Ok(policy) => {
                     let destinations = match compile_destinations(&policy) {
                         Ok(d) => d,
@@ -422,7 +422,7 @@ struct Reconciler {
     handle: owner::EnforcerHandle,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
-    policy: watch::Receiver<Arc<Policy>>,
+    policy: watch::Receiver<Arc<PolicyFile>>,
     root: CgroupDir,
     layout: KubepodsLayout,
     trigger: Arc<Notify>,

@@ -43,7 +43,7 @@ use crate::{
     metrics::{Metrics, WatchLabels},
 };
 use crate::{
-    cgroup::pod::KubepodsLayout, node::agent::drive, policy::desired, policy::file::Policy,
+    cgroup::pod::KubepodsLayout, node::agent::drive, policy::desired, policy::file::PolicyFile,
 };
 
 /// How long any single step may take before the test fails.
@@ -455,7 +455,7 @@ impl Kubepods {
 
     /// The allow map [`POLICY`] gives the pods in `store`.
     fn compute(&self, store: &Store<Pod>) -> BTreeMap<u64, AllowTarget> {
-        let policy = Policy::from_yaml(POLICY).unwrap();
+        let policy = PolicyFile::from_yaml(POLICY).unwrap();
         let want = desired::compute(
             &policy,
             &store.state(),

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use crate::{bpf::enforcer::AllowTarget, cgroup::mount::CgroupDir};
 use crate::{
     cgroup::pod::{KubepodsLayout, PodUid, QosClass},
-    policy::file::Policy,
+    policy::file::PolicyFile,
 };
 
 /// How the policy decided one pod.
@@ -33,8 +33,11 @@ pub struct PodDecision {
     pub cgroup: Option<CgroupDir>,
 }
 
+/// What the policy file says for this node's pods: the allow-map entries
+/// they need, and how each pod was decided. The enforcer's whole desired
+/// state is [`MapState`](crate::bpf::enforcer::MapState).
 #[derive(Clone, Debug, Default)]
-pub struct DesiredAllow {
+pub struct PodVerdicts {
     pub allowed: BTreeMap<u64, AllowTarget>,
     pub decisions: Vec<PodDecision>,
     /// Pods skipped because their namespace is not in the store yet: a
@@ -50,17 +53,17 @@ fn labels(
 
 /// Computes the allow map for `pods` (already filtered to this node).
 pub fn compute(
-    policy: &Policy,
+    policy: &PolicyFile,
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
     root: &CgroupDir,
     layout: &KubepodsLayout,
-) -> DesiredAllow {
+) -> PodVerdicts {
     let ns_labels: HashMap<&str, BTreeMap<String, String>> = namespaces
         .iter()
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, labels(&ns.metadata))))
         .collect();
-    let mut out = DesiredAllow::default();
+    let mut out = PodVerdicts::default();
     for pod in pods {
         let (Some(namespace), Some(name), Some(uid)) = (
             pod.metadata.namespace.as_deref(),
@@ -160,7 +163,7 @@ mod tests {
         let ns: Namespace =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "imds"}})).unwrap();
         let want = compute(
-            &Policy::from_yaml(POLICY).unwrap(),
+            &PolicyFile::from_yaml(POLICY).unwrap(),
             &[Arc::new(live)],
             &[Arc::new(ns)],
             &root,

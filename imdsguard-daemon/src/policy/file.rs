@@ -344,15 +344,15 @@ pub struct Decision<'p> {
     pub rule_name: &'p str,
 }
 
-/// A validated policy. The default policy has no rules and enforces.
+/// The policy file, parsed and validated. The default policy has no rules and enforces.
 #[derive(Clone, Debug, Default)]
-pub struct Policy {
+pub struct PolicyFile {
     default_mode: Mode,
     rules: Vec<Rule>,
     destinations: Option<Vec<Destination>>,
 }
 
-impl Policy {
+impl PolicyFile {
     /// Reads and parses a policy file; returns its text too. Errors name
     /// the file.
     pub fn load(path: &std::path::Path) -> crate::Result<(String, Self)> {
@@ -547,7 +547,7 @@ mod tests {
     }
 
     fn action_of(
-        p: &Policy,
+        p: &PolicyFile,
         ns: &str,
         ns_labels: &[(&str, &str)],
         pod: &[(&str, &str)],
@@ -557,12 +557,12 @@ mod tests {
     }
 
     fn err(yaml: &str) -> PolicyError {
-        Policy::from_yaml(yaml).unwrap_err()
+        PolicyFile::from_yaml(yaml).unwrap_err()
     }
 
     #[test]
     fn seed_example_decides_as_documented() {
-        let p = Policy::from_yaml(&seed()).unwrap();
+        let p = PolicyFile::from_yaml(&seed()).unwrap();
         assert_eq!(p.default_mode(), Mode::Enforce);
         assert_eq!(p.rules().len(), 2);
         let prod = p
@@ -597,12 +597,12 @@ mod tests {
 
     #[test]
     fn deny_mode_overrides_default_mode() {
-        let p = Policy::from_yaml(&seed().replace("mode: enforce ", "mode: audit ")).unwrap();
+        let p = PolicyFile::from_yaml(&seed().replace("mode: enforce ", "mode: audit ")).unwrap();
         assert_eq!(
             action_of(&p, "imds", &[], &[("app", "test")]),
             Some(action::AUDIT)
         );
-        let p = Policy::from_yaml(
+        let p = PolicyFile::from_yaml(
             "defaultMode: audit\n\
              rules:\n\
              - {name: follows-default, access: deny}\n",
@@ -610,7 +610,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.default_mode(), Mode::Audit);
         assert_eq!(action_of(&p, "any", &[], &[]), Some(action::AUDIT));
-        let p = Policy::from_yaml(
+        let p = PolicyFile::from_yaml(
             "defaultMode: audit\nrules: [{name: strict, access: deny, mode: enforce}]",
         )
         .unwrap();
@@ -619,22 +619,22 @@ mod tests {
 
     #[test]
     fn empty_policy_decides_nothing() {
-        let p = Policy::from_yaml("{}").unwrap();
+        let p = PolicyFile::from_yaml("{}").unwrap();
         assert_eq!(p.default_mode(), Mode::Enforce);
         assert!(p.rules().is_empty());
         assert!(p.destinations().is_none());
         assert_eq!(action_of(&p, "imds", &[], &[("app", "prod")]), None);
-        let p = Policy::from_yaml("# only a comment\nrules: []\n").unwrap();
+        let p = PolicyFile::from_yaml("# only a comment\nrules: []\n").unwrap();
         assert!(p.rules().is_empty());
         // An empty ConfigMap key is the empty policy: every pod falls to the
         // global default, which fails closed unless configured otherwise.
-        let p = Policy::from_yaml("").unwrap();
+        let p = PolicyFile::from_yaml("").unwrap();
         assert!(p.rules().is_empty() && p.destinations().is_none());
     }
 
     #[test]
     fn namespace_conditions_combine() {
-        let p = Policy::from_yaml(
+        let p = PolicyFile::from_yaml(
             "rules:\n\
              - name: both\n  namespaces: [a, b]\n  namespaceSelector: {matchLabels: {team: x}}\n\
              - name: by-name\n  namespaces: [c]\n\
@@ -663,7 +663,7 @@ mod tests {
 
     #[test]
     fn absent_selectors_match_everything_and_first_rule_wins() {
-        let p = Policy::from_yaml(
+        let p = PolicyFile::from_yaml(
             "rules:\n\
              - {name: deny-canary, podSelector: {matchLabels: {canary: 'true'}}, access: deny, mode: audit}\n\
              - {name: everyone-in-imds, namespaces: [imds]}\n\
@@ -903,7 +903,7 @@ mod tests {
     /// What serde_yaml accepted, and how, before the move to serde-saphyr.
     #[test]
     fn scalars_read_as_before() {
-        let p = Policy::from_yaml(
+        let p = PolicyFile::from_yaml(
             "rules: [{name: r, podSelector: {matchLabels: {app: , v: 1.0, n: 012, on: true}}}]",
         )
         .unwrap();
@@ -956,7 +956,7 @@ mod fuzz {
 
     use proptest::prelude::*;
 
-    use super::Policy;
+    use super::PolicyFile;
 
     const SEED: &str = "defaultMode: enforce\nrules:\n  - name: prod-reads-imds\n    namespaces: [imds]\n    podSelector:\n      matchLabels: {app: prod}\n      matchExpressions:\n        - {key: tier, operator: In, values: [web]}\n    access: allow\n  - name: test-denied\n    namespaceSelector: {matchLabels: {team: a}}\n    podSelector:\n      matchLabels: {app: test}\n    access: deny\n    mode: audit\ndestinations:\n  - \"169.254.169.254/32 tcp except=53\"\n";
 
@@ -969,7 +969,7 @@ mod fuzz {
 
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,400}") {
-            let _ = Policy::from_yaml(&text);
+            let _ = PolicyFile::from_yaml(&text);
         }
 
         /// Single-byte mutations of a valid policy: the parser either
@@ -979,7 +979,7 @@ mod fuzz {
             let mut bytes = SEED.as_bytes().to_vec();
             bytes[pos] = byte;
             let text = String::from_utf8_lossy(&bytes);
-            match Policy::from_yaml(&text) {
+            match PolicyFile::from_yaml(&text) {
                 Ok(p) => {
                     let _ = p.evaluate(&ns, &ns_labels, &pod_labels);
                 }

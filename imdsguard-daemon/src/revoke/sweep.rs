@@ -23,24 +23,25 @@ use super::{
     sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
 };
 use crate::{
-    bpf::enforcer::{AllowTarget, Desired, Mode},
+    bpf::enforcer::{AllowTarget, MapState, Mode},
     cgroup::mount::CgroupDir,
     cgroup::subtree,
     destinations::Compiled,
 };
 
-/// What decides: the allow entries, the default, and the protected set.
+/// What the maps enforce, as the sweep judges sockets by it: the allow
+/// entries, the default, and the protected set.
 #[derive(Clone, Debug)]
-pub struct Policy {
+pub struct EnforcedState {
     pub allowed: BTreeMap<u64, AllowTarget>,
     pub mode: Mode,
     pub destinations: Compiled,
 }
 
-impl Policy {
+impl EnforcedState {
     /// The policy the maps hold, once the allow set is known: None before
     /// the first full sync, when nothing may be revoked.
-    pub fn of(desired: &Desired) -> Option<Self> {
+    pub fn of(desired: &MapState) -> Option<Self> {
         Some(Self {
             allowed: desired.allowed.clone()?,
             mode: desired.mode,
@@ -71,7 +72,7 @@ impl Tree {
     /// The action the programs apply to a socket owned by `cgroup_id`: the
     /// deepest allow entry on its path, or the default. None when the
     /// cgroup is not in the judged subtree.
-    pub fn action_of(&self, cgroup_id: u64, policy: &Policy) -> Option<u32> {
+    pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<u32> {
         if cgroup_id != self.root && !self.parent.contains_key(&cgroup_id) {
             return None;
         }
@@ -109,7 +110,7 @@ pub struct Report {
 }
 
 /// Whether `s` is a connection the policy now denies.
-pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &Policy) -> bool {
+pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
     let proto = match s.transport {
         Transport::Tcp => PROTO_TCP,
         Transport::Udp => PROTO_UDP,
@@ -134,7 +135,7 @@ pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &Policy) -> bool {
 /// Sweeps the namespaces of processes below `root`, plus every netns file
 /// in `netns_dirs` (bind mounts such as /var/run/netns, where container
 /// runtimes keep pod namespaces), plus our own.
-pub fn sweep(root: &CgroupDir, policy: &Policy, netns_dirs: &[PathBuf]) -> Report {
+pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
     let mut report = Report::default();
     let tree = match Tree::read(root) {
         Ok(t) => t,
@@ -222,7 +223,7 @@ fn add_netns_dir(
 type Swept = (usize, Vec<Revoked>, Vec<String>);
 
 /// Dumps and destroys in the calling thread's namespace.
-fn sweep_here(tree: &Tree, policy: &Policy) -> io::Result<Swept> {
+fn sweep_here(tree: &Tree, policy: &EnforcedState) -> io::Result<Swept> {
     let mut examined = 0;
     let mut revoked = Vec::new();
     let mut errors = Vec::new();
@@ -270,8 +271,8 @@ mod tests {
         }
     }
 
-    fn policy(allowed: &[(u64, u32)], mode: Mode) -> Policy {
-        Policy {
+    fn policy(allowed: &[(u64, u32)], mode: Mode) -> EnforcedState {
+        EnforcedState {
             allowed: allowed
                 .iter()
                 .map(|&(id, action)| (id, AllowTarget { level: 0, action }))

@@ -10,18 +10,18 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::sweep::{self, Policy};
+use super::sweep::{self, EnforcedState};
 use crate::{cgroup::mount::CgroupDir, decisions::Attributor, metrics::Metrics};
 
 /// Cheap to clone; sends the latest policy to the revoker.
 #[derive(Clone)]
 pub struct Revoker {
-    tx: Arc<watch::Sender<Option<Arc<Policy>>>>,
+    tx: Arc<watch::Sender<Option<Arc<EnforcedState>>>>,
 }
 
 impl Revoker {
     /// Asks for a sweep against `policy`.
-    pub fn sweep(&self, policy: Policy) {
+    pub fn sweep(&self, policy: EnforcedState) {
         self.tx.send_replace(Some(Arc::new(policy)));
     }
 }
@@ -41,7 +41,7 @@ pub fn spawn(
     metrics: Option<Arc<Metrics>>,
     mut attributor: Option<Box<dyn Attributor>>,
 ) -> (Revoker, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = watch::channel::<Option<Arc<Policy>>>(None);
+    let (tx, mut rx) = watch::channel::<Option<Arc<EnforcedState>>>(None);
     let task = tokio::spawn(async move {
         let mut backstop = tokio::time::interval(settings.resweep);
         backstop.tick().await;

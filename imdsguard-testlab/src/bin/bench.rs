@@ -24,7 +24,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use imdsguard::{
-    bpf::enforcer::{AllowTarget, Attachment, Desired, Enforcer, Mode},
+    bpf::enforcer::{AllowTarget, Attachment, Enforcer, MapState, Mode},
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     destinations,
@@ -101,8 +101,8 @@ struct Bench {
 }
 
 impl Bench {
-    fn desired(&self, allowed: BTreeMap<u64, AllowTarget>) -> anyhow::Result<Desired> {
-        Ok(Desired {
+    fn desired(&self, allowed: BTreeMap<u64, AllowTarget>) -> anyhow::Result<MapState> {
+        Ok(MapState {
             mode: Mode::Enforce,
             allowed: Some(allowed),
             destinations: destinations::compile(&destinations::defaults())?,

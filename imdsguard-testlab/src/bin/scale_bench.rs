@@ -42,7 +42,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use imdsguard::{
-    bpf::enforcer::{self, Attachment, Desired, Enforcer, Mode},
+    bpf::enforcer::{self, Attachment, Enforcer, MapState, Mode},
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     destinations,
@@ -1017,7 +1017,7 @@ fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
         deny_raw_sockets: false,
         judge_socket_creators: false,
     };
-    let desired = Desired {
+    let desired = MapState {
         mode: Mode::Enforce,
         allowed: Some(BTreeMap::new()),
         destinations: destinations::compile(&destinations::defaults())?,

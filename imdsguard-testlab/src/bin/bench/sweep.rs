@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use imdsguard::{
     bpf::enforcer::Mode,
     destinations,
-    revoke::sweep::{Policy, Report, sweep},
+    revoke::sweep::{EnforcedState, Report, sweep},
 };
 use imdsguard_testlab::{bench::Holding, cgroups::TestCgroup, netns::NetNs};
 
@@ -55,7 +55,7 @@ struct Timed {
     examined: usize,
 }
 
-fn timed_sweeps(bench: &Bench, policy: &Policy, runs: u32) -> anyhow::Result<Vec<Timed>> {
+fn timed_sweeps(bench: &Bench, policy: &EnforcedState, runs: u32) -> anyhow::Result<Vec<Timed>> {
     (0..runs.max(1))
         .map(|_| {
             let t = Instant::now();
@@ -142,7 +142,7 @@ pub fn run(bench: &Bench, pods: u32, connections: u32, runs: u32) -> anyhow::Res
     // Enforce, nothing allowed, the default protected set: every pod is
     // judged, and none of their connections (all to 127.0.0.1) is to a
     // protected destination.
-    let policy = Policy {
+    let policy = EnforcedState {
         allowed: BTreeMap::new(),
         mode: Mode::Enforce,
         destinations: destinations::compile(&destinations::defaults())?,
