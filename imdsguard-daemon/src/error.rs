@@ -177,6 +177,9 @@ pub enum Error {
         source: procfs::ProcError,
     },
 
+    #[error("encode the output as JSON")]
+    Json(#[source] serde_json::Error),
+
     #[error("{op} {path}")]
     Io {
         op: &'static str,

@@ -60,7 +60,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             allowed_paths.insert(dir.id, dir.path);
         }
     }
-    crate::bpf::enforcer::level_window(allowed.values().map(|t| t.level))?;
+    crate::bpf::sync::level_window(allowed.values().map(|t| t.level))?;
     let mut list = if args.no_default_destinations {
         Vec::new()
     } else {

@@ -1,10 +1,17 @@
-//! The kernel side as userspace sees it: the embedded object, the pins on
-//! bpffs, the raw bpf(2) calls aya lacks, the enforcer that loads, attaches
-//! and syncs the maps, and the one task that owns it.
+//! The kernel side as userspace sees it: the embedded object, the hooks and
+//! their links, the pinned maps and their pins on bpffs, the raw bpf(2)
+//! calls aya lacks, and the enforcer that loads, attaches and syncs them.
+//! [`owner`] is the one task that owns the enforcer and takes commands.
 
 pub mod bpffs;
 pub mod enforcer;
+pub mod hook;
+pub mod links;
+pub mod maps;
 pub mod object;
 pub mod owner;
 pub mod pins;
+mod probe;
+pub mod sync;
 pub mod sys;
+pub mod uninstall;

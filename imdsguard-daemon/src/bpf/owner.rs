@@ -9,7 +9,10 @@ use tracing::{error, warn};
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Attachment, Counters, Enforcer, MapState, Mode, SyncReport},
+    bpf::{
+        enforcer::{AllowTarget, Attachment, Counters, Enforcer, MapState, Mode},
+        sync::SyncReport,
+    },
     destinations::Compiled,
     metrics::{Health, Metrics},
     revoke::{sweep::EnforcedState, task::Revoker},

@@ -35,7 +35,7 @@
 //!   becomes ready.
 //! - Discovered: the directories that discovery searches (the cgroup v2
 //!   mount and everything down to
-//!   [`DISCOVER_MAX_DEPTH`](crate::cgroup::pod::DISCOVER_MAX_DEPTH) levels, except
+//!   [`DISCOVER_MAX_DEPTH`](crate::cgroup::discover::DISCOVER_MAX_DEPTH) levels, except
 //!   pod cgroups) are watched. The first kubepods directory to appear is
 //!   used. If two appear at once, the agent exits, as at start, because it
 //!   cannot tell which one belongs to this node's kubelet.
@@ -53,7 +53,10 @@ use std::{
 use futures::StreamExt as _;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::cgroup::pod::{KubepodsLayout, PodCgroupError, scan};
+use crate::cgroup::{
+    discover::scan,
+    pod::{KubepodsLayout, PodCgroupError},
+};
 use crate::{cgroup::mount::CGROUP2_SUPER_MAGIC, cgroup::mount::primary_cgroup2_mount};
 
 /// Where the kubepods cgroup is expected.

@@ -3,6 +3,7 @@
 //! kubelet puts each pod's cgroup ([`pod`]), and waiting for the kubepods
 //! cgroup to appear ([`kubepods_wait`]).
 
+pub mod discover;
 pub mod kubepods_wait;
 pub mod mount;
 pub mod pod;

@@ -15,6 +15,7 @@ use crate::{
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     cgroup::mount::primary_cgroup2_mount,
+    cli::args::ExplainArgs,
     cli::status::{action_name, read_scope},
     destinations::Prefix,
 };
@@ -147,6 +148,25 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
     })
 }
 
+/// Runs `imdsguard explain`; returns the text to print.
+pub async fn run(args: &ExplainArgs) -> Result<String> {
+    let pins = PinLayout::new(&args.pin_dir);
+    let e = match (&args.pod, &args.cgroup) {
+        (Some(pod), _) => {
+            for_pod(
+                &pins,
+                pod,
+                args.policy.as_deref(),
+                args.kubepods_root.as_deref(),
+            )
+            .await?
+        }
+        (None, Some(cg)) => for_cgroup(&pins, &CgroupDir::open(cg)?)?,
+        (None, None) => unreachable!("clap requires --pod or --cgroup"),
+    };
+    super::output(args.output, &e, render)
+}
+
 pub fn render(e: &Explanation) -> String {
     let mut o = String::new();
     if let Some(pod) = &e.pod {
@@ -206,7 +226,7 @@ pub async fn for_pod(
         .map_err(Error::Kube)?;
     let layout = match kubepods_root {
         Some(p) => pod::KubepodsLayout::at(p),
-        None => pod::discover(&primary_cgroup2_mount()?.mount_point),
+        None => crate::cgroup::discover::discover(&primary_cgroup2_mount()?.mount_point),
     }
     .map_err(Error::PodCgroup)?;
     let root = CgroupDir::open(layout.root())?;

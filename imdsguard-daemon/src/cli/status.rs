@@ -12,11 +12,12 @@ use serde::Serialize;
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{Counters, read_counters},
-    bpf::pins::{Hook, PinLayout},
     bpf::sys,
+    bpf::{enforcer::Counters, maps::read_counters},
+    bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::primary_cgroup2_mount,
     cgroup::subtree::paths_of_ids,
+    cli::args::StatusArgs,
     destinations::Prefix,
 };
 
@@ -273,6 +274,18 @@ fn pod_cell(a: &AllowedStatus) -> String {
 }
 
 /// Human-readable rendering.
+/// Runs `imdsguard status`; returns the text to print.
+pub async fn run(args: &StatusArgs) -> Result<String> {
+    let mut s = read(&PinLayout::new(&args.pin_dir))?;
+    if let Some(p) = &args.policy {
+        with_policy(&mut s, p)?;
+    }
+    if args.kubernetes {
+        with_pod_names(&mut s).await?;
+    }
+    super::output(args.output, &s, render)
+}
+
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "imdsguard installation at {}", s.pin_dir.display());

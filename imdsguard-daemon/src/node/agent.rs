@@ -33,7 +33,7 @@ use crate::{
     bpf::bpffs,
     bpf::enforcer::{Attachment, Enforcer, MapState},
     bpf::owner,
-    bpf::pins::{Hook, PinLayout},
+    bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
     decisions,

@@ -13,8 +13,8 @@ use std::{
 
 use aya::maps::{Map, MapData, RingBuf};
 use imdsguard::{
-    bpf::pins::{Hook, PinLayout},
     bpf::sys,
+    bpf::{hook::Hook, pins::PinLayout},
 };
 use imdsguard_common::{Event, PROTO_ANY, hook, map_names, verdict};
 use imdsguard_testlab::{

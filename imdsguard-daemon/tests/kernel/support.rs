@@ -233,7 +233,7 @@ pub fn programs_on(cg: &TestCgroup, attach_type: u32) -> Vec<u32> {
 /// No program on the lab root at any attach type imdsguard uses.
 #[track_caller]
 pub fn assert_nothing_attached(lab: &Lab) {
-    for hook in imdsguard::bpf::pins::Hook::ALL {
+    for hook in imdsguard::bpf::hook::Hook::ALL {
         let progs = programs_on(lab.root(), hook.attach_type());
         assert!(progs.is_empty(), "{} still has {progs:?}", hook.name());
     }

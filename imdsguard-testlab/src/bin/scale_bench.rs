@@ -42,8 +42,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use imdsguard::{
-    bpf::enforcer::{self, Attachment, Enforcer, MapState, Mode},
+    bpf::enforcer::{Attachment, Enforcer, MapState, Mode},
     bpf::pins::PinLayout,
+    bpf::uninstall::uninstall,
     cgroup::mount::CgroupDir,
     destinations,
 };
@@ -481,7 +482,7 @@ fn startup(node: &Node, size: u32, repeats: u32) -> anyhow::Result<[StartupRow; 
     let mut restart = Vec::new();
     for _ in 0..repeats {
         // Cold: nothing pinned, as on a fresh node.
-        drop(enforcer::uninstall(&node.pins())?);
+        drop(uninstall(&node.pins())?);
         let (agent, s) = node.start_agent()?;
         cold.push(s);
         // SIGKILL: the pins stay, as after a crash or a rolling update.
@@ -1028,7 +1029,7 @@ fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
         let mut order = Guard::ALL.to_vec();
         order.rotate_left(round as usize % Guard::ALL.len());
         for guard in order {
-            drop(enforcer::uninstall(&pins)?);
+            drop(uninstall(&pins)?);
             netfilter_flush(ns)?;
             let _enforcer: Option<Enforcer> = match guard {
                 Guard::Imdsguard => Some(Enforcer::start(attachment.clone(), &desired)?.0),
@@ -1049,7 +1050,7 @@ fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
         }
         eprintln!("comparison round {}/{} done", round + 1, o.rounds);
     }
-    drop(enforcer::uninstall(&pins)?);
+    drop(uninstall(&pins)?);
     netfilter_flush(ns)?;
 
     let mut out = String::new();

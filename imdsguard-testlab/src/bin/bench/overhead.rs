@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use imdsguard::bpf::enforcer;
+use imdsguard::bpf::uninstall::uninstall;
 use imdsguard_testlab::{
     bench::{Timings, Workload},
     cgroups::TestCgroup,
@@ -117,7 +117,7 @@ pub fn run(bench: &Bench, pods: &Pods, rounds: u32, iterations: u32) -> anyhow::
         let mut order = Setup::ALL.to_vec();
         order.rotate_left(round as usize % Setup::ALL.len());
         for setup in order {
-            drop(enforcer::uninstall(&bench.pins)?);
+            drop(uninstall(&bench.pins)?);
             let _noop;
             let _enforcer;
             let root = bench.lab.root().path();
@@ -151,7 +151,7 @@ pub fn run(bench: &Bench, pods: &Pods, rounds: u32, iterations: u32) -> anyhow::
         }
         eprintln!("round {}/{rounds} done", round + 1);
     }
-    drop(enforcer::uninstall(&bench.pins)?);
+    drop(uninstall(&bench.pins)?);
 
     println!(
         "\n## Hook overhead, unprotected loopback destination ({rounds} interleaved rounds x {iterations} calls)"

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use imdsguard::{bpf::enforcer, bpf::pins::Hook};
+use imdsguard::{bpf::hook::Hook, bpf::uninstall::uninstall};
 use imdsguard_testlab::{
     bench::{Timings, Workload},
     cgroups::TestCgroup,
@@ -103,7 +103,7 @@ fn connect4(bench: &Bench, pods: &Pods, iterations: u32) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = drain.join();
     drop(enforcer);
-    drop(enforcer::uninstall(&bench.pins)?);
+    drop(uninstall(&bench.pins)?);
     Ok(())
 }
 
@@ -142,7 +142,7 @@ fn sock_create(bench: &Bench, pods: &Pods, iterations: u32) -> anyhow::Result<()
         ),
     ];
     for (name, hooks, cg) in cases {
-        drop(enforcer::uninstall(&bench.pins)?);
+        drop(uninstall(&bench.pins)?);
         let enforcer = bench.install(hooks, pods.allow_map()?)?;
         let prog_id = linked_program(bench, Hook::SockCreate)?;
         let ns = per_run(prog_id, name, || {
@@ -152,6 +152,6 @@ fn sock_create(bench: &Bench, pods: &Pods, iterations: u32) -> anyhow::Result<()
         println!("| {name} | {ns:.1} |");
         drop(enforcer);
     }
-    drop(enforcer::uninstall(&bench.pins)?);
+    drop(uninstall(&bench.pins)?);
     Ok(())
 }

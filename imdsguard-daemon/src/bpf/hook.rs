@@ -1,0 +1,77 @@
+//! The cgroup hooks we attach, and which program each runs.
+
+use crate::bpf::sys::attach_type;
+
+/// A cgroup hook we attach: the sock_addr hooks, and the opt-in sock_create
+/// (a cgroup sock program) that denies raw sockets and records socket
+/// creators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+    SockCreate,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 5] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Sendmsg6,
+        Hook::SockCreate,
+    ];
+
+    /// File name of the link pin, and the program name in the object
+    /// (but see [`Hook::program`]).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
+            Hook::Sendmsg4 => "sendmsg4",
+            Hook::Sendmsg6 => "sendmsg6",
+            Hook::SockCreate => "sock_create",
+        }
+    }
+
+    pub const fn attach_type(self) -> u32 {
+        match self {
+            Hook::Connect4 => attach_type::INET4_CONNECT,
+            Hook::Connect6 => attach_type::INET6_CONNECT,
+            Hook::Sendmsg4 => attach_type::UDP4_SENDMSG,
+            Hook::Sendmsg6 => attach_type::UDP6_SENDMSG,
+            Hook::SockCreate => attach_type::INET_SOCK_CREATE,
+        }
+    }
+
+    /// The program attached for this hook. sock_create has two: the
+    /// identity-only one, and one that also denies raw sockets; switching
+    /// between them is a BPF_LINK_UPDATE of the same link.
+    pub const fn program(self, deny_raw_sockets: bool) -> &'static str {
+        match self {
+            Hook::SockCreate if deny_raw_sockets => "sock_create_raw",
+            _ => self.name(),
+        }
+    }
+
+    /// The hooks attached: connect always; sendmsg only with UDP
+    /// enforcement, because any attached sendmsg program makes every UDP
+    /// send on the machine take the socket lock for the check; sock_create
+    /// only when raw sockets are denied or socket creators recorded, as it
+    /// runs on every socket() below the attach point.
+    pub fn wanted(udp: bool, sock_create: bool) -> Vec<Hook> {
+        let mut hooks = vec![Hook::Connect4, Hook::Connect6];
+        if udp {
+            hooks.extend([Hook::Sendmsg4, Hook::Sendmsg6]);
+        }
+        if sock_create {
+            hooks.push(Hook::SockCreate);
+        }
+        hooks
+    }
+
+    pub fn from_attach_type(t: u32) -> Option<Hook> {
+        Self::ALL.into_iter().find(|h| h.attach_type() == t)
+    }
+}
