@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, MAX_ALLOWED, MAX_LEVEL_SPAN, PREFILTER_WORDS,
     Protected, map_names,
@@ -15,6 +15,103 @@ use crate::{
     bpf::enforcer::{AllowTarget, Enforcer, Mode},
     destinations::Compiled,
 };
+
+/// A map as [`diff_and_sync`] sees it. The real maps implement it over
+/// aya; tests use a fake, so no kernel is needed.
+pub(crate) trait SyncMap {
+    type Key: Ord + Copy;
+    type Value: PartialEq + Copy;
+
+    /// Every entry. An entry that cannot be read is an error, never
+    /// skipped: a skipped entry would never be removed.
+    fn entries(&self) -> Result<BTreeMap<Self::Key, Self::Value>>;
+    fn insert(&mut self, key: Self::Key, value: &Self::Value) -> Result<()>;
+    fn remove(&mut self, key: Self::Key) -> Result<()>;
+}
+
+/// Makes `map` hold exactly `desired` without ever emptying it: entries
+/// that differ are inserted or updated first, then extras are removed. If
+/// the current entries cannot all be read, nothing is written.
+pub(crate) fn diff_and_sync<M: SyncMap>(
+    map: &mut M,
+    desired: &BTreeMap<M::Key, M::Value>,
+) -> Result<SyncReport> {
+    let current = map.entries()?;
+    let mut report = SyncReport::default();
+    for (&key, value) in desired {
+        match current.get(&key) {
+            Some(v) if v == value => continue,
+            Some(_) => report.updated += 1,
+            None => report.inserted += 1,
+        }
+        map.insert(key, value)?;
+    }
+    for &key in current.keys() {
+        if !desired.contains_key(&key) {
+            map.remove(key)?;
+            report.removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// The allow map: cgroup id to entry.
+struct AllowMap<'a>(HashMap<&'a mut MapData, u64, AllowEntry>);
+
+impl SyncMap for AllowMap<'_> {
+    type Key = u64;
+    type Value = AllowEntry;
+
+    fn entries(&self) -> Result<BTreeMap<u64, AllowEntry>> {
+        self.0.iter().map(|r| r.map_err(allow_err)).collect()
+    }
+    fn insert(&mut self, key: u64, value: &AllowEntry) -> Result<()> {
+        self.0.insert(&key, value, 0).map_err(allow_err)
+    }
+    fn remove(&mut self, key: u64) -> Result<()> {
+        self.0.remove(&key).map_err(allow_err)
+    }
+}
+
+fn allow_err(source: MapError) -> Error {
+    Error::Map {
+        name: map_names::ALLOWED,
+        source,
+    }
+}
+
+/// The protected set's trie, keyed by (prefix length, address).
+struct ProtectedMap<'a>(LpmTrie<&'a mut MapData, AddrKey, Protected>);
+
+impl SyncMap for ProtectedMap<'_> {
+    type Key = (u32, AddrKey);
+    type Value = Protected;
+
+    fn entries(&self) -> Result<BTreeMap<(u32, AddrKey), Protected>> {
+        self.0
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                    .map_err(protected_err)
+            })
+            .collect()
+    }
+    fn insert(&mut self, (len, key): (u32, AddrKey), value: &Protected) -> Result<()> {
+        self.0
+            .insert(&Key::new(len, key), value, 0)
+            .map_err(protected_err)
+    }
+    fn remove(&mut self, (len, key): (u32, AddrKey)) -> Result<()> {
+        self.0.remove(&Key::new(len, key)).map_err(protected_err)
+    }
+}
+
+fn protected_err(source: MapError) -> Error {
+    Error::Map {
+        name: map_names::PROTECTED,
+        source,
+    }
+}
 
 /// What a sync changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,30 +129,10 @@ impl Enforcer {
     pub fn sync_destinations(&mut self, compiled: &Compiled) -> Result<SyncReport> {
         let name = map_names::PROTECTED;
         let err = move |source| Error::Map { name, source };
-        let mut report = SyncReport::default();
-        {
-            let mut trie: LpmTrie<&mut MapData, AddrKey, Protected> =
-                LpmTrie::try_from(self.map_mut(name)?).map_err(err)?;
-            let current: BTreeMap<(u32, AddrKey), Protected> = trie
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
-                .collect();
-            for (&(len, key), value) in &compiled.entries {
-                match current.get(&(len, key)) {
-                    Some(v) if v == value => continue,
-                    Some(_) => report.updated += 1,
-                    None => report.inserted += 1,
-                }
-                trie.insert(&Key::new(len, key), value, 0).map_err(err)?;
-            }
-            for &(len, key) in current.keys() {
-                if !compiled.entries.contains_key(&(len, key)) {
-                    trie.remove(&Key::new(len, key)).map_err(err)?;
-                    report.removed += 1;
-                }
-            }
-        }
+        let report = {
+            let trie = LpmTrie::try_from(self.map_mut(name)?).map_err(err)?;
+            diff_and_sync(&mut ProtectedMap(trie), &compiled.entries)?
+        };
         let name = map_names::PREFILTER;
         let err = move |source| Error::Map { name, source };
         let mut words: Array<&mut MapData, u64> =
@@ -124,30 +201,18 @@ impl Enforcer {
 
         let name = map_names::ALLOWED;
         let err = move |source| Error::Map { name, source };
-        let mut report = SyncReport::default();
-        {
-            let mut map: HashMap<&mut MapData, u64, AllowEntry> =
-                HashMap::try_from(self.map_mut(name)?).map_err(err)?;
-            let current: BTreeMap<u64, AllowEntry> = map.iter().filter_map(|r| r.ok()).collect();
-            for (&id, target) in desired {
+        let want: BTreeMap<u64, AllowEntry> = desired
+            .iter()
+            .map(|(&id, target)| {
                 let entry = AllowEntry {
                     action: target.action,
                     _pad: 0,
                 };
-                match current.get(&id) {
-                    Some(e) if *e == entry => continue,
-                    Some(_) => report.updated += 1,
-                    None => report.inserted += 1,
-                }
-                map.insert(&id, &entry, 0).map_err(err)?;
-            }
-            for id in current.keys() {
-                if !desired.contains_key(id) {
-                    map.remove(id).map_err(err)?;
-                    report.removed += 1;
-                }
-            }
-        }
+                (id, entry)
+            })
+            .collect();
+        let map = HashMap::try_from(self.map_mut(name)?).map_err(err)?;
+        let report = diff_and_sync(&mut AllowMap(map), &want)?;
         self.write_config(config(new_window))?;
         if report != SyncReport::default() {
             debug!(?report, "allow map synced");
@@ -194,6 +259,89 @@ pub fn level_window(levels: impl Iterator<Item = u32>) -> Result<Option<(u32, u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map whose iteration yields its entries in key order, then, if
+    /// `fail_after` is set, an error after that many entries (as aya's
+    /// iterator does when a bpf(2) call fails mid-walk).
+    #[derive(Default)]
+    struct FakeMap {
+        entries: BTreeMap<u64, u32>,
+        fail_after: Option<usize>,
+        writes: usize,
+    }
+
+    impl SyncMap for FakeMap {
+        type Key = u64;
+        type Value = u32;
+
+        fn entries(&self) -> Result<BTreeMap<u64, u32>> {
+            let eio = || {
+                allow_err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_get_next_key",
+                    io_error: std::io::Error::from_raw_os_error(5),
+                }))
+            };
+            let items = self.entries.iter().map(|(&k, &v)| Ok((k, v)));
+            match self.fail_after {
+                Some(n) => items.take(n).chain(std::iter::once(Err(eio()))).collect(),
+                None => items.collect(),
+            }
+        }
+        fn insert(&mut self, key: u64, value: &u32) -> Result<()> {
+            self.writes += 1;
+            self.entries.insert(key, *value);
+            Ok(())
+        }
+        fn remove(&mut self, key: u64) -> Result<()> {
+            self.writes += 1;
+            self.entries.remove(&key);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn diff_and_sync_inserts_updates_and_removes() {
+        let mut map = FakeMap {
+            entries: [(1, 10), (2, 20), (3, 30)].into(),
+            ..FakeMap::default()
+        };
+        let want = [(1, 10), (2, 21), (4, 40)].into();
+        let report = diff_and_sync(&mut map, &want).unwrap();
+        assert_eq!(
+            report,
+            SyncReport {
+                inserted: 1,
+                updated: 1,
+                removed: 1
+            }
+        );
+        assert_eq!(map.entries, want);
+        assert_eq!(map.writes, 3);
+    }
+
+    #[test]
+    fn diff_and_sync_fails_when_iteration_fails() {
+        // Entry 3 is behind the failed step: were the error skipped, 3
+        // would look absent and its stale allow would stay.
+        let mut map = FakeMap {
+            entries: [(1, 10), (2, 20), (3, 30)].into(),
+            fail_after: Some(1),
+            ..FakeMap::default()
+        };
+        let want = [(1, 10)].into();
+        let e = diff_and_sync(&mut map, &want).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Map {
+                    source: MapError::SyscallError(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(map.writes, 0, "nothing is written from a partial view");
+    }
 
     #[test]
     fn level_window_spans_entries() {
