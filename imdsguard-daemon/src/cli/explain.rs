@@ -231,7 +231,11 @@ pub async fn for_pod(
     .map_err(Error::PodCgroup)?;
     let root = CgroupDir::open(layout.root())?;
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let cgroup = desired::pod_cgroup(&pod, &uid, &root, &layout);
+    let cgroups = crate::node::pod_cgroups::Cgroupfs {
+        root: &root,
+        layout: &layout,
+    };
+    let cgroup = desired::pod_cgroup(&pod, &uid, &cgroups);
     let rule = match policy {
         Some(path) => {
             let (_, policy) = PolicyFile::load(path)?;

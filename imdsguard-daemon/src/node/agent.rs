@@ -40,6 +40,7 @@ use crate::{
     destinations::{self, Compiled},
     http,
     metrics::{Health, Metrics, WatchLabels},
+    node::pod_cgroups::Cgroupfs,
 };
 use crate::{
     cgroup::kubepods_wait::{self, Kubepods},
@@ -453,8 +454,15 @@ impl Reconciler {
         loop {
             let started = Instant::now();
             let policy = policy.borrow().clone();
-            let want =
-                desired::compute(&policy, &pods.state(), &namespaces.state(), &root, &layout);
+            let want = desired::compute(
+                &policy,
+                &pods.state(),
+                &namespaces.state(),
+                &Cgroupfs {
+                    root: &root,
+                    layout: &layout,
+                },
+            );
             let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
             match handle
                 .sync_allowed(policy.default_mode(), want.allowed.clone())

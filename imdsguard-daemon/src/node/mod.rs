@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod attribution;
 pub mod cgroup_watch;
+pub mod pod_cgroups;
 pub mod taint;
 #[cfg(test)]
 mod watch_faults;

@@ -41,6 +41,7 @@ use crate::{
     bpf::enforcer::AllowTarget,
     cgroup::mount::CgroupDir,
     metrics::{Metrics, WatchLabels},
+    node::pod_cgroups::Cgroupfs,
 };
 use crate::{
     cgroup::pod::KubepodsLayout, node::agent::drive, policy::desired, policy::file::PolicyFile,
@@ -460,8 +461,10 @@ impl Kubepods {
             &policy,
             &store.state(),
             &namespaces(),
-            &self.root,
-            &self.layout,
+            &Cgroupfs {
+                root: &self.root,
+                layout: &self.layout,
+            },
         );
         assert_eq!(want.unknown_namespace, 0);
         want.allowed

@@ -5,6 +5,9 @@
 //! This is recomputed from the reflectors' complete stores on every change
 //! instead of patched per event, so a lost delete or a relist after 410 Gone
 //! cannot leave a stale entry behind.
+//!
+//! Pure: where a pod's cgroup is comes from an injected [`CgroupResolver`]
+//! (the node agent's looks on cgroupfs, tests use a map).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,11 +16,21 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use crate::{bpf::enforcer::AllowTarget, cgroup::mount::CgroupDir};
 use crate::{
-    cgroup::pod::{KubepodsLayout, PodUid, QosClass},
+    bpf::enforcer::AllowTarget,
+    cgroup::{
+        mount::CgroupDir,
+        pod::{PodUid, QosClass},
+    },
     policy::file::PolicyFile,
 };
+
+/// Finds a pod's cgroup, if kubelet has created it yet.
+pub trait CgroupResolver {
+    /// The pod-level cgroup of pod `uid`. `qos` is the class from the pod's
+    /// status; None when not reported yet, and then every class is tried.
+    fn pod_cgroup(&self, uid: &PodUid, qos: Option<QosClass>) -> Option<CgroupDir>;
+}
 
 /// How the policy decided one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,8 +69,7 @@ pub fn compute(
     policy: &PolicyFile,
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
-    root: &CgroupDir,
-    layout: &KubepodsLayout,
+    cgroups: &impl CgroupResolver,
 ) -> PodVerdicts {
     let ns_labels: HashMap<&str, BTreeMap<String, String>> = namespaces
         .iter()
@@ -79,7 +91,7 @@ pub fn compute(
         let Some(decision) = policy.evaluate(namespace, ns, &labels(&pod.metadata)) else {
             continue;
         };
-        let cgroup = pod_cgroup(pod, uid, root, layout);
+        let cgroup = pod_cgroup(pod, uid, cgroups);
         if let Some(dir) = &cgroup {
             out.allowed.insert(
                 dir.id,
@@ -102,33 +114,19 @@ pub fn compute(
 }
 
 /// The pod-level cgroup: every container, init container and restart of the
-/// pod lives below it. The QoS class from the status picks the directory;
-/// without one, every class is tried.
-pub fn pod_cgroup(
-    pod: &Pod,
-    uid: &str,
-    root: &CgroupDir,
-    layout: &KubepodsLayout,
-) -> Option<CgroupDir> {
+/// pod lives below it. The QoS class from the status picks the directory.
+pub fn pod_cgroup(pod: &Pod, uid: &str, cgroups: &impl CgroupResolver) -> Option<CgroupDir> {
     let uid: PodUid = uid.parse().ok()?;
     let qos = pod
         .status
         .as_ref()
         .and_then(|s| s.qos_class.as_deref())
         .and_then(|q| q.parse::<QosClass>().ok());
-    match qos {
-        Some(q) => root.descendant(&layout.pod_dir(&uid, q)),
-        None => layout
-            .candidates(&uid)
-            .iter()
-            .find_map(|p| root.descendant(p)),
-    }
+    cgroups.pod_cgroup(&uid, qos)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt as _;
-
     use imdsguard_common::action;
 
     use super::*;
@@ -139,41 +137,65 @@ mod tests {
         format!("3f2a1b4c-5d6e-4f70-8a9b-{n:012x}")
     }
 
+    /// Pod cgroups by uid, all BestEffort; records what was asked.
+    struct FakeCgroups {
+        dirs: BTreeMap<String, CgroupDir>,
+        asked: std::cell::RefCell<Vec<(String, Option<QosClass>)>>,
+    }
+
+    impl CgroupResolver for FakeCgroups {
+        fn pod_cgroup(&self, uid: &PodUid, qos: Option<QosClass>) -> Option<CgroupDir> {
+            self.asked.borrow_mut().push((uid.as_str().into(), qos));
+            (qos.is_none() || qos == Some(QosClass::BestEffort))
+                .then(|| self.dirs.get(uid.as_str()).cloned())
+                .flatten()
+        }
+    }
+
+    fn pod(n: u32, labels: serde_json::Value, qos: Option<&str>) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "imds", "name": format!("pod-{n}"), "uid": uid(n), "labels": labels},
+                "status": {"qosClass": qos},
+            }))
+            .unwrap(),
+        )
+    }
+
     /// Hybrid hosts leave empty `pod<uid>` directories behind in the
     /// unified hierarchy. The desired state comes from the pods in the
     /// store alone: a leftover gets no entry, and is never looked at.
     #[test]
     fn leftover_pod_directories_get_nothing() {
-        let base = std::env::temp_dir().join(format!("imdsguard-desired-{}", std::process::id()));
-        let root_path = base.join("kubepods");
-        for n in 0..50 {
-            std::fs::create_dir_all(root_path.join(format!("besteffort/pod{}", uid(n)))).unwrap();
-        }
-        let root = CgroupDir {
-            id: std::fs::metadata(&root_path).unwrap().ino(),
-            path: root_path.clone(),
-            level: 1,
+        let cgroups = FakeCgroups {
+            dirs: (0..50)
+                .map(|n| {
+                    let dir = CgroupDir {
+                        id: 1000 + u64::from(n),
+                        path: format!("/kubepods/besteffort/pod{}", uid(n)).into(),
+                        level: 3,
+                    };
+                    (uid(n), dir)
+                })
+                .collect(),
+            asked: Default::default(),
         };
-        let layout = KubepodsLayout::at(&root_path).unwrap();
-        let live: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "imds", "name": "prod-1", "uid": uid(7), "labels": {"app": "prod"}},
-            "status": {"qosClass": "BestEffort"},
-        }))
-        .unwrap();
         let ns: Namespace =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "imds"}})).unwrap();
         let want = compute(
             &PolicyFile::from_yaml(POLICY).unwrap(),
-            &[Arc::new(live)],
+            &[pod(
+                7,
+                serde_json::json!({"app": "prod"}),
+                Some("BestEffort"),
+            )],
             &[Arc::new(ns)],
-            &root,
-            &layout,
+            &cgroups,
         );
-        let live_dir = root_path.join(format!("besteffort/pod{}", uid(7)));
         assert_eq!(
             want.allowed,
             BTreeMap::from([(
-                std::fs::metadata(&live_dir).unwrap().ino(),
+                1007,
                 AllowTarget {
                     level: 3,
                     action: action::ALLOW
@@ -181,6 +203,31 @@ mod tests {
             )])
         );
         assert_eq!(want.decisions.len(), 1);
-        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(
+            *cgroups.asked.borrow(),
+            [(uid(7), Some(QosClass::BestEffort))]
+        );
+    }
+
+    /// A pod whose cgroup does not exist yet is decided but has no entry;
+    /// one without a QoS class in its status is looked up without one.
+    #[test]
+    fn pods_without_a_cgroup_wait() {
+        let cgroups = FakeCgroups {
+            dirs: BTreeMap::new(),
+            asked: Default::default(),
+        };
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "imds"}})).unwrap();
+        let want = compute(
+            &PolicyFile::from_yaml(POLICY).unwrap(),
+            &[pod(1, serde_json::json!({"app": "prod"}), None)],
+            &[Arc::new(ns)],
+            &cgroups,
+        );
+        assert!(want.allowed.is_empty());
+        assert_eq!(want.decisions.len(), 1);
+        assert_eq!(want.decisions[0].cgroup, None);
+        assert_eq!(*cgroups.asked.borrow(), [(uid(1), None)]);
     }
 }
