@@ -3,7 +3,17 @@
 //! and pins the programs and keeps their maps in sync with the desired state.
 //!
 //! `main.rs` is a thin CLI; everything lives here so that tests, the demo
-//! and the benchmarks drive the same code.
+//! and the benchmarks drive the same code. One module per concern:
+//!
+//! - [`bpf`]: the object, hooks, links, maps and pins; the enforcer that
+//!   loads, attaches and syncs them, and the task that owns it;
+//! - [`policy`]: who may reach what, as pure logic;
+//! - [`cgroup`]: cgroup v2 mounts, subtrees, and kubelet's pod cgroups;
+//! - [`node`]: the Kubernetes node agent and its API server I/O;
+//! - [`revoke`]: closing connections that lost their allow;
+//! - [`decisions`]: the kernel's verdicts from the ring buffer;
+//! - [`cli`]: arguments and the inspection commands' output;
+//! - [`standalone`]: the static allow list, without Kubernetes.
 
 pub mod bpf;
 pub mod cgroup;

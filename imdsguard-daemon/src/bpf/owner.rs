@@ -1,6 +1,7 @@
-//! One task owns the BPF objects; everything else sends it commands, so
-//! map writes never race. The owner also checks every few seconds that our
-//! links are still attached and puts them back if someone removed them.
+//! The enforcer task: the one task that owns the BPF objects. Everything
+//! else sends it commands, so map writes never race. It also checks every
+//! few seconds that our links are still attached and puts them back if
+//! someone removed them.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

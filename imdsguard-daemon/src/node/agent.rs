@@ -2,7 +2,7 @@
 //! evaluate the policy, and keep the allow map equal to the result.
 //!
 //! Tasks and what they own:
-//! - the enforcer task owns the BPF objects (see `actor`);
+//! - the enforcer task owns the BPF objects (see [`crate::bpf::owner`]);
 //! - two watcher+reflector tasks keep the pod and namespace stores, with
 //!   backoff on errors; during an API outage the stores keep the last state,
 //!   so enforcement continues unchanged and nothing is opened;
@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt as _, future::BoxFuture};
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::{
     Api, Client, Resource as _,
     runtime::{
         WatchStreamExt as _,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Recorder, Reporter},
         reflector::{self, Store},
         watcher,
     },
@@ -36,11 +36,11 @@ use crate::{
     bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
-    decisions,
-    destinations::{self, Compiled},
-    http,
-    metrics::{Health, Metrics, WatchLabels},
+    decisions, http,
+    metrics::{Health, Metrics},
     node::pod_cgroups::Cgroupfs,
+    node::policy_reload::{PolicyReloader, compile_destinations, load_policy},
+    node::watchers::drive,
 };
 use crate::{
     cgroup::kubepods_wait::{self, Kubepods},
@@ -50,17 +50,6 @@ use crate::{
     policy::desired,
     policy::file::PolicyFile,
 };
-
-fn load_policy(args: &NodeArgs) -> Result<(String, PolicyFile)> {
-    PolicyFile::load(&args.policy)
-}
-
-fn compile_destinations(policy: &PolicyFile) -> Result<Compiled> {
-    match policy.destinations() {
-        Some(d) => destinations::compile(d),
-        None => destinations::compile(&destinations::defaults()),
-    }
-}
 
 pub async fn run(args: NodeArgs) -> Result<()> {
     // Everything that can be wrong with the input is checked before any
@@ -307,115 +296,6 @@ fn exit_while_waiting(source: &Kubepods) -> Result<()> {
         "exiting while waiting for the kubepods cgroup; nothing was attached"
     );
     Ok(())
-}
-
-/// Polls a watcher stream; every event (and every relist) wakes the
-/// reconciler. Errors are retried by the stream's backoff, and the store
-/// keeps its last complete state meanwhile.
-pub(crate) async fn drive<S, K>(
-    stream: S,
-    trigger: Arc<Notify>,
-    what: &'static str,
-    metrics: Arc<Metrics>,
-) -> &'static str
-where
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-{
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(_) => trigger.notify_one(),
-            Err(e) => {
-                metrics
-                    .watch_errors
-                    .get_or_create(&WatchLabels { watch: what.into() })
-                    .inc();
-                warn!(watch = what, error = %e, "watch error; retrying with backoff, enforcement keeps the last state")
-            }
-        }
-    }
-    what
-}
-
-/// Re-reads the policy file when it changes. An invalid file keeps the last
-/// good policy in force and is reported (log and a Node event).
-struct PolicyReloader {
-    args: NodeArgs,
-    last_text: String,
-    tx: watch::Sender<Arc<PolicyFile>>,
-    handle: owner::EnforcerHandle,
-    trigger: Arc<Notify>,
-    recorder: Recorder,
-    node: k8s_openapi::api::core::v1::ObjectReference,
-    metrics: Arc<Metrics>,
-}
-
-impl PolicyReloader {
-    async fn run(self) -> &'static str {
-        let Self {
-            args,
-            mut last_text,
-            tx,
-            handle,
-            trigger,
-            recorder,
-            node,
-            metrics,
-        } = self;
-        let mut tick = tokio::time::interval(Duration::from_millis(args.policy_poll_ms.max(50)));
-        loop {
-            tick.tick().await;
-            let Ok(text) = std::fs::read_to_string(&args.policy) else {
-                continue;
-            };
-            if text == last_text {
-                continue;
-            }
-            last_text = text.clone();
-            match PolicyFile::from_yaml(&text) {
-                Ok(policy) => {
-                    let destinations = match compile_destinations(&policy) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            metrics.policy_reload_failures.inc();
-                            error!(error = %e, "policy reload failed; keeping the last good policy");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = handle.set_destinations(destinations).await {
-                        error!(error = %e, "could not apply the reloaded destinations");
-                    }
-                    info!(rules = policy.rules().len(), "policy reloaded");
-                    let _ = tx.send(Arc::new(policy));
-                    trigger.notify_one();
-                }
-                Err(e) => {
-                    let detail =
-                        std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(": ");
-                    metrics.policy_reload_failures.inc();
-                    error!(policy = %args.policy.display(), error = %detail, "policy reload failed; keeping the last good policy");
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "PolicyInvalid".into(),
-                        note: Some(
-                            format!("imdsguard kept the last good policy: {detail}")
-                                .chars()
-                                .take(1000)
-                                .collect(),
-                        ),
-                        action: "ReloadPolicy".into(),
-                        secondary: None,
-                    };
-                    if let Err(e) = recorder.publish(&event, &node).await {
-                        warn!(error = %e, "could not publish the policy event");
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Recomputes the allow map from the full stores whenever something changed.

@@ -145,7 +145,7 @@ impl Attributor for PodAttributor {
             pod.metadata.name.as_deref().unwrap_or("")
         ));
         // The id is kept either way: a container the status does not list
-        // yet is named by a later look (see events::reporter).
+        // yet is named by a later look (see decisions::reporter).
         who.container = who
             .container_id
             .as_deref()

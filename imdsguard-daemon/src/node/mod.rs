@@ -7,6 +7,8 @@ pub mod agent;
 pub mod attribution;
 pub mod cgroup_watch;
 pub mod pod_cgroups;
+mod policy_reload;
 pub mod taint;
 #[cfg(test)]
 mod watch_faults;
+pub mod watchers;

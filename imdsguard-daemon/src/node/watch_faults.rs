@@ -44,7 +44,7 @@ use crate::{
     node::pod_cgroups::Cgroupfs,
 };
 use crate::{
-    cgroup::pod::KubepodsLayout, node::agent::drive, policy::desired, policy::file::PolicyFile,
+    cgroup::pod::KubepodsLayout, node::watchers::drive, policy::desired, policy::file::PolicyFile,
 };
 
 /// How long any single step may take before the test fails.
