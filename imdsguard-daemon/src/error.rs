@@ -149,7 +149,7 @@ pub enum Error {
     Policy {
         path: PathBuf,
         #[source]
-        source: Box<crate::policy::file::PolicyError>,
+        source: Box<crate::policy::spec::PolicyError>,
     },
 
     #[error(

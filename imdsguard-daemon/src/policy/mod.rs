@@ -7,3 +7,4 @@ pub mod desired;
 pub mod file;
 pub mod names;
 pub mod selector;
+pub mod spec;

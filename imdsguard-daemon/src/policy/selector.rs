@@ -349,7 +349,7 @@ mod tests {
 
     /// Parsed as the policy parser parses it.
     fn from_yaml<T: serde::de::DeserializeOwned>(yaml: &str) -> Result<T, serde_saphyr::Error> {
-        serde_saphyr::from_str_with_options(yaml, crate::policy::file::yaml_options())
+        serde_saphyr::from_str_with_options(yaml, crate::policy::spec::yaml_options())
     }
 
     fn selector(yaml: &str) -> LabelSelector {
