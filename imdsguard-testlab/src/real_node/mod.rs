@@ -537,7 +537,7 @@ impl RealNode {
 
     /// Imports a docker-archive into containerd's `k8s.io` namespace.
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
-        crate::image::import(archive, &files::containerd_socket(&self.dir))
+        crate::image::import(archive, files::containerd_socket(&self.dir))
     }
 
     /// The node's private work directory (0700: it holds keys and tokens).
