@@ -405,18 +405,6 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn deny_rule_becomes_allow_without_its_mode() {
-        let p = "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: deny\n    mode: enforce\n  - name: u\n    access: deny\n    mode: audit\n";
-        assert_eq!(
-            super::deny_to_allow(p),
-            "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: allow\n  - name: u\n    access: deny\n    mode: audit\n"
-        );
-    }
-}
-
 fn kube<'a>(node: &'a RealNode, args: &Args) -> Kube<'a> {
     Kube {
         node,
@@ -612,5 +600,17 @@ fn wait_hold(k: &Kube, state: &str) -> anyhow::Result<String> {
             bail!("holder: no hold={state} line in 30 s; log:\n{log}");
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deny_rule_becomes_allow_without_its_mode() {
+        let p = "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: deny\n    mode: enforce\n  - name: u\n    access: deny\n    mode: audit\n";
+        assert_eq!(
+            super::deny_to_allow(p),
+            "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: allow\n  - name: u\n    access: deny\n    mode: audit\n"
+        );
     }
 }
