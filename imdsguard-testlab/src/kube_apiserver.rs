@@ -91,32 +91,7 @@ impl KubeApiserver {
 
     /// Writes a kubeconfig for this server that authenticates with `token`.
     pub fn write_kubeconfig(&self, path: impl AsRef<Path>, token: &str) -> anyhow::Result<()> {
-        let path = path.as_ref();
-        // JSON strings are valid YAML scalars, and quote whatever a path holds.
-        let quote = |s: &str| serde_json::Value::from(s).to_string();
-        let config = format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: imdsguard-test\n  \
-               cluster:\n    \
-                 server: {server}\n    \
-                 certificate-authority: {ca}\n\
-             users:\n\
-             - name: imdsguard-test\n  \
-               user:\n    \
-                 token: {token}\n\
-             contexts:\n\
-             - name: imdsguard-test\n  \
-               context:\n    \
-                 cluster: imdsguard-test\n    \
-                 user: imdsguard-test\n\
-             current-context: imdsguard-test\n",
-            server = quote(&self.url()),
-            ca = quote(&self.ca_cert_path().to_string_lossy()),
-            token = quote(token),
-        );
-        fs::write(path, config).with_context(|| format!("write {}", path.display()))
+        write_kubeconfig(path.as_ref(), &self.url(), &self.ca_cert_path(), token)
     }
 
     /// Stops the apiserver and starts it again on the same port and data.
@@ -208,7 +183,7 @@ impl KubeApiserver {
     fn write_credentials(&self) -> anyhow::Result<()> {
         // No argument holds a space, so each command is one string.
         let openssl = |args: &str| {
-            output(
+            crate::process::run(
                 Command::new("openssl")
                     .args(args.split_whitespace())
                     .current_dir(&self.dir),
@@ -291,6 +266,36 @@ impl Drop for KubeApiserver {
     }
 }
 
+/// Writes a kubeconfig for the API server at `server` (TLS checked against
+/// `ca`) that authenticates with `token`.
+pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow::Result<()> {
+    // JSON strings are valid YAML scalars, and quote whatever a path holds.
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let config = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: imdsguard-test\n  \
+           cluster:\n    \
+             server: {server}\n    \
+             certificate-authority: {ca}\n\
+         users:\n\
+         - name: imdsguard-test\n  \
+           user:\n    \
+             token: {token}\n\
+         contexts:\n\
+         - name: imdsguard-test\n  \
+           context:\n    \
+             cluster: imdsguard-test\n    \
+             user: imdsguard-test\n\
+         current-context: imdsguard-test\n",
+        server = quote(server),
+        ca = quote(&ca.to_string_lossy()),
+        token = quote(token),
+    );
+    fs::write(path, config).with_context(|| format!("write {}", path.display()))
+}
+
 /// Where `cargo xtask kubernetes` caches the Kubernetes binaries:
 /// `$IMDSGUARD_CACHE_DIR` (default `/var/cache/imdsguard`)
 /// `/kubernetes-<version>/<name>`.
@@ -337,24 +342,12 @@ pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
 }
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> anyhow::Result<String> {
-    output(
+    crate::process::run(
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoint}"))
             .args(args),
     )
-}
-
-pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether a curl GET gets a 2xx answer. `--noproxy` keeps it on 127.0.0.1

@@ -105,30 +105,5 @@ pub fn tokens(dir: &Path, admin: &str, kubelet: &str) -> anyhow::Result<()> {
 
 /// A kubeconfig for the API server at the node IP.
 pub fn kubeconfig(path: &Path, ca: &Path, token: &str) -> anyhow::Result<()> {
-    let quote = |s: &str| serde_json::Value::from(s).to_string();
-    write(
-        path,
-        &format!(
-            "apiVersion: v1\n\
-             kind: Config\n\
-             clusters:\n\
-             - name: real-node\n  \
-               cluster:\n    \
-                 server: {server}\n    \
-                 certificate-authority: {ca}\n\
-             users:\n\
-             - name: real-node\n  \
-               user:\n    \
-                 token: {token}\n\
-             contexts:\n\
-             - name: real-node\n  \
-               context:\n    \
-                 cluster: real-node\n    \
-                 user: real-node\n\
-             current-context: real-node\n",
-            server = quote(&format!("https://{NODE_IP}:6443")),
-            ca = quote(&ca.to_string_lossy()),
-            token = quote(token),
-        ),
-    )
+    crate::kube_apiserver::write_kubeconfig(path, &format!("https://{NODE_IP}:6443"), ca, token)
 }

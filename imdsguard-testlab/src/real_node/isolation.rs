@@ -50,6 +50,14 @@ pub fn isolate() -> anyhow::Result<()> {
         None,
     )
     .context("make every mount private in the node's mount namespace")?;
+    // Then the root mount alone becomes shared again, in a peer group of
+    // this namespace's own, as systemd leaves `/` on a real node. Without
+    // it, a hostPath below a symlink (the chart's /var/run/netns, where
+    // /var/run -> /run) resolves to the mount `/`, and its
+    // `mountPropagation: HostToContainer` is refused ("is mounted on / but
+    // it is not a shared or slave mount").
+    mount(None, Path::new("/"), None, libc::MS_SHARED, None)
+        .context("make / shared in the node's mount namespace")?;
     crate::process::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
     Ok(())
 }

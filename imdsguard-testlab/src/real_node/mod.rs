@@ -392,6 +392,11 @@ impl RealNode {
             "containerd".into(),
             vec!["--config".into(), config],
         )?;
+        self.wait_containerd()
+    }
+
+    /// Waits until containerd answers on its socket.
+    fn wait_containerd(&self) -> anyhow::Result<()> {
         let sock = files::containerd_socket(&self.dir);
         self.wait("containerd", || {
             Command::new("ctr")
@@ -461,17 +466,7 @@ impl RealNode {
         let child = self.spawn(&self.daemons[daemon])?;
         self.daemons[daemon].child = Some(child);
         match name {
-            "containerd" => {
-                let sock = files::containerd_socket(&self.dir);
-                self.wait("containerd", || {
-                    Command::new("ctr")
-                        .arg("-a")
-                        .arg(&sock)
-                        .arg("version")
-                        .output()
-                        .is_ok_and(|o| o.status.success())
-                })
-            }
+            "containerd" => self.wait_containerd(),
             "kubelet" => self.wait_node_ready(),
             _ => Ok(()),
         }
@@ -537,7 +532,7 @@ impl RealNode {
 
     /// Imports a docker-archive into containerd's `k8s.io` namespace.
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
-        crate::image::import(archive, &files::containerd_socket(&self.dir))
+        crate::image::import(archive, files::containerd_socket(&self.dir))
     }
 
     /// The node's private work directory (0700: it holds keys and tokens).

@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&images)?;
     for tag in ["e2e-1", "e2e-2"] {
         let archive = images.join(format!("imdsguard-{tag}.tar"));
-        ImageBuilder::new(&format!("{AGENT_IMAGE}:{tag}"))
+        ImageBuilder::new(format!("{AGENT_IMAGE}:{tag}"))
             .file("/usr/local/bin/imdsguard", args.imdsguard.as_path(), 0o755)
             // Two images that differ, for `helm upgrade` to a new image.
             .file("/usr/share/imdsguard/build", tag.as_bytes(), 0o644)

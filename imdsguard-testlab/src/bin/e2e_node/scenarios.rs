@@ -276,22 +276,12 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         args,
         "helm upgrade to a new image (e2e-2)",
         |node| {
-            let k = kube(node, args);
-            let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-            k.helm(&[
-                "upgrade",
-                "imdsguard",
+            upgrade(
+                &kube(node, args),
                 &chart,
-                "-n",
-                SYSTEM,
-                "--reuse-values",
-                "--set",
                 "image.tag=e2e-2",
-                "--wait",
-                "--timeout",
-                "180s",
-            ])?;
-            wait_agent_replaced(&k, &old[0].name, Some(&format!("{AGENT_IMAGE}:e2e-2")))
+                Some(&format!("{AGENT_IMAGE}:e2e-2")),
+            )
         },
     )?);
 
@@ -319,21 +309,7 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     // 11. Revocation, once, with the chart's revocation.enabled=true: a
     //     relabel closes the pod's open connection.
     println!("\n== revocation (helm upgrade --set revocation.enabled=true)");
-    let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-    k.helm(&[
-        "upgrade",
-        "imdsguard",
-        &chart,
-        "-n",
-        SYSTEM,
-        "--reuse-values",
-        "--set",
-        "revocation.enabled=true",
-        "--wait",
-        "--timeout",
-        "180s",
-    ])?;
-    wait_agent_replaced(&k, &old[0].name, None)?;
+    upgrade(&k, &chart, "revocation.enabled=true", None)?;
     k.apply(&workloads::pod(NS, "holder", "prod", Shape::Hold))?;
     k.wait_ready(NS, "app=prod", 4, POD_TIMEOUT)?;
     wait_hold(&k, "open")?;
@@ -429,18 +405,6 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn deny_rule_becomes_allow_without_its_mode() {
-        let p = "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: deny\n    mode: enforce\n  - name: u\n    access: deny\n    mode: audit\n";
-        assert_eq!(
-            super::deny_to_allow(p),
-            "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: allow\n  - name: u\n    access: deny\n    mode: audit\n"
-        );
-    }
-}
-
 fn kube<'a>(node: &'a RealNode, args: &Args) -> Kube<'a> {
     Kube {
         node,
@@ -494,6 +458,26 @@ fn wait_replaced(k: &Kube, selector: &str, n: usize, gone: &str) -> anyhow::Resu
             "{gone} not replaced in {POD_TIMEOUT:?}"
         );
     }
+}
+
+/// `helm upgrade --reuse-values --set SET`, then waits until the agent pod
+/// is replaced by a Ready one (running `image`, if given).
+fn upgrade(k: &Kube, chart: &str, set: &str, image: Option<&str>) -> anyhow::Result<()> {
+    let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+    k.helm(&[
+        "upgrade",
+        "imdsguard",
+        chart,
+        "-n",
+        SYSTEM,
+        "--reuse-values",
+        "--set",
+        set,
+        "--wait",
+        "--timeout",
+        "180s",
+    ])?;
+    wait_agent_replaced(k, &old[0].name, image)
 }
 
 /// Waits until the agent pod `old` is gone and a new one (running `image`,
@@ -616,5 +600,17 @@ fn wait_hold(k: &Kube, state: &str) -> anyhow::Result<String> {
             bail!("holder: no hold={state} line in 30 s; log:\n{log}");
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deny_rule_becomes_allow_without_its_mode() {
+        let p = "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: deny\n    mode: enforce\n  - name: u\n    access: deny\n    mode: audit\n";
+        assert_eq!(
+            super::deny_to_allow(p),
+            "rules:\n  - name: a\n    access: allow\n  - name: t\n    access: allow\n  - name: u\n    access: deny\n    mode: audit\n"
+        );
     }
 }
