@@ -8,3 +8,5 @@ pub mod kubepods_wait;
 pub mod mount;
 pub mod pod;
 pub mod subtree;
+#[cfg(test)]
+mod test_tree;

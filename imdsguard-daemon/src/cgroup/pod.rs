@@ -312,11 +312,10 @@ pub fn container_id_of(name: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cgroup::test_tree::Tree;
 
     const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
     const UID_: &str = "3f2a1b4c_5d6e_4f70_8a9b_0c1d2e3f4a5b";
@@ -328,34 +327,6 @@ mod tests {
 
     fn layout(root: &str) -> KubepodsLayout {
         KubepodsLayout::from_root(Path::new(root)).unwrap()
-    }
-
-    /// A fake cgroup tree in a temp dir, removed on drop.
-    struct Tree(PathBuf);
-
-    impl Tree {
-        fn new(dirs: &[&str]) -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let root = std::env::temp_dir()
-                .join(format!("imdsguard-pod-cgroup-{}-{n}", std::process::id()));
-            let tree = Tree(root);
-            for d in dirs {
-                fs::create_dir_all(tree.0.join(d)).unwrap();
-            }
-            fs::create_dir_all(&tree.0).unwrap();
-            tree
-        }
-
-        fn path(&self, rel: &str) -> PathBuf {
-            self.0.join(rel)
-        }
-    }
-
-    impl Drop for Tree {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 
     #[test]
