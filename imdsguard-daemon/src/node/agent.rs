@@ -189,12 +189,14 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
     )
     .default_backoff()
+    .modify(crate::node::watchers::strip_pod)
     .reflect(pod_writer);
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(crate::node::watchers::strip_namespace)
     .reflect(ns_writer);
 
     let node_ref = Node {
