@@ -110,7 +110,11 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         .map_err(|source| Error::Map { name, source })?;
     let mut destinations: Vec<(Prefix, DestinationVerdict)> = trie
         .iter()
-        .filter_map(|r| r.ok())
+        // A listing that skipped an entry on a read error would show a
+        // map that is not there: fail instead.
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| Error::Map { name, source })?
+        .into_iter()
         .map(|(k, v)| {
             let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
             let ports = v

@@ -162,7 +162,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         .map_err(|source| Error::Map { name, source })?;
     let mut protected: Vec<(Prefix, ProtectedStatus)> = trie
         .iter()
-        .filter_map(|r| r.ok())
+        // A listing that skipped an entry on a read error would show a
+        // map that is not there: fail instead.
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| Error::Map { name, source })?
+        .into_iter()
         .map(|(k, v)| {
             let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
             let ranges = v
@@ -194,7 +198,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         .map_err(|source| Error::Map { name, source })?;
     let mut allowed: Vec<AllowedStatus> = map
         .iter()
-        .filter_map(|r| r.ok())
+        // A listing that skipped an entry on a read error would show a
+        // map that is not there: fail instead.
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| Error::Map { name, source })?
+        .into_iter()
         .map(|(id, e)| AllowedStatus {
             cgroup_id: id,
             action: action_name(e.action),
