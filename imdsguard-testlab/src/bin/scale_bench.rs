@@ -364,7 +364,7 @@ fn main() -> anyhow::Result<()> {
     // and etcd, then the lab with its namespace and bpffs.
     let lab = Lab::new("scale-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
-        .context("start kube-apiserver (run `cargo xtask kube-apiserver` once)")?;
+        .context("start kube-apiserver (run `cargo xtask kubernetes` once)")?;
     let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-scale-bench")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
