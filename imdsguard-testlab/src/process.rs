@@ -89,10 +89,15 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
         .stderr(out);
     let parent = libc::pid_t::try_from(process::id())?;
     // SAFETY: the hook runs between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl and getppid are, and it
-    // allocates nothing.
+    // async-signal-safe calls are allowed: prctl, getppid, sigemptyset and
+    // sigprocmask are, and it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // A test that routes its signals to one thread blocks them
+            // everywhere (real_node::isolation); servers must get them.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }

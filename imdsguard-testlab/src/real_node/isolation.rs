@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::OnceLock;
+
 use anyhow::{Context as _, bail, ensure};
 
 /// Moves this process into a new mount namespace and a new network
@@ -59,7 +61,65 @@ pub fn isolate() -> anyhow::Result<()> {
     mount(None, Path::new("/"), None, libc::MS_SHARED, None)
         .context("make / shared in the node's mount namespace")?;
     crate::process::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
+    stop_node_on_signals()
+}
+
+/// The unified-hierarchy root of the running node, for the signal thread.
+static SIGNAL_TARGET: OnceLock<PathBuf> = OnceLock::new();
+
+/// SIGINT, SIGTERM and SIGHUP end the node rather than this process: a
+/// thread waits for them and kills every process of the node with
+/// `cgroup.kill`. The test then fails at its next step, and the usual Drop
+/// teardown undoes the rest (mounts, cgroups, host paths, sysctls), which
+/// an ordinary death by signal would leave behind. Before the node has a
+/// cgroup there is nothing to undo, and the signal ends the process.
+///
+/// The signals are blocked in every thread (it runs before any exists), so
+/// only the waiting thread sees them; [`crate::process::spawn_logged`]
+/// unblocks them in the node's daemons.
+fn stop_node_on_signals() -> anyhow::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; the
+    // calls have no other preconditions.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!("pthread_sigmask: {}", io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    thread::Builder::new()
+        .name("node-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` is initialised and `sig` is a valid out
+                // pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                match SIGNAL_TARGET.get() {
+                    Some(root) => {
+                        eprintln!(
+                            "real node: signal {sig}: killing the node; the teardown follows"
+                        );
+                        let _ = fs::write(root.join("cgroup.kill"), "1");
+                    }
+                    None => std::process::exit(128 + sig),
+                }
+            }
+        })
+        .context("start the signal thread")?;
     Ok(())
+}
+
+/// Where the signal thread sends `cgroup.kill`: the node's cgroup root.
+pub(crate) fn set_signal_target(unified_root: &Path) {
+    let _ = SIGNAL_TARGET.set(unified_root.to_owned());
 }
 
 /// Fails unless this process runs in a network namespace with no route

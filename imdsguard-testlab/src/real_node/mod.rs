@@ -126,7 +126,9 @@ impl RealNode {
         };
         node.sysctls = Some(Sysctls::save()?);
         node.host_paths = Some(HostPaths::cover()?);
-        node.cgroups = Some(CgroupRoot::create(&name)?);
+        let cgroups = CgroupRoot::create(&name)?;
+        isolation::set_signal_target(cgroups.unified());
+        node.cgroups = Some(cgroups);
         node.prepare_files()?;
         node.set_up_network()?;
         node.start_all(o.sync_frequency)?;
