@@ -1,14 +1,15 @@
 //! The pinned maps: their names, the layout this build expects of each,
 //! and reading the per-CPU counters.
 
-use aya::maps::{MapData, MapInfo, PerCpuArray};
+use aya::maps::{LpmTrie, MapData, MapInfo, PerCpuArray};
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, Protected, Scope, SocketOwner, counter, map_names,
+    AddrKey, AllowEntry, Config, PortRange, Protected, Scope, SocketOwner, counter, map_names,
 };
 
 use crate::{
     Error, Result,
     bpf::{enforcer::Counters, pins::PinLayout},
+    destinations::Prefix,
 };
 
 /// Every map of the object, all pinned.
@@ -76,4 +77,37 @@ pub fn read_counters(map: &aya::maps::Map) -> Result<Counters> {
         audited: sum(counter::AUDITED)?,
         events_dropped: sum(counter::EVENTS_DROPPED)?,
     })
+}
+
+/// The pinned protected-destination trie: each prefix with its port ranges
+/// in use, sorted by prefix. A read error fails the listing: one that
+/// skipped an entry would show a map that is not there.
+pub fn read_protected(pins: &PinLayout) -> Result<Vec<(Prefix, Vec<PortRange>)>> {
+    let name = map_names::PROTECTED;
+    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
+        .map_err(|source| Error::Map { name, source })?;
+    let mut out = trie
+        .iter()
+        .map(|r| {
+            r.map(|(k, v)| {
+                let ranges = v.ranges.iter().filter(|r| r.proto_mask != 0).copied();
+                (
+                    Prefix::from_trie_key(k.prefix_len(), k.data()),
+                    ranges.collect(),
+                )
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|source| Error::Map { name, source })?;
+    out.sort_by_key(|(p, _)| *p);
+    Ok(out)
+}
+
+/// `80`, or `8000-8080`.
+pub fn ports_text(r: &PortRange) -> String {
+    if r.lo == r.hi {
+        r.lo.to_string()
+    } else {
+        format!("{}-{}", r.lo, r.hi)
+    }
 }

@@ -6,12 +6,13 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie};
-use imdsguard_common::{AddrKey, AllowEntry, Config, LAYOUT_VERSION, Protected, action, map_names};
+use aya::maps::{Array, HashMap};
+use imdsguard_common::{AllowEntry, Config, LAYOUT_VERSION, action, map_names};
 use serde::Serialize;
 
 use crate::{
     Error, Result,
+    bpf::maps::{ports_text, read_protected},
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     cgroup::mount::primary_cgroup2_mount,
@@ -105,41 +106,17 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         _ => "EPERM",
     };
 
-    let name = map_names::PROTECTED;
-    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
-    let mut destinations: Vec<(Prefix, DestinationVerdict)> = trie
-        .iter()
-        // A listing that skipped an entry on a read error would show a
-        // map that is not there: fail instead.
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Map { name, source })?
+    let destinations: Vec<(Prefix, DestinationVerdict)> = read_protected(pins)?
         .into_iter()
-        .map(|(k, v)| {
-            let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
-            let ports = v
-                .ranges
-                .iter()
-                .filter(|r| r.proto_mask != 0)
-                .map(|r| {
-                    if r.lo == r.hi {
-                        r.lo.to_string()
-                    } else {
-                        format!("{}-{}", r.lo, r.hi)
-                    }
-                })
-                .collect();
-            (
-                prefix,
-                DestinationVerdict {
-                    destination: prefix.to_string(),
-                    ports,
-                    verdict,
-                },
-            )
+        .map(|(prefix, ranges)| {
+            let verdict = DestinationVerdict {
+                destination: prefix.to_string(),
+                ports: ranges.iter().map(ports_text).collect(),
+                verdict,
+            };
+            (prefix, verdict)
         })
         .collect();
-    destinations.sort_by_key(|(p, _)| *p);
     Ok(Explanation {
         cgroup: cgroup.path.clone(),
         cgroup_id: cgroup.id,

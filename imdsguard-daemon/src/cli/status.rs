@@ -3,17 +3,19 @@
 
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie};
+use aya::maps::{Array, HashMap};
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Protected, Scope, action,
-    map_names, scope_flag,
+    AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Scope, action, map_names, scope_flag,
 };
 use serde::Serialize;
 
 use crate::{
     Error, Result,
     bpf::sys,
-    bpf::{enforcer::Counters, maps::read_counters},
+    bpf::{
+        enforcer::Counters,
+        maps::{ports_text, read_counters, read_protected},
+    },
     bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::primary_cgroup2_mount,
     cgroup::subtree::paths_of_ids,
@@ -157,41 +159,20 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         "unconfigured(enforce)"
     };
 
-    let name = map_names::PROTECTED;
-    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
-    let mut protected: Vec<(Prefix, ProtectedStatus)> = trie
-        .iter()
-        // A listing that skipped an entry on a read error would show a
-        // map that is not there: fail instead.
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Map { name, source })?
+    let protected: Vec<(Prefix, ProtectedStatus)> = read_protected(pins)?
         .into_iter()
-        .map(|(k, v)| {
-            let prefix = Prefix::from_trie_key(k.prefix_len(), k.data());
-            let ranges = v
-                .ranges
+        .map(|(prefix, ranges)| {
+            let ranges = ranges
                 .iter()
-                .filter(|r| r.proto_mask != 0)
-                .map(|r| {
-                    let ports = if r.lo == r.hi {
-                        r.lo.to_string()
-                    } else {
-                        format!("{}-{}", r.lo, r.hi)
-                    };
-                    format!("{}:{ports}", proto_name(r.proto_mask))
-                })
+                .map(|r| format!("{}:{}", proto_name(r.proto_mask), ports_text(r)))
                 .collect();
-            (
-                prefix,
-                ProtectedStatus {
-                    prefix: prefix.to_string(),
-                    ranges,
-                },
-            )
+            let status = ProtectedStatus {
+                prefix: prefix.to_string(),
+                ranges,
+            };
+            (prefix, status)
         })
         .collect();
-    protected.sort_by_key(|(p, _)| *p);
 
     let name = map_names::ALLOWED;
     let map = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
