@@ -97,16 +97,8 @@ pub(crate) fn scan(cgroup2_mount: &Path) -> Result<Scan, PodCgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::pod::{CgroupDriver, PodUid, QosClass};
-    use crate::cgroup::test_tree::Tree;
-
-    const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
-    const UID_: &str = "3f2a1b4c_5d6e_4f70_8a9b_0c1d2e3f4a5b";
-    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    fn uid() -> PodUid {
-        UID.parse().unwrap()
-    }
+    use crate::cgroup::pod::{CgroupDriver, QosClass};
+    use crate::cgroup::test_tree::{CID, Tree, UID, UID_, uid};
 
     #[test]
     fn discover_finds_a_systemd_root() {

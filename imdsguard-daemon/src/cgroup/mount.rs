@@ -42,7 +42,7 @@ fn cgroup2_of(mounts: impl IntoIterator<Item = MountInfo>) -> Vec<Cgroup2Mount> 
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub(crate) fn unescape_mountinfo(s: &str) -> String {
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -315,15 +315,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cgroup::test_tree::Tree;
-
-    const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
-    const UID_: &str = "3f2a1b4c_5d6e_4f70_8a9b_0c1d2e3f4a5b";
-    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    fn uid() -> PodUid {
-        UID.parse().unwrap()
-    }
+    use crate::cgroup::test_tree::{CID, Tree, UID, UID_, uid};
 
     fn layout(root: &str) -> KubepodsLayout {
         KubepodsLayout::from_root(Path::new(root)).unwrap()

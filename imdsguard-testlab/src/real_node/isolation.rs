@@ -5,8 +5,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io::{self, Write as _},
+    fs, io,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     thread,
@@ -16,6 +15,7 @@ use std::{
 use std::sync::OnceLock;
 
 use anyhow::{Context as _, bail, ensure};
+use imdsguard::cgroup::mount::unescape_mountinfo;
 
 /// Moves this process into a new mount namespace and a new network
 /// namespace, before any thread exists: `unshare` works per thread, and
@@ -196,27 +196,6 @@ fn procfs_mountinfo() -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Unmounts everything at or below `dir`, deepest first, and checks that
 /// nothing is left: removing a directory with a mount below it could
 /// delete what the mount shows.
@@ -392,19 +371,6 @@ impl Sysctls {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self(saved))
-    }
-
-    /// The sysctls whose value differs from the saved one now.
-    pub fn changed(&self) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(p, v)| {
-                fs::read_to_string(p)
-                    .map(|now| now.trim() != v)
-                    .unwrap_or(true)
-            })
-            .map(|(p, v)| format!("{} (was {v})", p.display()))
-            .collect()
     }
 
     pub fn restore(&self) -> anyhow::Result<()> {
@@ -621,22 +587,8 @@ pub(crate) fn join_cgroup_hook(procs: &fs::File) -> impl FnMut() -> io::Result<(
 /// Opens `cgroup.procs` of `dir` for [`join_cgroup_hook`].
 pub(crate) fn open_procs(dir: &Path) -> anyhow::Result<fs::File> {
     let path = dir.join("cgroup.procs");
-    let mut f = fs::File::options()
+    fs::File::options()
         .write(true)
         .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
-    f.flush()?;
-    Ok(f)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/tab\011x\134"), "/tab\tx\\");
-    }
+        .with_context(|| format!("open {}", path.display()))
 }
