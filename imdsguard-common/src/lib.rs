@@ -15,6 +15,13 @@ pub mod map_names {
     /// Socket-local storage: the creator's action, stamped at socket().
     pub const SOCKET_OWNER: &str = "IMDSG_SOCKET_OWNER";
     pub const SCOPE: &str = "IMDSG_SCOPE";
+    /// Filter mode: where filtered connections are sent (the proxy).
+    pub const PROXY: &str = "IMDSG_PROXY";
+    /// Filter mode: connections rewritten by connect4/6, by socket cookie,
+    /// until sock_ops learns their ports.
+    pub const FILTER_PENDING: &str = "IMDSG_FILTER_PENDING";
+    /// Filter mode: rewritten connections by 4-tuple, read by the proxy.
+    pub const FILTER_CONNS: &str = "IMDSG_FILTER_CONNS";
 }
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps of
@@ -96,6 +103,11 @@ pub mod action {
     pub const AUDIT: u32 = 2;
     /// Deny with EPERM and report it.
     pub const ENFORCE: u32 = 3;
+    /// Filter mode: a TCP connect() to a protected destination's HTTP port
+    /// goes to imdsguard's proxy instead, which passes only allowed paths.
+    /// Everything else (other ports, UDP, raw sockets) is denied as under
+    /// ENFORCE.
+    pub const FILTER: u32 = 4;
 }
 
 /// Value of the allowed-cgroup map (key: cgroup id, u64).
@@ -230,6 +242,63 @@ pub mod cause {
     /// The cgroup that created the socket (a socket passed over SCM_RIGHTS,
     /// or inherited across fork/exec into another cgroup).
     pub const CREATOR: u32 = 1;
+    /// The action was filter, but this operation cannot go through the
+    /// proxy (not a TCP connect to the metadata HTTP port, or no proxy
+    /// configured for the address family): denied.
+    pub const NOT_FILTERABLE: u32 = 2;
+}
+
+/// Capacity of the two filter-mode connection maps (LRU: a connect that
+/// never reaches the proxy is evicted, never refused).
+pub const MAX_FILTER_CONNS: u32 = 16_384;
+
+/// Single entry (index 0) of the proxy array: where connect4/connect6 send
+/// a filtered caller's connection. A zero port means "no proxy": filtered
+/// callers are then denied like enforced ones (fail closed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The proxy's IPv6 address (network byte order words); all zero when
+    /// it has none, and native IPv6 destinations are then denied.
+    pub addr6: AddrKey,
+    /// The proxy's IPv4 address, network byte order; zero when it has none.
+    pub addr4: u32,
+    /// The proxy's port, host byte order.
+    pub port: u16,
+    /// The metadata HTTP port that is redirected (80), host byte order.
+    pub http_port: u16,
+}
+
+/// What connect4/connect6 record for a connection sent to the proxy: who
+/// made it and where it was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterOrigin {
+    /// The calling task's cgroup.
+    pub caller_cgroup: u64,
+    /// The cgroup whose allow entry said filter (0: the default did).
+    pub entry_cgroup: u64,
+    /// The original destination, in the trie's form (IPv4 is IPv4-mapped).
+    pub addr: AddrKey,
+    /// The original destination port, host byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Key of the filtered-connection map: the connection as the proxy's
+/// accepted socket sees it. Addresses in the trie's form (IPv4 is
+/// IPv4-mapped), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The client's address and port (the proxy's peer).
+    pub peer: AddrKey,
+    /// The proxy's address and port (the client's destination after the
+    /// rewrite).
+    pub local: AddrKey,
+    pub peer_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -243,6 +312,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SocketOwner {}
     unsafe impl aya::Pod for super::Scope {}
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::FilterOrigin {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }
 
 #[cfg(test)]
@@ -259,6 +331,9 @@ mod tests {
         assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 6 * 4);
         assert_eq!(size_of::<SocketOwner>(), 4);
         assert_eq!(size_of::<Scope>(), 16);
+        assert_eq!(size_of::<ProxyConfig>(), 16 + 4 + 2 + 2);
+        assert_eq!(size_of::<FilterOrigin>(), 8 + 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<ConnKey>(), 16 + 16 + 2 + 2 + 4);
     }
 
     #[test]

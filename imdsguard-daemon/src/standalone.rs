@@ -77,6 +77,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             udp: args.udp,
             deny_raw_sockets: args.deny_raw_sockets,
             judge_socket_creators: args.judge_socket_creators,
+            filter: None,
         },
         desired: MapState {
             mode: args.mode,

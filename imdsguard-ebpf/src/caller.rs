@@ -12,7 +12,7 @@ use imdsguard_common::{
 };
 
 use crate::{
-    identity,
+    filter, identity,
     maps::{ALLOWED, CONFIG, EVENTS, SCOPE, count},
 };
 
@@ -35,6 +35,8 @@ pub struct Subject {
 #[derive(Clone, Copy)]
 pub struct CallerAction {
     pub action: u32,
+    /// The cgroup whose allow entry decided; 0 when the default did.
+    pub entry: u64,
     /// False for a caller outside the judged subtree (a host process, when
     /// attached above it): let through, not counted, not stamped.
     pub judged: bool,
@@ -58,32 +60,45 @@ pub fn records_creators(scope: &Scope) -> bool {
 #[inline(always)]
 pub fn judge(subject: &Subject, socket: &SockAddrContext) -> i32 {
     let scope = scope();
-    let socket = records_creators(&scope).then_some(socket);
-    verdict(subject, caller_action(&scope), socket)
+    let creator = records_creators(&scope).then_some(socket);
+    verdict(subject, caller_action(&scope), creator, Some(socket))
 }
 
 /// Applies the verdict to `subject`: allow silently, allow and report
 /// (audit), or deny and report. Counts every outcome.
 ///
-/// With `socket`, the socket's creator is judged too (see `identity`) and
+/// With `creator`, the socket's creator is judged too (see `identity`) and
 /// the stricter action wins. The record is only read when the caller alone
 /// would not be denied, so a denied caller pays nothing more. Without
 /// `--judge-socket-creators` no record is read at all (records left from an
 /// earlier run with it are ignored, as the operator asked).
+///
+/// `connect` is the sock_addr context of a connect/sendmsg, which filter
+/// mode may rewrite; None for socket().
 #[inline(always)]
-pub fn verdict(subject: &Subject, caller: CallerAction, socket: Option<&SockAddrContext>) -> i32 {
+pub fn verdict(
+    subject: &Subject,
+    caller: CallerAction,
+    creator: Option<&SockAddrContext>,
+    connect: Option<&SockAddrContext>,
+) -> i32 {
     if !caller.judged {
         return PROCEED;
     }
     let mut act = caller.action;
     let mut cause = cause::CALLER;
-    if let Some(ctx) = socket
+    let mut entry = caller.entry;
+    if let Some(ctx) = creator
         && severity(act) < severity(action::ENFORCE)
         && let Some(creator) = identity::creator_action(ctx)
         && severity(creator) > severity(act)
     {
         act = creator;
         cause = cause::CREATOR;
+        // The creator's record holds its action, not its entry: a creator
+        // that made this filtered has no rules the proxy could apply, so
+        // the proxy refuses every request on it (fail closed).
+        entry = 0;
     }
     match act {
         action::ALLOW => {
@@ -94,6 +109,17 @@ pub fn verdict(subject: &Subject, caller: CallerAction, socket: Option<&SockAddr
             count(counter::AUDITED);
             report(subject, verdict::AUDITED, cause);
             PROCEED
+        }
+        action::FILTER => {
+            let who = CallerAction { entry, ..caller };
+            match connect {
+                Some(ctx) if filter::redirect(ctx, subject, &who) => PROCEED,
+                _ => {
+                    count(counter::DENIED);
+                    report(subject, verdict::DENIED, cause::NOT_FILTERABLE);
+                    REJECT
+                }
+            }
         }
         // ENFORCE, and any value we do not know: fail closed.
         _ => {
@@ -110,7 +136,8 @@ fn severity(act: u32) -> u32 {
     match act {
         action::ALLOW => 0,
         action::AUDIT => 1,
-        _ => 2,
+        action::FILTER => 2,
+        _ => 3,
     }
 }
 
@@ -131,6 +158,7 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
         if id != scope.cgroup_id {
             return CallerAction {
                 action: action::ALLOW,
+                entry: 0,
                 judged: false,
             };
         }
@@ -141,12 +169,14 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
         _ => {
             return CallerAction {
                 action: action::ENFORCE,
+                entry: 0,
                 judged: true,
             };
         }
     };
-    let found = |action| CallerAction {
+    let found = |action, entry| CallerAction {
         action,
+        entry,
         judged: true,
     };
     let mut level = cfg.max_level;
@@ -161,7 +191,7 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
             // aya-ebpf 0.3 takes the key by reference.
             if let Some(entry) = ALLOWED.get_ptr(&id) {
                 // SAFETY: the verifier checked the pointer is a map value.
-                return found(unsafe { (*entry).action });
+                return found(unsafe { (*entry).action }, id);
             }
         }
         if level == 0 {
@@ -170,7 +200,7 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
         level -= 1;
         step += 1;
     }
-    found(cfg.default_action)
+    found(cfg.default_action, 0)
 }
 
 #[inline(always)]

@@ -19,13 +19,14 @@
 mod caller;
 mod decide;
 mod dest;
+mod filter;
 mod identity;
 mod maps;
 mod raw_sockets;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use imdsguard_common::hook;
 
@@ -65,6 +66,15 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create_raw(ctx: SockContext) -> i32 {
     raw_sockets::sock_create(&ctx)
+}
+
+/// Filter mode: keys a redirected connection's origin by its 4-tuple once
+/// it has a source port (see `filter`). Attached only when a proxy is
+/// configured.
+#[sock_ops]
+pub fn filter_conns(ctx: SockOpsContext) -> u32 {
+    filter::connected(&ctx);
+    1
 }
 
 #[cfg(not(test))]

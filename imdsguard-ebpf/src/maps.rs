@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, EVENTS_BYTES, MAX_ALLOWED, MAX_PROTECTED, PREFILTER_WORDS,
-    Protected, Scope, counter,
+    AddrKey, AllowEntry, Config, ConnKey, EVENTS_BYTES, FilterOrigin, MAX_ALLOWED,
+    MAX_FILTER_CONNS, MAX_PROTECTED, PREFILTER_WORDS, Protected, ProxyConfig, Scope, counter,
 };
 
 /// One bit per 16-bit address prefix that has any protected destination.
@@ -42,6 +42,21 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 /// counted in `counter::EVENTS_DROPPED`; the verdict itself never depends on it.
 #[map(name = "IMDSG_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Filter mode: where filtered connections go (see `filter`).
+#[map(name = "IMDSG_PROXY")]
+pub static PROXY: Array<ProxyConfig> = Array::with_max_entries(1, 0);
+
+/// Filter mode: origins of redirected connects by socket cookie, until
+/// sock_ops sees their ports.
+#[map(name = "IMDSG_FILTER_PENDING")]
+pub static FILTER_PENDING: LruHashMap<u64, FilterOrigin> =
+    LruHashMap::with_max_entries(MAX_FILTER_CONNS, 0);
+
+/// Filter mode: origins of redirected connections by 4-tuple, for the proxy.
+#[map(name = "IMDSG_FILTER_CONNS")]
+pub static FILTER_CONNS: LruHashMap<ConnKey, FilterOrigin> =
+    LruHashMap::with_max_entries(MAX_FILTER_CONNS, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

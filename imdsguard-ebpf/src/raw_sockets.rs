@@ -43,7 +43,7 @@ pub fn sock_create(ctx: &SockContext) -> i32 {
             proto: PROTO_ANY,
             form: addr_form::PLAIN,
         };
-        let verdict = caller::verdict(&subject, who, None);
+        let verdict = caller::verdict(&subject, who, None, None);
         if verdict != PROCEED {
             return verdict;
         }

@@ -22,7 +22,9 @@ use serde::Serialize;
 
 use crate::{
     Error, Result,
-    bpf::{bpffs, hook::Hook, links, maps, object, pins::PinLayout, probe},
+    bpf::{
+        bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, object, pins::PinLayout, probe,
+    },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
 };
@@ -83,6 +85,9 @@ pub struct Attachment {
     /// Attach sock_create and have it record socket creators that are not
     /// allowed, so that connect() and sendmsg() judge them too.
     pub judge_socket_creators: bool,
+    /// Filter mode: where filtered callers' metadata connections go, and
+    /// sock_ops attached to key them. None: filtered callers are denied.
+    pub filter: Option<ProxyTarget>,
 }
 
 impl Attachment {
@@ -157,6 +162,7 @@ impl Enforcer {
         let mut enforcer = Self { ebpf, attachment };
 
         enforcer.write_scope()?;
+        enforcer.write_proxy()?;
         enforcer.sync_destinations(&desired.destinations)?;
         match &desired.allowed {
             Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
@@ -198,7 +204,11 @@ impl Enforcer {
 
     /// The hooks this enforcer keeps attached.
     pub fn wanted_hooks(&self) -> Vec<Hook> {
-        Hook::wanted(self.attachment.udp, self.attachment.sock_create())
+        Hook::wanted(
+            self.attachment.udp,
+            self.attachment.sock_create(),
+            self.attachment.filter.is_some(),
+        )
     }
 
     pub(super) fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {

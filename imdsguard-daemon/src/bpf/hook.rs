@@ -2,9 +2,9 @@
 
 use crate::bpf::sys::attach_type;
 
-/// A cgroup hook we attach: the sock_addr hooks, and the opt-in sock_create
+/// A cgroup hook we attach: the sock_addr hooks, the opt-in sock_create
 /// (a cgroup sock program) that denies raw sockets and records socket
-/// creators.
+/// creators, and filter mode's sock_ops program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
     Connect4,
@@ -12,15 +12,18 @@ pub enum Hook {
     Sendmsg4,
     Sendmsg6,
     SockCreate,
+    /// Filter mode: keys each connection sent to the proxy by its 4-tuple.
+    SockOps,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 6] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Sendmsg4,
         Hook::Sendmsg6,
         Hook::SockCreate,
+        Hook::SockOps,
     ];
 
     /// File name of the link pin, and the program name in the object
@@ -32,6 +35,7 @@ impl Hook {
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Sendmsg6 => "sendmsg6",
             Hook::SockCreate => "sock_create",
+            Hook::SockOps => "sock_ops",
         }
     }
 
@@ -42,6 +46,7 @@ impl Hook {
             Hook::Sendmsg4 => attach_type::UDP4_SENDMSG,
             Hook::Sendmsg6 => attach_type::UDP6_SENDMSG,
             Hook::SockCreate => attach_type::INET_SOCK_CREATE,
+            Hook::SockOps => attach_type::SOCK_OPS,
         }
     }
 
@@ -51,6 +56,7 @@ impl Hook {
     pub const fn program(self, deny_raw_sockets: bool) -> &'static str {
         match self {
             Hook::SockCreate if deny_raw_sockets => "sock_create_raw",
+            Hook::SockOps => "filter_conns",
             _ => self.name(),
         }
     }
@@ -59,14 +65,18 @@ impl Hook {
     /// enforcement, because any attached sendmsg program makes every UDP
     /// send on the machine take the socket lock for the check; sock_create
     /// only when raw sockets are denied or socket creators recorded, as it
-    /// runs on every socket() below the attach point.
-    pub fn wanted(udp: bool, sock_create: bool) -> Vec<Hook> {
+    /// runs on every socket() below the attach point; sock_ops only in
+    /// filter mode (with a proxy), as it runs on every TCP connect.
+    pub fn wanted(udp: bool, sock_create: bool, filter: bool) -> Vec<Hook> {
         let mut hooks = vec![Hook::Connect4, Hook::Connect6];
         if udp {
             hooks.extend([Hook::Sendmsg4, Hook::Sendmsg6]);
         }
         if sock_create {
             hooks.push(Hook::SockCreate);
+        }
+        if filter {
+            hooks.push(Hook::SockOps);
         }
         hooks
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, fs, os::fd::AsFd as _};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, ProgramFd,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, ProgramFd, SockOps,
         links::FdLink,
     },
 };
@@ -103,10 +103,12 @@ impl Enforcer {
 }
 
 /// A hook's program in the object, by kind: connect and sendmsg are
-/// sock_addr programs, sock_create is a sock program.
+/// sock_addr programs, sock_create is a sock program, filter mode's
+/// connection keeper a sock_ops one.
 enum HookProgram<'a> {
     SockAddr(Hook, &'a mut CgroupSockAddr),
     Sock(Hook, &'a mut CgroupSock),
+    SockOps(Hook, &'a mut SockOps),
 }
 
 impl<'a> HookProgram<'a> {
@@ -120,13 +122,14 @@ impl<'a> HookProgram<'a> {
                 Self::SockAddr(hook, program.try_into().map_err(err)?)
             }
             Hook::SockCreate => Self::Sock(hook, program.try_into().map_err(err)?),
+            Hook::SockOps => Self::SockOps(hook, program.try_into().map_err(err)?),
         })
     }
 
     /// Wraps an aya error with the hook's program name.
     fn error(&self) -> impl Fn(ProgramError) -> Error + use<> {
         let name = match self {
-            Self::SockAddr(hook, _) | Self::Sock(hook, _) => hook.name(),
+            Self::SockAddr(hook, _) | Self::Sock(hook, _) | Self::SockOps(hook, _) => hook.name(),
         };
         move |source| Error::Program { name, source }
     }
@@ -136,6 +139,7 @@ impl<'a> HookProgram<'a> {
         match self {
             Self::SockAddr(_, p) => p.load(),
             Self::Sock(_, p) => p.load(),
+            Self::SockOps(_, p) => p.load(),
         }
         .map_err(err)
     }
@@ -145,6 +149,7 @@ impl<'a> HookProgram<'a> {
         match self {
             Self::SockAddr(_, p) => p.fd(),
             Self::Sock(_, p) => p.fd(),
+            Self::SockOps(_, p) => p.fd(),
         }
         .map_err(err)
     }
@@ -171,6 +176,10 @@ impl<'a> HookProgram<'a> {
                 FdLink::try_from(p.take_link(id).map_err(&err)?).map_err(unsupported)
             }
             Self::Sock(_, p) => {
+                let id = p.attach(cgroup, mode).map_err(&err)?;
+                FdLink::try_from(p.take_link(id).map_err(&err)?).map_err(unsupported)
+            }
+            Self::SockOps(_, p) => {
                 let id = p.attach(cgroup, mode).map_err(&err)?;
                 FdLink::try_from(p.take_link(id).map_err(&err)?).map_err(unsupported)
             }

@@ -3,7 +3,8 @@
 
 use aya::maps::{LpmTrie, MapData, MapInfo, PerCpuArray};
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, PortRange, Protected, Scope, SocketOwner, counter, map_names,
+    AddrKey, AllowEntry, Config, ConnKey, FilterOrigin, PortRange, Protected, ProxyConfig, Scope,
+    SocketOwner, counter, map_names,
 };
 
 use crate::{
@@ -13,7 +14,7 @@ use crate::{
 };
 
 /// Every map of the object, all pinned.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 11] = [
     map_names::ALLOWED,
     map_names::PROTECTED,
     map_names::PREFILTER,
@@ -22,6 +23,9 @@ pub const NAMES: [&str; 8] = [
     map_names::EVENTS,
     map_names::SOCKET_OWNER,
     map_names::SCOPE,
+    map_names::PROXY,
+    map_names::FILTER_PENDING,
+    map_names::FILTER_CONNS,
 ];
 
 /// Expected (key, value) sizes of each pinned map; the ring buffer has none.
@@ -37,6 +41,9 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         // Socket-local storage is keyed by a socket fd (an int).
         map_names::SOCKET_OWNER => Some((4, s(size_of::<SocketOwner>()))),
         map_names::SCOPE => Some((4, s(size_of::<Scope>()))),
+        map_names::PROXY => Some((4, s(size_of::<ProxyConfig>()))),
+        map_names::FILTER_PENDING => Some((8, s(size_of::<FilterOrigin>()))),
+        map_names::FILTER_CONNS => Some((s(size_of::<ConnKey>()), s(size_of::<FilterOrigin>()))),
         _ => None,
     }
 }

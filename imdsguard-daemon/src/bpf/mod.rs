@@ -5,6 +5,7 @@
 
 pub mod bpffs;
 pub mod enforcer;
+pub mod filter_conns;
 pub mod hook;
 pub mod links;
 pub mod maps;

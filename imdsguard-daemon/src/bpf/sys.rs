@@ -26,6 +26,7 @@ const BPF_F_REPLACE: u32 = 1 << 2;
 /// `enum bpf_attach_type` values of the hooks we use.
 pub mod attach_type {
     pub const INET_SOCK_CREATE: u32 = 2;
+    pub const SOCK_OPS: u32 = 3;
     pub const INET4_CONNECT: u32 = 10;
     pub const INET6_CONNECT: u32 = 11;
     pub const UDP4_SENDMSG: u32 = 14;

@@ -71,6 +71,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         Hook::wanted(
             args.udp,
             args.deny_raw_sockets || args.judge_socket_creators,
+            false,
         )
         .len() as u32,
     );
@@ -139,6 +140,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         udp: args.udp,
         deny_raw_sockets: args.deny_raw_sockets,
         judge_socket_creators: args.judge_socket_creators,
+        filter: None,
     };
     let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
     let ring = enforcer.take_events()?;

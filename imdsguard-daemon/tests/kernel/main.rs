@@ -6,6 +6,7 @@
 mod support;
 
 mod enforcement;
+mod filter;
 mod hardening;
 mod kubernetes;
 mod lifecycle;
@@ -33,6 +34,7 @@ fn main() {
     trials.extend(raw_sockets::trials());
     trials.extend(socket_identity::trials());
     trials.extend(revocation::trials());
+    trials.extend(filter::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

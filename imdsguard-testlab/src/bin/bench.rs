@@ -121,6 +121,7 @@ impl Bench {
             udp: hooks.udp,
             deny_raw_sockets: hooks.deny_raw_sockets,
             judge_socket_creators: hooks.judge_socket_creators,
+            filter: None,
         };
         Ok(Enforcer::start(attachment, &self.desired(allowed)?)?.0)
     }
