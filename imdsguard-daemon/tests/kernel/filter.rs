@@ -70,10 +70,8 @@ impl StandIn {
             let port = v4.local_addr().unwrap().port();
             let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).expect("bind ::1");
             tx.send(port).unwrap();
-            for listener in [v6] {
-                let conns = conns.clone();
-                thread::spawn(move || serve(listener, &conns));
-            }
+            let for_v6 = conns.clone();
+            thread::spawn(move || serve(v6, &for_v6));
             serve(v4, &conns);
         });
         Self {
@@ -124,7 +122,7 @@ fn enforce(
     let attachment = Attachment {
         cgroup_root: CgroupDir::open(lab.root().path()).unwrap(),
         attach_at: None,
-        pins: PinLayout::new(&lab.pin_dir()),
+        pins: PinLayout::new(lab.pin_dir()),
         udp,
         deny_raw_sockets: false,
         judge_socket_creators: false,
@@ -162,7 +160,7 @@ fn filtered_connects_reach_the_proxy_with_their_origin() {
     let prod = lab.cgroup("imds/prod").unwrap();
     let test = lab.cgroup("imds/test").unwrap();
     // The enforcer creates the pins the stand-in reads: start it first.
-    let pins = PinLayout::new(&lab.pin_dir());
+    let pins = PinLayout::new(lab.pin_dir());
     let _pre = enforce(&lab, None, false, &[]);
     let standin = StandIn::start(&lab, Arc::new(FilterConns::open(&pins).unwrap()));
     let _enforcer = enforce(
@@ -217,7 +215,7 @@ fn filtered_connects_reach_the_proxy_with_their_origin() {
 fn filtered_cgroups_stay_denied_elsewhere() {
     let lab = lab("filter-rest");
     let report = lab.cgroup("imds/report").unwrap();
-    let pins = PinLayout::new(&lab.pin_dir());
+    let pins = PinLayout::new(lab.pin_dir());
     let _pre = enforce(&lab, None, true, &[]);
     let standin = StandIn::start(&lab, Arc::new(FilterConns::open(&pins).unwrap()));
     let _enforcer = enforce(
