@@ -177,6 +177,27 @@ pub enum Error {
         source: procfs::ProcError,
     },
 
+    #[error("filter profile {name:?} does not exist (`imdsguard profiles` lists them)")]
+    UnknownProfile { name: String },
+
+    #[error("the built-in filter profiles (profiles.yaml) do not parse")]
+    ProfilesData(#[source] Box<serde_saphyr::Error>),
+
+    #[error("filter path pattern {pattern:?} in {rule} is invalid")]
+    FilterPattern {
+        rule: String,
+        pattern: String,
+        #[source]
+        source: crate::filter::pattern::PatternError,
+    },
+
+    #[error("filter path pattern {pattern:?} in {rule} reaches {never}, which is never allowed")]
+    FilterNeverAllowed {
+        rule: String,
+        pattern: String,
+        never: &'static str,
+    },
+
     #[error("encode the output as JSON")]
     Json(#[source] serde_json::Error),
 

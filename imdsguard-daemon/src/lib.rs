@@ -12,6 +12,7 @@
 //! - [`node`]: the Kubernetes node agent and its API server I/O;
 //! - [`revoke`]: closing connections that lost their allow;
 //! - [`decisions`]: the kernel's verdicts from the ring buffer;
+//! - [`filter`]: filter mode's HTTP proxy and its allow lists;
 //! - [`cli`]: arguments and the inspection commands' output;
 //! - [`standalone`]: the static allow list, without Kubernetes.
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod decisions;
 pub mod destinations;
 pub mod error;
+pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod node;
