@@ -375,6 +375,10 @@ pub fn with_policy(status: &mut Status, path: &std::path::Path) -> Result<()> {
                     format!("{}: deny/{}", r.name(), format!("{m:?}").to_lowercase())
                 }
                 (Access::Deny, None) => format!("{}: deny", r.name()),
+                (Access::Filter, _) => {
+                    let f = r.filter().map(|f| f.describe()).unwrap_or_default();
+                    format!("{}: filter ({f})", r.name())
+                }
             })
             .collect(),
     });

@@ -75,6 +75,19 @@ impl FilterRules {
         &self.paths
     }
 
+    /// One line for `status` and `explain`: `profile instance-info, paths
+    /// /a, /b`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.profiles.is_empty() {
+            parts.push(format!("profile {}", self.profiles.join(", ")));
+        }
+        if !self.paths.is_empty() {
+            parts.push(format!("paths {}", self.paths.join(", ")));
+        }
+        parts.join("; ")
+    }
+
     /// Whether `req` may be forwarded. The never-allowed list is checked
     /// again here, whatever the patterns say.
     pub fn decide(&self, req: &Checked) -> Result<(), Denial> {

@@ -22,6 +22,7 @@ use crate::{
         mount::CgroupDir,
         pod::{PodUid, QosClass},
     },
+    filter::rules::FilterRules,
     policy::file::PolicyFile,
 };
 
@@ -52,6 +53,9 @@ pub struct PodDecision {
 #[derive(Clone, Debug, Default)]
 pub struct PodVerdicts {
     pub allowed: BTreeMap<u64, AllowTarget>,
+    /// The allow list of every filter entry in `allowed`, by its cgroup id:
+    /// what the proxy serves a filtered pod.
+    pub filter_rules: HashMap<u64, Arc<FilterRules>>,
     pub decisions: Vec<PodDecision>,
     /// Pods skipped because their namespace is not in the store yet: a
     /// namespace selector cannot be judged without its labels.
@@ -93,6 +97,9 @@ pub fn compute(
         };
         let cgroup = pod_cgroup(pod, uid, cgroups);
         if let Some(dir) = &cgroup {
+            if let Some(rules) = decision.filter {
+                out.filter_rules.insert(dir.id, rules.clone());
+            }
             out.allowed.insert(
                 dir.id,
                 AllowTarget {

@@ -43,7 +43,10 @@
 //! or do not fit the kernel's maps. Each error names the rule and the field,
 //! e.g. `rules[1] (test-denied).podSelector.matchExpressions[0].operator`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use imdsguard_common::action;
 use serde::{Deserialize, Serialize};
@@ -56,6 +59,7 @@ use super::{
 use crate::{
     bpf::enforcer::Mode,
     destinations::{self, Destination},
+    filter::rules::FilterRules,
 };
 
 /// What a matching rule grants.
@@ -65,6 +69,9 @@ pub enum Access {
     #[default]
     Allow,
     Deny,
+    /// Reach the metadata service through the proxy, for the rule's
+    /// profile and paths only.
+    Filter,
 }
 
 /// One validated rule.
@@ -76,6 +83,8 @@ pub struct Rule {
     pod_selector: Option<LabelSelector>,
     access: Access,
     mode: Option<Mode>,
+    /// The compiled allow list of a filter rule.
+    filter: Option<Arc<FilterRules>>,
 }
 
 impl Rule {
@@ -129,7 +138,13 @@ impl Rule {
         match self.access {
             Access::Allow => action::ALLOW,
             Access::Deny => self.mode.unwrap_or(default_mode).action(),
+            Access::Filter => action::FILTER,
         }
+    }
+
+    /// What a filter rule's pods may read; None for allow and deny rules.
+    pub fn filter(&self) -> Option<&Arc<FilterRules>> {
+        self.filter.as_ref()
     }
 
     fn from_spec(
@@ -157,9 +172,13 @@ impl Rule {
             return Err(PolicyError::DuplicateRuleName { rule, first });
         }
         seen.insert(spec.name.clone(), index);
-        if spec.access == Access::Allow && spec.mode.is_some() {
-            return Err(PolicyError::ModeOnAllowRule { rule });
+        if spec.access != Access::Deny && spec.mode.is_some() {
+            return Err(match spec.access {
+                Access::Allow => PolicyError::ModeOnAllowRule { rule },
+                _ => PolicyError::ModeOnFilterRule { rule },
+            });
         }
+        let filter = compile_filter(&rule, spec.access, spec.profile, spec.paths)?;
         let namespaces = spec
             .namespaces
             .map(|list| validate_namespaces(&rule, list))
@@ -180,8 +199,42 @@ impl Rule {
             namespaces,
             access: spec.access,
             mode: spec.mode.map(Mode::from),
+            filter,
         })
     }
+}
+
+/// A filter rule's allow list; refuses `profile`/`paths` on other rules,
+/// a filter rule with neither, and anything `FilterRules` refuses (unknown
+/// profiles, bad patterns, never-allowed paths).
+fn compile_filter(
+    rule: &RuleRef,
+    access: Access,
+    profile: Option<String>,
+    paths: Option<Vec<String>>,
+) -> Result<Option<Arc<FilterRules>>, PolicyError> {
+    if access != Access::Filter {
+        let field = match (&profile, &paths) {
+            (Some(_), _) => "profile",
+            (None, Some(_)) => "paths",
+            (None, None) => return Ok(None),
+        };
+        return Err(PolicyError::FilterFieldOnOtherRule {
+            rule: rule.clone(),
+            field,
+        });
+    }
+    let profiles: Vec<String> = profile.into_iter().collect();
+    let paths = paths.unwrap_or_default();
+    if profiles.is_empty() && paths.is_empty() {
+        return Err(PolicyError::FilterWithoutPaths { rule: rule.clone() });
+    }
+    FilterRules::compile(&profiles, &paths)
+        .map(|r| Some(Arc::new(r)))
+        .map_err(|error| PolicyError::Filter {
+            rule: rule.clone(),
+            error,
+        })
 }
 
 fn validate_namespaces(rule: &RuleRef, list: Vec<String>) -> Result<BTreeSet<String>, PolicyError> {
@@ -202,13 +255,30 @@ fn validate_namespaces(rule: &RuleRef, list: Vec<String>) -> Result<BTreeSet<Str
 }
 
 /// Which rule decided a pod, and how.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct Decision<'p> {
     /// An `imdsguard_common::action` value.
     pub action: u32,
     pub rule_index: usize,
     pub rule_name: &'p str,
+    /// A filter rule's allow list.
+    pub filter: Option<&'p Arc<FilterRules>>,
 }
+
+/// Equal when decided by the same rule the same way; a filter rule's list
+/// is the same list, not an equal one.
+impl PartialEq for Decision<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.action, self.rule_index, self.rule_name)
+            == (other.action, other.rule_index, other.rule_name)
+            && match (self.filter, other.filter) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+    }
+}
+
+impl Eq for Decision<'_> {}
 
 /// The policy file, parsed and validated. The default policy has no rules and enforces.
 #[derive(Clone, Debug, Default)]
@@ -264,6 +334,7 @@ impl PolicyFile {
             action: rule.action(self.default_mode),
             rule_index,
             rule_name: &rule.name,
+            filter: rule.filter.as_ref(),
         })
     }
 
@@ -352,7 +423,8 @@ mod tests {
             Decision {
                 action: action::ALLOW,
                 rule_index: 0,
-                rule_name: "prod-reads-imds"
+                rule_name: "prod-reads-imds",
+                filter: None
             }
         );
         let test = p
@@ -363,7 +435,8 @@ mod tests {
             Decision {
                 action: action::ENFORCE,
                 rule_index: 1,
-                rule_name: "test-denied"
+                rule_name: "test-denied",
+                filter: None
             }
         );
         assert_eq!(action_of(&p, "default", &[], &[("app", "prod")]), None);

@@ -8,3 +8,6 @@ pub mod file;
 pub mod names;
 pub mod selector;
 pub mod spec;
+
+#[cfg(test)]
+mod filter_policy_tests;

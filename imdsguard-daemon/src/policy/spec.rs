@@ -49,6 +49,10 @@ pub(super) struct RuleSpec {
     #[serde(default)]
     pub(super) access: Access,
     pub(super) mode: Option<ModeSpec>,
+    /// `access: filter` only: a built-in profile (`imdsguard profiles`).
+    pub(super) profile: Option<String>,
+    /// `access: filter` only: more path patterns the pods may read.
+    pub(super) paths: Option<Vec<String>>,
 }
 
 /// Names a rule in error messages: `rules[1] (test-denied)`, or `rules[1]`
@@ -96,6 +100,22 @@ pub enum PolicyError {
 
     #[error("{rule}.mode: only deny rules take a mode; an allow rule never denies")]
     ModeOnAllowRule { rule: RuleRef },
+
+    #[error("{rule}.mode: only deny rules take a mode; a filter rule's profile and paths decide")]
+    ModeOnFilterRule { rule: RuleRef },
+
+    #[error("{rule}.{field}: only filter rules (`access: filter`) take a {field}")]
+    FilterFieldOnOtherRule { rule: RuleRef, field: &'static str },
+
+    #[error(
+        "{rule}: a filter rule needs a profile or paths (or both); with neither it would allow nothing, so use `access: deny`"
+    )]
+    FilterWithoutPaths { rule: RuleRef },
+
+    /// A profile that does not exist, a pattern that does not parse, or one
+    /// that reaches a never-allowed path (credentials, user-data, ...).
+    #[error("{rule}: {error}")]
+    Filter { rule: RuleRef, error: crate::Error },
 
     #[error(
         "{rule}.namespaces: an empty list matches no namespace; omit the field to match every namespace"
