@@ -221,7 +221,7 @@ fn rbac_yaml_keeps_its_shape_and_grants_only_reads_and_events() {
 /// What the DaemonSet promises about privileges, in every rendering.
 fn assert_daemonset_contract(ds: &Json, what: &str) {
     let pod = &ds["spec"]["template"]["spec"];
-    for host in ["hostPID", "hostNetwork", "hostIPC"] {
+    for host in ["hostPID", "hostIPC"] {
         assert!(pod[host].is_null(), "{what}: {host} is set");
     }
     assert_eq!(
@@ -295,6 +295,35 @@ fn assert_daemonset_contract(ds: &Json, what: &str) {
             .unwrap_or_else(|| panic!("{what}: no mount of {dir}"));
         assert_eq!(mount["readOnly"].as_bool(), Some(true), "{what}");
     }
+    // The host network only for filter mode's proxy, which then listens on
+    // the node's IP (from the downward API) and nowhere else.
+    match args.iter().position(|a| *a == "--proxy-listen") {
+        None => assert!(pod["hostNetwork"].is_null(), "{what}: hostNetwork is set"),
+        Some(i) => {
+            assert_eq!(pod["hostNetwork"].as_bool(), Some(true), "{what}");
+            assert_eq!(
+                pod["dnsPolicy"].as_str(),
+                Some("ClusterFirstWithHostNet"),
+                "{what}"
+            );
+            assert!(
+                args[i + 1].starts_with("$(HOST_IP):"),
+                "{what}: {}",
+                args[i + 1]
+            );
+            let host_ip = c["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .find(|e| e["name"].as_str() == Some("HOST_IP"))
+                .unwrap_or_else(|| panic!("{what}: no HOST_IP"));
+            assert_eq!(
+                host_ip["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+                Some("status.hostIP"),
+                "{what}"
+            );
+        }
+    }
     assert_eq!(
         args[..5],
         [
@@ -357,6 +386,7 @@ fn every_rendering_keeps_the_daemonset_contract() {
         "--kubepods-root",
         "--remove-startup-taint",
         "--netns-dir",
+        "--proxy-listen",
     ] {
         assert!(
             args.as_array()
