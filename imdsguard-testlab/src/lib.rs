@@ -64,6 +64,15 @@ pub fn imdsguard_bin_arg() -> anyhow::Result<std::path::PathBuf> {
                 .ok_or_else(|| anyhow::anyhow!("--imdsguard needs a path"));
         }
     }
+    imdsguard_bin(None)
+}
+
+/// The `imdsguard` binary for lab programs: `explicit`, else the
+/// `imdsguard` next to the running binary (cargo's target/<profile>/).
+pub fn imdsguard_bin(explicit: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
+    }
     let exe = std::env::current_exe()?;
     let sibling = exe.with_file_name("imdsguard");
     anyhow::ensure!(

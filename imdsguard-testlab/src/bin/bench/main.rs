@@ -1,0 +1,49 @@
+//! `imdsguard-bench`: the benchmarks of BENCHMARKS.md, one subcommand each.
+//! `cargo xtask bench`, `bench-enforce` and `bench-scale` run them on a
+//! release build.
+
+mod enforce;
+mod overhead;
+mod scale;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use imdsguard_testlab::probe;
+
+#[derive(Parser, Debug)]
+#[command(name = "imdsguard-bench", about, long_about = None)]
+struct Cli {
+    /// The `imdsguard` binary the agent runs from (default: the one next to
+    /// this binary). `overhead` loads the programs in-process and ignores it.
+    #[arg(long, global = true, value_name = "PATH")]
+    imdsguard: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hook overhead per call, per-program run time and revocation sweep
+    /// time (`cargo xtask bench`).
+    Overhead(overhead::Options),
+    /// Time from a Kubernetes change to the allow map, against a real
+    /// kube-apiserver and `imdsguard node` (`cargo xtask bench-enforce`).
+    Enforce(enforce::Options),
+    /// Start-up, footprint, soak, denial flood and the iptables comparison
+    /// (`cargo xtask bench-scale`).
+    Scale(scale::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    // Probes and bench workers are this binary re-executed: they never
+    // reach the argument parser.
+    probe::run_if_probe();
+    let cli = Cli::parse();
+    let bin = || imdsguard_testlab::imdsguard_bin(cli.imdsguard.clone());
+    match cli.command {
+        Command::Overhead(o) => overhead::run(&o),
+        Command::Enforce(ref o) => enforce::run(o, bin()?),
+        Command::Scale(o) => scale::run(o, bin()?),
+    }
+}
