@@ -1,7 +1,8 @@
 //! Time to enforce: how long the node agent takes to turn a Kubernetes
 //! change into an allow-map change, against a real kube-apiserver and the
-//! real `imdsguard node` on this kernel (`imdsguard-bench enforce`). Run with
-//! `cargo xtask bench-enforce` (add `-- --iterations N --background-pods N` to change sizes).
+//! real `imdsguard node` on this kernel (`imdsguard-bench enforce`). Run
+//! with `cargo xtask bench-enforce` (add `-- --iterations N
+//! --background-pods N` to change sizes).
 //!
 //! - **label patch -> map:** a pod of namespace `imds` whose cgroup exists is
 //!   relabelled app=test -> app=prod (merge patch, admin client); t0 is taken
@@ -74,7 +75,7 @@ pub fn run(o: &Options, bin: PathBuf) -> anyhow::Result<()> {
     let lab = Lab::new("enforce-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (run `cargo xtask kubernetes` once)")?;
-    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-enforce-bench")?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-bench-enforce")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace("imds");

@@ -1,7 +1,8 @@
 //! Scale, footprint, a denial flood and the iptables approach peers use,
 //! against a real kube-apiserver and the real `imdsguard node` on this
-//! kernel (`imdsguard-bench scale`). Run with `cargo xtask bench-scale` (add `-- --help` for the
-//! flags). Nothing is asserted: every figure is printed as a markdown table.
+//! kernel (`imdsguard-bench scale`). Run with `cargo xtask bench-scale`
+//! (add `-- --help` for the flags). Nothing is asserted: every figure is
+//! printed as a markdown table.
 //!
 //! - **Start-up:** for each `--pods` size, that many pods exist in the API
 //!   (`spec.nodeName` = this node, half app=prod allowed by the seed policy,
@@ -126,7 +127,7 @@ pub fn run(mut o: Options, bin: PathBuf) -> anyhow::Result<()> {
     let lab = Lab::new("scale-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (run `cargo xtask kubernetes` once)")?;
-    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-scale-bench")?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-bench-scale")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace(NS);
