@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use imdsguard_testlab::probe;
 
+/// The imdsguard benchmarks (BENCHMARKS.md). Run as root: each builds its
+/// own cgroups, network namespace and bpffs.
 #[derive(Parser, Debug)]
-#[command(name = "imdsguard-bench", about, long_about = None)]
+#[command(name = "imdsguard-bench")]
 struct Cli {
     /// The `imdsguard` binary the agent runs from (default: the one next to
     /// this binary). `overhead` loads the programs in-process and ignores it.

@@ -72,7 +72,7 @@ pub(super) const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[derive(clap::Args, Debug)]
 pub struct Options {
     /// Pod counts on the node, ascending.
-    #[arg(long, value_delimiter = ',', default_values_t = [110, 1000, 10_000])]
+    #[arg(long, value_delimiter = ',', default_value = "110,1000,10000")]
     pub(super) pods: Vec<u32>,
     /// Agent starts per size and kind.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
