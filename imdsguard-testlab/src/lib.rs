@@ -52,23 +52,9 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `imdsguard` binary for lab programs: `--imdsguard PATH`, else the
-/// `imdsguard` next to the running binary (cargo's target/<profile>/).
-pub fn imdsguard_bin_arg() -> anyhow::Result<std::path::PathBuf> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--imdsguard" {
-            return args
-                .next()
-                .map(Into::into)
-                .ok_or_else(|| anyhow::anyhow!("--imdsguard needs a path"));
-        }
-    }
-    imdsguard_bin(None)
-}
-
-/// The `imdsguard` binary for lab programs: `explicit`, else the
-/// `imdsguard` next to the running binary (cargo's target/<profile>/).
+/// The `imdsguard` binary for lab programs: `explicit` (their
+/// `--imdsguard PATH`), else the `imdsguard` next to the running binary
+/// (cargo's target/<profile>/).
 pub fn imdsguard_bin(explicit: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
     if let Some(path) = explicit {
         return Ok(path);

@@ -49,3 +49,31 @@ fn main() -> anyhow::Result<()> {
         Command::Scale(o) => scale::run(o, bin()?),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn cli() {
+        Cli::command().debug_assert();
+        // As `cargo xtask bench-scale` passes them: subcommand first.
+        let cli = Cli::try_parse_from([
+            "imdsguard-bench",
+            "scale",
+            "--imdsguard",
+            "/bin/imdsguard",
+            "--pods",
+            "20,10",
+        ])
+        .unwrap();
+        assert_eq!(cli.imdsguard.unwrap().to_str(), Some("/bin/imdsguard"));
+        let Command::Scale(o) = cli.command else {
+            panic!("not scale");
+        };
+        assert_eq!(o.pods, [20, 10]);
+        assert!(Cli::try_parse_from(["imdsguard-bench", "overhead", "--rounds", "0"]).is_err());
+    }
+}
