@@ -54,7 +54,7 @@ pub fn require_root() -> anyhow::Result<()> {
 
 /// The `imdsguard` binary for lab programs: `explicit` (their
 /// `--imdsguard PATH`), else the `imdsguard` next to the running binary
-/// (cargo's target/<profile>/).
+/// (cargo's `target/<profile>/`).
 pub fn imdsguard_bin(explicit: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
     if let Some(path) = explicit {
         return Ok(path);

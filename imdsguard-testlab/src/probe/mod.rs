@@ -7,6 +7,11 @@
 //! between fork and exec: the child writes `0` to the target cgroup's
 //! `cgroup.procs` (moving itself) and joins the namespace, so the probe's
 //! very first instruction already runs where the test wants it.
+//!
+//! The probes themselves: `plain` connects, HTTP and UDP; the hardening
+//! probes of `sockaddr` (odd sockaddrs), `stream` (TCP Fast Open, MPTCP)
+//! and `uring` (io_uring), with what they share in `socket`; `raw`
+//! sockets; and the `socket_loop` of the sock_create benchmark.
 
 use std::{
     fs::OpenOptions,

@@ -1,5 +1,11 @@
-//! What the hardening probes share: the bytes they send and socket
-//! set-up whose failures can never pass for a denial.
+//! What the hardening probes share: the bytes they send and socket set-up.
+//!
+//! The hardening probes try the less travelled ways to a destination: odd
+//! sockaddrs, TCP Fast Open, MPTCP and io_uring. Each reports the outcome
+//! of the one syscall a cgroup hook judges through `Outcome::from_io`;
+//! set-up failures (socket(), setsockopt(), io_uring_setup()) are reported
+//! as `Failed` even when their errno is EPERM, so they can never pass for a
+//! denial.
 
 use std::{
     net::{SocketAddr, SocketAddrV4, UdpSocket},
@@ -8,13 +14,6 @@ use std::{
 };
 
 use super::Outcome;
-
-// Probes for the less travelled ways to a destination (hardening tests):
-// odd sockaddrs, TCP Fast Open, MPTCP and io_uring. Each reports the outcome
-// of the one syscall a cgroup hook judges through `Outcome::from_io`; set-up
-// failures (socket(), setsockopt(), io_uring_setup()) are reported as
-// `Failed` even when their errno is EPERM, so they can never pass for a
-// denial.
 
 /// What the HTTP probes send; the fake server answers `200 fake-metadata`.
 pub(super) const HTTP_GET: &str =
