@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, RingBuf},
 };
-use imdsguard_common::{Scope, action, map_names, scope_flag};
+use imdsguard_common::{Scope, map_names, scope_flag};
 use serde::Serialize;
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
     bpf::{bpffs, hook::Hook, links, maps, object, pins::PinLayout, probe},
     cgroup::mount::CgroupDir,
     destinations::Compiled,
+    vocabulary::Action,
 };
 
 /// Global default for cgroups without an allow entry.
@@ -39,10 +40,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const fn action(self) -> u32 {
+    pub const fn action(self) -> Action {
         match self {
-            Mode::Enforce => action::ENFORCE,
-            Mode::Audit => action::AUDIT,
+            Mode::Enforce => Action::Enforce,
+            Mode::Audit => Action::Audit,
         }
     }
 }
@@ -51,7 +52,7 @@ impl Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AllowTarget {
     pub level: u32,
-    pub action: u32,
+    pub action: Action,
 }
 
 /// Everything the maps should hold.

@@ -188,7 +188,7 @@ impl Enforcer {
             (a, b) => a.or(b),
         };
         let config = |w: Option<(u32, u32)>| Config {
-            default_action: mode.action(),
+            default_action: mode.action().kernel(),
             // An empty window is min > max.
             min_level: w.map_or(1, |w| w.0),
             max_level: w.map_or(0, |w| w.1),
@@ -205,7 +205,7 @@ impl Enforcer {
             .iter()
             .map(|(&id, target)| {
                 let entry = AllowEntry {
-                    action: target.action,
+                    action: target.action.kernel(),
                     _pad: 0,
                 };
                 (id, entry)
@@ -233,7 +233,7 @@ impl Enforcer {
                 default_action: 0,
             }
         };
-        config.default_action = mode.action();
+        config.default_action = mode.action().kernel();
         self.write_config(config)
     }
 }

@@ -223,12 +223,7 @@ pub async fn for_pod(
             let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
             Some(
                 match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {
-                    Some(d) => format!(
-                        "rule {} ({}) -> {}",
-                        d.rule_index,
-                        d.rule_name,
-                        action_name(d.action)
-                    ),
+                    Some(d) => format!("rule {} ({}) -> {}", d.rule_index, d.rule_name, d.action),
                     None => format!("no rule matches -> default {:?}", policy.default_mode())
                         .to_lowercase(),
                 },

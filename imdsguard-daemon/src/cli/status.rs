@@ -4,9 +4,7 @@
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
 use aya::maps::{Array, HashMap};
-use imdsguard_common::{
-    AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Scope, action, map_names, scope_flag,
-};
+use imdsguard_common::{AllowEntry, Config, LAYOUT_VERSION, Scope, map_names, scope_flag};
 use serde::Serialize;
 
 use crate::{
@@ -21,11 +19,12 @@ use crate::{
     cgroup::subtree::paths_of_ids,
     cli::args::StatusArgs,
     destinations::Prefix,
+    vocabulary::{Action, Protocol},
 };
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkStatus {
-    pub hook: &'static str,
+    pub hook: Hook,
     pub link_id: u32,
     pub program_id: u32,
     /// The program's name: tells `sock_create` from `sock_create_raw`.
@@ -99,21 +98,14 @@ pub fn read_scope(pins: &PinLayout) -> Result<Scope> {
     }
 }
 
-pub fn action_name(a: u32) -> &'static str {
-    match a {
-        action::ALLOW => "allow",
-        action::AUDIT => "audit",
-        action::ENFORCE => "enforce",
-        _ => "unknown(enforce)",
-    }
+/// The name of an action read from a pinned map; the kernel enforces a
+/// value it does not know.
+pub fn action_name(raw: u32) -> &'static str {
+    Action::try_from(raw).map_or("unknown(enforce)", Action::name)
 }
 
 fn proto_name(mask: u16) -> &'static str {
-    match mask {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        _ => "tcp+udp",
-    }
+    Protocol::try_from(u32::from(mask)).map_or("tcp+udp", Protocol::name)
 }
 
 /// Reads the installation under `pins`.
@@ -131,7 +123,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         }
         let info = sys::link_info(sys::obj_get(&pin)?.as_fd())?;
         links.push(LinkStatus {
-            hook: hook.name(),
+            hook,
             link_id: info.id,
             program_id: info.prog_id,
             program: String::new(),
@@ -215,14 +207,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         scope.judged_root = scope.judged_root_id.and_then(|id| paths.get(&id).cloned());
         for l in &mut links {
             l.cgroup = paths.get(&l.cgroup_id).cloned();
-            let attach = Hook::ALL
-                .iter()
-                .find(|h| h.name() == l.hook)
-                .map(|h| h.attach_type());
-            if let (Some(dir), Some(t)) = (&l.cgroup, attach)
+            if let Some(dir) = &l.cgroup
                 && let Ok(f) = fs::File::open(dir)
             {
-                l.programs_on_hook = sys::query_cgroup_programs(f.as_fd(), t).unwrap_or_default();
+                l.programs_on_hook =
+                    sys::query_cgroup_programs(f.as_fd(), l.hook.attach_type()).unwrap_or_default();
             }
         }
         for a in &mut allowed {

@@ -20,7 +20,6 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::channel::{Channel, Sender};
-use imdsguard_common::action;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
 use kube::{
     Api, Client,
@@ -42,6 +41,7 @@ use crate::{
     cgroup::mount::CgroupDir,
     metrics::{Metrics, WatchLabels},
     node::pod_cgroups::Cgroupfs,
+    vocabulary::Action,
 };
 use crate::{
     cgroup::pod::KubepodsLayout, node::watchers::drive, policy::desired, policy::file::PolicyFile,
@@ -479,7 +479,7 @@ impl Kubepods {
                     std::fs::metadata(&dir).unwrap().ino(),
                     AllowTarget {
                         level: self.root.level + 2,
-                        action: action::ALLOW,
+                        action: Action::Allow,
                     },
                 )
             })

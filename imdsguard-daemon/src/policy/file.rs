@@ -45,7 +45,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use imdsguard_common::action;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -56,6 +55,7 @@ use super::{
 use crate::{
     bpf::enforcer::Mode,
     destinations::{self, Destination},
+    vocabulary::Action,
 };
 
 /// What a matching rule grants.
@@ -124,10 +124,10 @@ impl Rule {
                 .is_none_or(|s| s.matches(pod_labels))
     }
 
-    /// The `imdsguard_common::action` value for pods this rule decides.
-    pub fn action(&self, default_mode: Mode) -> u32 {
+    /// The action for pods this rule decides.
+    pub fn action(&self, default_mode: Mode) -> Action {
         match self.access {
-            Access::Allow => action::ALLOW,
+            Access::Allow => Action::Allow,
             Access::Deny => self.mode.unwrap_or(default_mode).action(),
         }
     }
@@ -201,11 +201,11 @@ fn validate_namespaces(rule: &RuleRef, list: Vec<String>) -> Result<BTreeSet<Str
     Ok(list.into_iter().collect())
 }
 
-/// Which rule decided a pod, and how.
+/// Which rule decided a pod, and how. (Not a kernel verdict: those are
+/// [`crate::decisions::Decision`].)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision<'p> {
-    /// An `imdsguard_common::action` value.
-    pub action: u32,
+pub struct RuleMatch<'p> {
+    pub action: Action,
     pub rule_index: usize,
     pub rule_name: &'p str,
 }
@@ -254,13 +254,13 @@ impl PolicyFile {
         namespace: &str,
         namespace_labels: &BTreeMap<String, String>,
         pod_labels: &BTreeMap<String, String>,
-    ) -> Option<Decision<'_>> {
+    ) -> Option<RuleMatch<'_>> {
         let (rule_index, rule) = self
             .rules
             .iter()
             .enumerate()
             .find(|(_, r)| r.applies(namespace, namespace_labels, pod_labels))?;
-        Some(Decision {
+        Some(RuleMatch {
             action: rule.action(self.default_mode),
             rule_index,
             rule_name: &rule.name,

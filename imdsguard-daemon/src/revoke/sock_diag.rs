@@ -20,6 +20,8 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 
+use crate::vocabulary::Protocol;
+
 /// `linux/inet_diag.h`: the u64 cgroup v2 id the kernel adds, unrequested,
 /// for full sockets. netlink-packet-sock-diag has no variant for it, so it
 /// arrives as [`Nla::Other`].
@@ -49,25 +51,10 @@ fn decode_error(e: DecodeError) -> io::Error {
     malformed!("{e}")
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
 /// One socket from a dump.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiagSocket {
-    pub transport: Transport,
+    pub transport: Protocol,
     /// `libc::AF_INET` or `libc::AF_INET6`.
     pub family: u8,
     /// The kernel's TCP state numbers (ESTABLISHED = 1); a connected UDP
@@ -90,7 +77,7 @@ pub struct DiagSocket {
 impl DiagSocket {
     /// A socket as a dump would describe it, for tests of what to revoke.
     pub(crate) fn for_tests(
-        transport: Transport,
+        transport: Protocol,
         src: SocketAddr,
         dst: SocketAddr,
         cgroup_id: Option<u64>,
@@ -162,7 +149,7 @@ impl SockDiag {
     ///
     /// After an error, open a new `SockDiag`: while an abandoned dump is
     /// pending, the kernel refuses another (EBUSY).
-    pub fn dump(&self, transport: Transport, family: u8) -> io::Result<Vec<DiagSocket>> {
+    pub fn dump(&self, transport: Protocol, family: u8) -> io::Result<Vec<DiagSocket>> {
         let what = format!("sock_diag dump of {transport} sockets of family {family}");
         let any = match i32::from(family) {
             libc::AF_INET => SocketId::new_v4(),
@@ -173,8 +160,8 @@ impl SockDiag {
             }
         };
         let states = match transport {
-            Transport::Tcp => TCP_CONNECTION_STATES,
-            Transport::Udp => u32::MAX,
+            Protocol::Tcp => TCP_CONNECTION_STATES,
+            Protocol::Udp => u32::MAX,
         };
         let req = SockDiagMessage::InetRequest(inet_request(transport, family, states, any));
         let mut out = Vec::new();
@@ -256,10 +243,10 @@ fn request_bytes<M: NetlinkSerializable>(msg: M, flags: u16, seq: u32) -> Vec<u8
     bytes
 }
 
-fn inet_request(transport: Transport, family: u8, states: u32, socket_id: SocketId) -> InetRequest {
+fn inet_request(transport: Protocol, family: u8, states: u32, socket_id: SocketId) -> InetRequest {
     let protocol = match transport {
-        Transport::Tcp => libc::IPPROTO_TCP as u8,
-        Transport::Udp => libc::IPPROTO_UDP as u8,
+        Protocol::Tcp => libc::IPPROTO_TCP as u8,
+        Protocol::Udp => libc::IPPROTO_UDP as u8,
     };
     InetRequest {
         family,
@@ -301,7 +288,7 @@ fn errno(code: i32) -> io::Result<i32> {
 fn parse_dump(
     mut buf: &[u8],
     seq: u32,
-    t: Transport,
+    t: Protocol,
     out: &mut Vec<DiagSocket>,
 ) -> io::Result<bool> {
     while !buf.is_empty() {
@@ -349,7 +336,7 @@ fn parse_ack(mut buf: &[u8], seq: u32) -> io::Result<Option<i32>> {
     Ok(None)
 }
 
-fn parse_socket(transport: Transport, r: InetResponse) -> io::Result<DiagSocket> {
+fn parse_socket(transport: Protocol, r: InetResponse) -> io::Result<DiagSocket> {
     let h = r.header;
     let mut cgroup_id = None;
     for nla in &r.nlas {

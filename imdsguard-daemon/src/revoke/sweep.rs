@@ -15,18 +15,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use imdsguard_common::{PROTO_TCP, PROTO_UDP, action};
 use serde::Serialize;
 
 use super::{
     netns::{in_netns, netns_of},
-    sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
+    sock_diag::{Destroyed, DiagSocket, SockDiag},
 };
 use crate::{
     bpf::enforcer::{AllowTarget, MapState, Mode},
     cgroup::mount::CgroupDir,
     cgroup::subtree,
     destinations::Compiled,
+    vocabulary::{Action, Protocol},
 };
 
 /// What the maps enforce, as the sweep judges sockets by it: the allow
@@ -72,7 +72,7 @@ impl Tree {
     /// The action the programs apply to a socket owned by `cgroup_id`: the
     /// deepest allow entry on its path, or the default. None when the
     /// cgroup is not in the judged subtree.
-    pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<u32> {
+    pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<Action> {
         if cgroup_id != self.root && !self.parent.contains_key(&cgroup_id) {
             return None;
         }
@@ -111,10 +111,7 @@ pub struct Report {
 
 /// Whether `s` is a connection the policy now denies.
 pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
-    let proto = match s.transport {
-        Transport::Tcp => PROTO_TCP,
-        Transport::Udp => PROTO_UDP,
-    };
+    let proto = s.transport.mask();
     // An unconnected UDP socket has no destination to judge.
     if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
         return false;
@@ -129,7 +126,7 @@ pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
         return false;
     }
     // Audit never takes anything away; only an enforced verdict revokes.
-    matches!(tree.action_of(owner, policy), Some(a) if a != action::ALLOW && a != action::AUDIT)
+    tree.action_of(owner, policy).is_some_and(|a| !a.reaches())
 }
 
 /// Sweeps the namespaces of processes below `root`, plus every netns file
@@ -227,7 +224,7 @@ fn sweep_here(tree: &Tree, policy: &EnforcedState) -> io::Result<Swept> {
     let mut examined = 0;
     let mut revoked = Vec::new();
     let mut errors = Vec::new();
-    for transport in [Transport::Tcp, Transport::Udp] {
+    for transport in [Protocol::Tcp, Protocol::Udp] {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             // A fresh socket per dump: after a failed one the kernel refuses
             // the next dump on the same socket (EBUSY).
@@ -271,7 +268,7 @@ mod tests {
         }
     }
 
-    fn policy(allowed: &[(u64, u32)], mode: Mode) -> EnforcedState {
+    fn policy(allowed: &[(u64, Action)], mode: Mode) -> EnforcedState {
         EnforcedState {
             allowed: allowed
                 .iter()
@@ -282,7 +279,7 @@ mod tests {
         }
     }
 
-    fn socket(transport: Transport, dst: &str, cgroup_id: Option<u64>) -> DiagSocket {
+    fn socket(transport: Protocol, dst: &str, cgroup_id: Option<u64>) -> DiagSocket {
         DiagSocket::for_tests(
             transport,
             "10.0.0.1:40000".parse().unwrap(),
@@ -294,57 +291,57 @@ mod tests {
     #[test]
     fn the_deepest_entry_on_the_owners_path_decides() {
         let t = tree();
-        let p = policy(&[(2, action::ALLOW), (3, action::ENFORCE)], Mode::Enforce);
-        assert_eq!(t.action_of(2, &p), Some(action::ALLOW));
-        assert_eq!(t.action_of(3, &p), Some(action::ENFORCE));
-        assert_eq!(t.action_of(4, &p), Some(action::ENFORCE));
-        assert_eq!(t.action_of(1, &p), Some(action::ENFORCE));
+        let p = policy(&[(2, Action::Allow), (3, Action::Enforce)], Mode::Enforce);
+        assert_eq!(t.action_of(2, &p), Some(Action::Allow));
+        assert_eq!(t.action_of(3, &p), Some(Action::Enforce));
+        assert_eq!(t.action_of(4, &p), Some(Action::Enforce));
+        assert_eq!(t.action_of(1, &p), Some(Action::Enforce));
         // Not below the judged root: a host process's socket.
         assert_eq!(t.action_of(99, &p), None);
         let audit = policy(&[], Mode::Audit);
-        assert_eq!(t.action_of(4, &audit), Some(action::AUDIT));
+        assert_eq!(t.action_of(4, &audit), Some(Action::Audit));
     }
 
     #[test]
     fn only_enforced_owners_of_protected_connections_lose_them() {
         let t = tree();
-        let p = policy(&[(2, action::ALLOW)], Mode::Enforce);
+        let p = policy(&[(2, Action::Allow)], Mode::Enforce);
         let imds = "169.254.169.254:80";
-        assert!(must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &p));
-        assert!(must_go(&socket(Transport::Udp, imds, Some(4)), &t, &p));
+        assert!(must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &p));
+        assert!(must_go(&socket(Protocol::Udp, imds, Some(4)), &t, &p));
         assert!(must_go(
-            &socket(Transport::Tcp, "[::ffff:169.254.169.254]:80", Some(4)),
+            &socket(Protocol::Tcp, "[::ffff:169.254.169.254]:80", Some(4)),
             &t,
             &p
         ));
         assert!(must_go(
-            &socket(Transport::Tcp, "[fd00:ec2::254]:443", Some(4)),
+            &socket(Protocol::Tcp, "[fd00:ec2::254]:443", Some(4)),
             &t,
             &p
         ));
         // Allowed owners (and their children), unknown and outside owners.
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(2)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(3)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(99)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, None), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(2)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(3)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(99)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, None), &t, &p));
         // Unprotected destinations and ports; unconnected UDP.
         assert!(!must_go(
-            &socket(Transport::Tcp, "169.254.169.254:53", Some(4)),
+            &socket(Protocol::Tcp, "169.254.169.254:53", Some(4)),
             &t,
             &p
         ));
         assert!(!must_go(
-            &socket(Transport::Tcp, "10.1.1.1:80", Some(4)),
+            &socket(Protocol::Tcp, "10.1.1.1:80", Some(4)),
             &t,
             &p
         ));
         assert!(!must_go(
-            &socket(Transport::Udp, "0.0.0.0:0", Some(4)),
+            &socket(Protocol::Udp, "0.0.0.0:0", Some(4)),
             &t,
             &p
         ));
         // Audit never revokes.
         let audit = policy(&[], Mode::Audit);
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &audit));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &audit));
     }
 }

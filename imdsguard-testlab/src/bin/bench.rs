@@ -28,8 +28,8 @@ use imdsguard::{
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     destinations,
+    vocabulary::Action,
 };
-use imdsguard_common::action;
 use imdsguard_testlab::{cgroups::TestCgroup, lab::Lab, netns::NetNs, probe};
 
 fn arg(name: &str, default: u32) -> anyhow::Result<u32> {
@@ -85,7 +85,7 @@ impl Pods {
                     dir.id,
                     AllowTarget {
                         level: dir.level,
-                        action: action::ALLOW,
+                        action: Action::Allow,
                     },
                 ))
             })

@@ -27,7 +27,7 @@ fn action_of(
     ns: &str,
     ns_labels: &[(&str, &str)],
     pod: &[(&str, &str)],
-) -> Option<u32> {
+) -> Option<Action> {
     p.evaluate(ns, &labels(ns_labels), &labels(pod))
         .map(|d| d.action)
 }
@@ -46,8 +46,8 @@ fn seed_example_decides_as_documented() {
         .unwrap();
     assert_eq!(
         prod,
-        Decision {
-            action: action::ALLOW,
+        RuleMatch {
+            action: Action::Allow,
             rule_index: 0,
             rule_name: "prod-reads-imds"
         }
@@ -57,8 +57,8 @@ fn seed_example_decides_as_documented() {
         .unwrap();
     assert_eq!(
         test,
-        Decision {
-            action: action::ENFORCE,
+        RuleMatch {
+            action: Action::Enforce,
             rule_index: 1,
             rule_name: "test-denied"
         }
@@ -76,7 +76,7 @@ fn deny_mode_overrides_default_mode() {
     let p = PolicyFile::from_yaml(&seed().replace("mode: enforce ", "mode: audit ")).unwrap();
     assert_eq!(
         action_of(&p, "imds", &[], &[("app", "test")]),
-        Some(action::AUDIT)
+        Some(Action::Audit)
     );
     let p = PolicyFile::from_yaml(
         "defaultMode: audit\n\
@@ -85,12 +85,12 @@ fn deny_mode_overrides_default_mode() {
     )
     .unwrap();
     assert_eq!(p.default_mode(), Mode::Audit);
-    assert_eq!(action_of(&p, "any", &[], &[]), Some(action::AUDIT));
+    assert_eq!(action_of(&p, "any", &[], &[]), Some(Action::Audit));
     let p = PolicyFile::from_yaml(
         "defaultMode: audit\nrules: [{name: strict, access: deny, mode: enforce}]",
     )
     .unwrap();
-    assert_eq!(action_of(&p, "any", &[], &[]), Some(action::ENFORCE));
+    assert_eq!(action_of(&p, "any", &[], &[]), Some(Action::Enforce));
 }
 
 #[test]
@@ -152,10 +152,10 @@ fn absent_selectors_match_everything_and_first_rule_wins() {
     };
     assert_eq!(
         decide("imds", &[("canary", "true")]),
-        Some((0, action::AUDIT))
+        Some((0, Action::Audit))
     );
-    assert_eq!(decide("imds", &[("app", "x")]), Some((1, action::ALLOW)));
-    assert_eq!(decide("other", &[]), Some((2, action::ENFORCE)));
+    assert_eq!(decide("imds", &[("app", "x")]), Some((1, Action::Allow)));
+    assert_eq!(decide("other", &[]), Some((2, Action::Enforce)));
     assert_eq!(p.rules()[1].access(), Access::Allow);
     assert!(p.rules()[1].pod_selector().is_none());
 }

@@ -57,7 +57,7 @@ fn tcp_connections_are_dumped_and_destroyed() {
             let _accepted = listener.accept().unwrap();
             let diag = SockDiag::open().unwrap();
             let family = family_of(server);
-            let dumped = diag.dump(Transport::Tcp, family).unwrap();
+            let dumped = diag.dump(Protocol::Tcp, family).unwrap();
             // The accepted end shows, the listener does not.
             assert!(dumped.iter().any(|s| s.src == server && s.dst == local));
             assert!(dumped.iter().all(|s| s.state != TCP_LISTEN), "{dumped:#?}");
@@ -67,7 +67,7 @@ fn tcp_connections_are_dumped_and_destroyed() {
                 .expect("client socket");
             assert_eq!(
                 (s.transport, s.family, s.dst, s.state),
-                (Transport::Tcp, family, server, 1)
+                (Protocol::Tcp, family, server, 1)
             );
             assert_eq!(s.cgroup_id, Some(cgroup));
             // SAFETY: geteuid(2) cannot fail.
@@ -79,7 +79,7 @@ fn tcp_connections_are_dumped_and_destroyed() {
             assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
             assert_eq!(diag.destroy(s).unwrap(), Destroyed::Gone);
             // Destroyed, it is CLOSE and unhashed: gone from the dump.
-            let after = diag.dump(Transport::Tcp, family).unwrap();
+            let after = diag.dump(Protocol::Tcp, family).unwrap();
             assert!(after.iter().all(|a| a.src != local), "{after:#?}");
         }
     });
@@ -96,14 +96,14 @@ fn connected_udp_sockets_are_dumped_and_destroyed() {
             client.connect(server_addr).unwrap();
             let local = client.local_addr().unwrap();
             let diag = SockDiag::open().unwrap();
-            let dumped = diag.dump(Transport::Udp, family_of(server_addr)).unwrap();
+            let dumped = diag.dump(Protocol::Udp, family_of(server_addr)).unwrap();
             let s = dumped
                 .iter()
                 .find(|s| s.src == local)
                 .expect("client socket");
             assert_eq!(
                 (s.transport, s.dst, s.state),
-                (Transport::Udp, server_addr, 1)
+                (Protocol::Udp, server_addr, 1)
             );
             assert_eq!(s.cgroup_id, Some(cgroup));
             let unconnected = dumped.iter().find(|s| s.src == server_addr).unwrap();
@@ -124,7 +124,7 @@ fn connected_udp_sockets_are_dumped_and_destroyed() {
 fn dump_rejects_other_families() {
     let e = SockDiag::open()
         .unwrap()
-        .dump(Transport::Tcp, libc::AF_UNIX as u8);
+        .dump(Protocol::Tcp, libc::AF_UNIX as u8);
     assert_eq!(e.unwrap_err().kind(), io::ErrorKind::InvalidInput);
 }
 
@@ -192,7 +192,7 @@ fn parses_dumps_and_acks() {
         message(SOCK_DIAG_BY_FAMILY, 8, &[]),
     ];
     let mut out = Vec::new();
-    assert!(!parse_dump(&buf.concat(), 9, Transport::Tcp, &mut out).unwrap());
+    assert!(!parse_dump(&buf.concat(), 9, Protocol::Tcp, &mut out).unwrap());
     assert_eq!(out.len(), 1, "the stale seq 8 message is skipped");
     assert_eq!(out[0].src, "10.0.0.1:1234".parse().unwrap());
     assert_eq!(out[0].dst, "169.254.169.254:80".parse().unwrap());
@@ -201,9 +201,9 @@ fn parses_dumps_and_acks() {
         (Some(7), 1000, 42)
     );
     let done = message(NLMSG_DONE, 9, &0i32.to_ne_bytes());
-    assert!(parse_dump(&done, 9, Transport::Tcp, &mut out).unwrap());
+    assert!(parse_dump(&done, 9, Protocol::Tcp, &mut out).unwrap());
     let eperm = message(NLMSG_ERROR, 9, &(-libc::EPERM).to_ne_bytes());
-    let e = parse_dump(&eperm, 9, Transport::Tcp, &mut out).unwrap_err();
+    let e = parse_dump(&eperm, 9, Protocol::Tcp, &mut out).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM));
     let enoent = message(NLMSG_ERROR, 3, &(-libc::ENOENT).to_ne_bytes());
     assert_eq!(parse_ack(&enoent, 3).unwrap(), Some(libc::ENOENT));
@@ -243,7 +243,7 @@ fn malformed_replies_are_errors() {
     bad.push(message(NLMSG_ERROR, 1, &[0; 2]));
     bad.push(message(77, 1, &[]));
     for buf in &bad {
-        let e = parse_dump(buf, 1, Transport::Tcp, &mut Vec::new()).unwrap_err();
+        let e = parse_dump(buf, 1, Protocol::Tcp, &mut Vec::new()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
     assert!(parse_ack(&good[..10], 1).is_err());
@@ -259,7 +259,7 @@ fn a_destroy_request_names_the_dumped_socket_with_its_cookie() {
     dumped.append(&mut attrs);
     let mut out = Vec::new();
     let reply = message(SOCK_DIAG_BY_FAMILY, 1, &dumped);
-    parse_dump(&reply, 1, Transport::Udp, &mut out).unwrap();
+    parse_dump(&reply, 1, Protocol::Udp, &mut out).unwrap();
     let s = &out[0];
     let req = inet_request(s.transport, s.family, u32::MAX, s.id.clone());
     let req = SockDiagDestroy::new(SockDiagMessage::InetRequest(req));
