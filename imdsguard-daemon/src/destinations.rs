@@ -20,12 +20,12 @@ use std::{
 };
 
 use imdsguard_common::{
-    AddrKey, MAX_PORT_RANGES, PREFILTER_WORDS, PROTO_ANY, PROTO_TCP, PROTO_UDP, PortRange,
-    Protected, V4_MAPPED_PREFIX, prefilter_slot,
+    AddrKey, MAX_PORT_RANGES, PREFILTER_WORDS, PROTO_ANY, PortRange, Protected, V4_MAPPED_PREFIX,
+    prefilter_slot,
 };
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::{Error, Result, vocabulary::Protocol};
 
 /// An address prefix, normalised: host bits cleared, and IPv6 forms that
 /// embed IPv4 (mapped, compatible, NAT64) turned into the IPv4 prefix, the
@@ -205,14 +205,11 @@ impl FromStr for Destination {
         for t in tokens {
             match t.split_once('=') {
                 None => {
-                    d.protocols = match t {
-                        "tcp" => PROTO_TCP,
-                        "udp" => PROTO_UDP,
-                        "any" => PROTO_ANY,
-                        other => {
-                            return Err(bad(format!(
-                                "unknown protocol {other:?} (tcp, udp or any)"
-                            )));
+                    d.protocols = match Protocol::ALL.into_iter().find(|p| p.name() == t) {
+                        Some(p) => p.mask(),
+                        None if t == "any" => PROTO_ANY,
+                        None => {
+                            return Err(bad(format!("unknown protocol {t:?} (tcp, udp or any)")));
                         }
                     }
                 }

@@ -1,3 +1,5 @@
+use imdsguard_common::{PROTO_TCP, PROTO_UDP};
+
 use super::*;
 
 fn d(s: &str) -> Destination {
