@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, RingBuf},
+    maps::{MapData, RingBuf},
 };
 use imdsguard_common::{Scope, map_names, scope_flag};
 use serde::Serialize;
@@ -190,11 +190,7 @@ impl Enforcer {
             level,
             flags,
         };
-        let name = map_names::SCOPE;
-        let mut map: Array<&mut MapData, Scope> =
-            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        map.set(0, &scope, 0)
-            .map_err(|source| Error::Map { name, source })
+        maps::ScopeMap::of(&mut self.ebpf)?.set(&scope)
     }
 
     /// The hooks this enforcer keeps attached.
@@ -202,17 +198,8 @@ impl Enforcer {
         Hook::wanted(self.attachment.udp, self.attachment.sock_create())
     }
 
-    pub(super) fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(Error::MapMissing { name })
-    }
     pub fn counters(&self) -> Result<Counters> {
-        maps::read_counters(
-            self.ebpf
-                .map(map_names::COUNTERS)
-                .ok_or(Error::MapMissing {
-                    name: map_names::COUNTERS,
-                })?,
-        )
+        maps::CounterMap::of(&self.ebpf)?.totals()
     }
 
     /// Hands the ring buffer to the event reader task. Call once.

@@ -3,8 +3,7 @@
 
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap};
-use imdsguard_common::{AllowEntry, Config, LAYOUT_VERSION, Scope, map_names, scope_flag};
+use imdsguard_common::{LAYOUT_VERSION, scope_flag};
 use serde::Serialize;
 
 use crate::{
@@ -12,7 +11,7 @@ use crate::{
     bpf::sys,
     bpf::{
         enforcer::Counters,
-        maps::{ports_text, read_counters, read_protected},
+        maps::{AllowMap, ConfigMap, CounterMap, ProtectedMap, ScopeMap, ports_text},
     },
     bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::primary_cgroup2_mount,
@@ -85,19 +84,6 @@ pub struct Status {
     pub counters: Counters,
 }
 
-/// The pinned scope entry. An installation from before the scope map has
-/// none, which means the same as an empty one: everything below the attach
-/// point is judged.
-pub fn read_scope(pins: &PinLayout) -> Result<Scope> {
-    let name = map_names::SCOPE;
-    match pins.open_map(name) {
-        Ok(map) => Array::<_, Scope>::try_from(map)
-            .and_then(|a| a.get(&0, 0))
-            .map_err(|source| Error::Map { name, source }),
-        Err(_) => Ok(Scope::default()),
-    }
-}
-
 /// The name of an action read from a pinned map; the kernel enforces a
 /// value it does not know.
 pub fn action_name(raw: u32) -> &'static str {
@@ -141,17 +127,15 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         }
     }
 
-    let name = map_names::CONFIG;
-    let config: Config = Array::<_, Config>::try_from(pins.open_map(name)?)
-        .and_then(|a| a.get(&0, 0))
-        .map_err(|source| Error::Map { name, source })?;
+    let config = ConfigMap::open_pinned(pins)?.get()?;
     let default_action = if config.layout_version == LAYOUT_VERSION {
         action_name(config.default_action)
     } else {
         "unconfigured(enforce)"
     };
 
-    let protected: Vec<(Prefix, ProtectedStatus)> = read_protected(pins)?
+    let protected: Vec<(Prefix, ProtectedStatus)> = ProtectedMap::open_pinned(pins)?
+        .listing()?
         .into_iter()
         .map(|(prefix, ranges)| {
             let ranges = ranges
@@ -166,15 +150,10 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         })
         .collect();
 
-    let name = map_names::ALLOWED;
-    let map = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
-    let mut allowed: Vec<AllowedStatus> = map
-        .iter()
-        // A listing that skipped an entry on a read error would show a
-        // map that is not there: fail instead.
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Map { name, source })?
+    // A listing that skipped an entry on a read error would show a map
+    // that is not there: entries() fails instead.
+    let mut allowed: Vec<AllowedStatus> = AllowMap::open_pinned(pins)?
+        .entries()?
         .into_iter()
         .map(|(id, e)| AllowedStatus {
             cgroup_id: id,
@@ -186,9 +165,9 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         .collect();
     allowed.sort_by_key(|a| a.cgroup_id);
 
-    let counters = read_counters(&pins.open_map(map_names::COUNTERS)?)?;
+    let counters = CounterMap::open_pinned(pins)?.totals()?;
 
-    let raw_scope = read_scope(pins)?;
+    let raw_scope = ScopeMap::read_pinned(pins)?;
     let mut scope = ScopeStatus {
         judged_root_id: (raw_scope.cgroup_id != 0).then_some(raw_scope.cgroup_id),
         judged_root: None,

@@ -22,7 +22,10 @@ use super::{
     sock_diag::{Destroyed, DiagSocket, SockDiag},
 };
 use crate::{
-    bpf::enforcer::{AllowTarget, MapState, Mode},
+    bpf::{
+        allow_walk::deepest_entry,
+        enforcer::{AllowTarget, MapState, Mode},
+    },
     cgroup::mount::CgroupDir,
     cgroup::subtree,
     destinations::Compiled,
@@ -52,40 +55,52 @@ impl EnforcedState {
 
 /// The judged subtree as the kernel names it: cgroup id to parent id, and
 /// the directories (whose processes' namespaces the sweep enters).
-pub struct Tree {
+pub struct JudgedSubtree {
     root: u64,
+    /// The root's absolute level: the allow entries' levels are absolute.
+    root_level: u32,
     parent: HashMap<u64, u64>,
     dirs: Vec<PathBuf>,
 }
 
-impl Tree {
+impl JudgedSubtree {
     /// One walk of `root` on cgroupfs.
     pub fn read(root: &CgroupDir) -> io::Result<Self> {
         let cgroups = subtree::walk(&root.path)?;
         Ok(Self {
             root: root.id,
+            root_level: root.level,
             parent: cgroups.iter().skip(1).map(|c| (c.id, c.parent)).collect(),
             dirs: cgroups.into_iter().map(|c| c.path).collect(),
         })
     }
 
     /// The action the programs apply to a socket owned by `cgroup_id`: the
-    /// deepest allow entry on its path, or the default. None when the
-    /// cgroup is not in the judged subtree.
+    /// deepest allow entry on its path, or the default, found by the
+    /// kernel's walk over the level window the sync writes for these
+    /// entries. None when the cgroup is not in the judged subtree.
     pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<Action> {
-        if cgroup_id != self.root && !self.parent.contains_key(&cgroup_id) {
-            return None;
-        }
+        // The path from the root down to the cgroup: path[i] is at
+        // absolute level root_level + i.
+        let mut path = vec![cgroup_id];
         let mut id = cgroup_id;
-        loop {
-            if let Some(t) = policy.allowed.get(&id) {
-                return Some(t.action);
-            }
-            if id == self.root {
-                return Some(policy.mode.action());
-            }
+        while id != self.root {
             id = *self.parent.get(&id)?;
+            path.push(id);
         }
+        path.reverse();
+        let levels = policy.allowed.values().map(|t| t.level);
+        let (min_level, max_level) = (levels.clone().min(), levels.max());
+        let found = deepest_entry(
+            min_level.unwrap_or(1),
+            max_level.unwrap_or(0),
+            |level| {
+                let depth = level.checked_sub(self.root_level)?;
+                path.get(depth as usize).copied()
+            },
+            |id| policy.allowed.get(&id).map(|t| t.action),
+        );
+        Some(found.map_or(policy.mode.action(), |f| f.entry))
     }
 }
 
@@ -110,7 +125,7 @@ pub struct Report {
 }
 
 /// Whether `s` is a connection the policy now denies.
-pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
+pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, policy: &EnforcedState) -> bool {
     let proto = s.transport.mask();
     // An unconnected UDP socket has no destination to judge.
     if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
@@ -134,7 +149,7 @@ pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
 /// runtimes keep pod namespaces), plus our own.
 pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
     let mut report = Report::default();
-    let tree = match Tree::read(root) {
+    let tree = match JudgedSubtree::read(root) {
         Ok(t) => t,
         Err(e) => {
             report.errors.push(e.to_string());
@@ -220,7 +235,7 @@ fn add_netns_dir(
 type Swept = (usize, Vec<Revoked>, Vec<String>);
 
 /// Dumps and destroys in the calling thread's namespace.
-fn sweep_here(tree: &Tree, policy: &EnforcedState) -> io::Result<Swept> {
+fn sweep_here(tree: &JudgedSubtree, policy: &EnforcedState) -> io::Result<Swept> {
     let mut examined = 0;
     let mut revoked = Vec::new();
     let mut errors = Vec::new();
@@ -259,20 +274,29 @@ mod tests {
     use super::*;
     use crate::destinations;
 
-    /// root(1) -> pod(2) -> ctr(3); root -> other(4)
-    fn tree() -> Tree {
-        Tree {
+    /// root(1) -> pod(2) -> ctr(3); root -> other(4); the root at level 3.
+    fn tree() -> JudgedSubtree {
+        JudgedSubtree {
             root: 1,
+            root_level: 3,
             parent: HashMap::from([(2, 1), (3, 2), (4, 1)]),
             dirs: Vec::new(),
         }
     }
 
     fn policy(allowed: &[(u64, Action)], mode: Mode) -> EnforcedState {
+        let level = |id| match id {
+            1 => 3,
+            2 | 4 => 4,
+            _ => 5,
+        };
         EnforcedState {
             allowed: allowed
                 .iter()
-                .map(|&(id, action)| (id, AllowTarget { level: 0, action }))
+                .map(|&(id, action)| {
+                    let level = level(id);
+                    (id, AllowTarget { level, action })
+                })
                 .collect(),
             mode,
             destinations: destinations::compile(&destinations::defaults()).unwrap(),
@@ -300,6 +324,16 @@ mod tests {
         assert_eq!(t.action_of(99, &p), None);
         let audit = policy(&[], Mode::Audit);
         assert_eq!(t.action_of(4, &audit), Some(Action::Audit));
+    }
+
+    #[test]
+    fn entries_on_the_root_and_deeper_levels_are_walked_like_the_kernel() {
+        let t = tree();
+        let p = policy(&[(1, Action::Audit), (3, Action::Allow)], Mode::Enforce);
+        assert_eq!(t.action_of(1, &p), Some(Action::Audit));
+        assert_eq!(t.action_of(2, &p), Some(Action::Audit));
+        assert_eq!(t.action_of(3, &p), Some(Action::Allow));
+        assert_eq!(t.action_of(4, &p), Some(Action::Audit));
     }
 
     #[test]
