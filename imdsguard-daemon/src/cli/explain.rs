@@ -77,7 +77,8 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         config.min_level,
         config.max_level,
         |level| path.iter().find(|c| c.level == level).map(|c| c.id),
-        // As before: an entry that cannot be read is shown as none.
+        // An entry that cannot be read counts as none, like a failed lookup
+        // in the kernel.
         |id| allowed.get(id).ok().flatten(),
     )
     .and_then(|found| {

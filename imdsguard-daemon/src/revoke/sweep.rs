@@ -79,7 +79,7 @@ impl JudgedSubtree {
     /// deepest allow entry on its path, or the default, found by the
     /// kernel's walk over the level window the sync writes for these
     /// entries. None when the cgroup is not in the judged subtree.
-    pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<Action> {
+    pub fn action_of(&self, cgroup_id: u64, enforced: &EnforcedState) -> Option<Action> {
         // The path from the root down to the cgroup: path[i] is at
         // absolute level root_level + i.
         let mut path = vec![cgroup_id];
@@ -89,7 +89,7 @@ impl JudgedSubtree {
             path.push(id);
         }
         path.reverse();
-        let levels = policy.allowed.values().map(|t| t.level);
+        let levels = enforced.allowed.values().map(|t| t.level);
         let (min_level, max_level) = (levels.clone().min(), levels.max());
         let found = deepest_entry(
             min_level.unwrap_or(1),
@@ -98,9 +98,9 @@ impl JudgedSubtree {
                 let depth = level.checked_sub(self.root_level)?;
                 path.get(depth as usize).copied()
             },
-            |id| policy.allowed.get(&id).map(|t| t.action),
+            |id| enforced.allowed.get(&id).map(|t| t.action),
         );
-        Some(found.map_or(policy.mode.action(), |f| f.entry))
+        Some(found.map_or(enforced.mode.action(), |f| f.entry))
     }
 }
 
@@ -124,8 +124,8 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// Whether `s` is a connection the policy now denies.
-pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, policy: &EnforcedState) -> bool {
+/// Whether `s` is a connection the enforced state now denies.
+pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, enforced: &EnforcedState) -> bool {
     let proto = s.transport.mask();
     // An unconnected UDP socket has no destination to judge.
     if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
@@ -134,20 +134,21 @@ pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, policy: &EnforcedState) -> 
     let Some(owner) = s.cgroup_id else {
         return false;
     };
-    if !policy
+    if !enforced
         .destinations
         .protects(s.dst.ip(), s.dst.port(), proto)
     {
         return false;
     }
     // Audit never takes anything away; only an enforced verdict revokes.
-    tree.action_of(owner, policy).is_some_and(|a| !a.reaches())
+    tree.action_of(owner, enforced)
+        .is_some_and(|a| !a.reaches())
 }
 
 /// Sweeps the namespaces of processes below `root`, plus every netns file
 /// in `netns_dirs` (bind mounts such as /var/run/netns, where container
 /// runtimes keep pod namespaces), plus our own.
-pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
+pub fn sweep(root: &CgroupDir, enforced: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
     let mut report = Report::default();
     let tree = match JudgedSubtree::read(root) {
         Ok(t) => t,
@@ -188,7 +189,7 @@ pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -
         add_netns_dir(dir, &mut namespaces, &mut report.errors);
     }
     for (ino, file) in namespaces {
-        let work = || sweep_here(&tree, policy);
+        let work = || sweep_here(&tree, enforced);
         let result = match &file {
             None => Ok(work()),
             Some(f) => in_netns(f, work),
@@ -235,7 +236,7 @@ fn add_netns_dir(
 type Swept = (usize, Vec<Revoked>, Vec<String>);
 
 /// Dumps and destroys in the calling thread's namespace.
-fn sweep_here(tree: &JudgedSubtree, policy: &EnforcedState) -> io::Result<Swept> {
+fn sweep_here(tree: &JudgedSubtree, enforced: &EnforcedState) -> io::Result<Swept> {
     let mut examined = 0;
     let mut revoked = Vec::new();
     let mut errors = Vec::new();
@@ -252,7 +253,7 @@ fn sweep_here(tree: &JudgedSubtree, policy: &EnforcedState) -> io::Result<Swept>
                 }
             };
             examined += sockets.len();
-            for s in sockets.iter().filter(|s| must_go(s, tree, policy)) {
+            for s in sockets.iter().filter(|s| must_go(s, tree, enforced)) {
                 match diag.destroy(s) {
                     Ok(Destroyed::Closed) => revoked.push(Revoked {
                         cgroup_id: s.cgroup_id.unwrap_or_default(),
