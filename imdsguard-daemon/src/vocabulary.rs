@@ -1,5 +1,5 @@
 //! The kernel's numbers as userspace names them: the actions of allow
-//! entries and the protocols of protected ranges, plus [`kernel_enum!`],
+//! entries and the protocols of protected ranges, plus `kernel_enum!`,
 //! which the other rooms use for their own kernel values (hooks in
 //! `bpf::hook`, verdicts, address forms and causes in `decisions`).
 //!

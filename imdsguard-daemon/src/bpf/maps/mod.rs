@@ -1,5 +1,5 @@
 //! The pinned maps: their names, the layout this build expects of each,
-//! and one typed handle per map ([`handles`]).
+//! and one typed handle per map (`handles.rs`).
 
 mod handles;
 
