@@ -13,7 +13,8 @@
 //! - [`revoke`]: closing connections that lost their allow;
 //! - [`decisions`]: the kernel's verdicts from the ring buffer;
 //! - [`cli`]: arguments and the inspection commands' output;
-//! - [`standalone`]: the static allow list, without Kubernetes.
+//! - [`standalone`]: the static allow list, without Kubernetes;
+//! - [`vocabulary`]: typed names for the kernel's actions and protocols.
 
 pub mod bpf;
 pub mod cgroup;
@@ -28,5 +29,6 @@ pub mod policy;
 pub mod revoke;
 pub mod standalone;
 pub mod telemetry;
+pub mod vocabulary;
 
 pub use error::{Error, Result};

@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use imdsguard_common::action;
 use tokio::signal::unix::SignalKind;
 use tracing::{info, warn};
 
@@ -21,6 +20,7 @@ use crate::{
     decisions::{self, Attribution, Attributor},
     destinations::{self, Destination},
     revoke,
+    vocabulary::Action,
 };
 
 /// Validated inputs of `run`.
@@ -38,9 +38,9 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     let mut allowed = BTreeMap::new();
     let mut allowed_paths = BTreeMap::new();
     for (paths, act) in [
-        (&args.allow_cgroup, action::ALLOW),
-        (&args.audit_cgroup, action::AUDIT),
-        (&args.enforce_cgroup, action::ENFORCE),
+        (&args.allow_cgroup, Action::Allow),
+        (&args.audit_cgroup, Action::Audit),
+        (&args.enforce_cgroup, Action::Enforce),
     ] {
         for path in paths {
             let dir = CgroupDir::open(path)?;

@@ -24,8 +24,8 @@ use imdsguard::{
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     destinations,
+    vocabulary::Action,
 };
-use imdsguard_common::action;
 use imdsguard_testlab::{cgroups::TestCgroup, lab::Lab, netns::NetNs, probe};
 
 /// `imdsguard-bench overhead`: hook overhead, program cost and revocation
@@ -91,7 +91,7 @@ impl Pods {
                     dir.id,
                     AllowTarget {
                         level: dir.level,
-                        action: action::ALLOW,
+                        action: Action::Allow,
                     },
                 ))
             })
