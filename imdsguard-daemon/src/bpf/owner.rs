@@ -56,13 +56,6 @@ pub struct EnforcerHandle {
     tx: mpsc::Sender<Command>,
 }
 
-fn gone() -> Error {
-    Error::Syscall {
-        call: "enforcer task",
-        source: std::io::Error::other("the enforcer task has stopped"),
-    }
-}
-
 impl EnforcerHandle {
     pub async fn sync_allowed(
         &self,
@@ -77,8 +70,8 @@ impl EnforcerHandle {
                 reply,
             })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 
     pub async fn set_destinations(&self, compiled: Compiled) -> Result<SyncReport> {
@@ -86,8 +79,8 @@ impl EnforcerHandle {
         self.tx
             .send(Command::SetDestinations { compiled, reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 
     pub async fn counters(&self) -> Result<Counters> {
@@ -95,8 +88,8 @@ impl EnforcerHandle {
         self.tx
             .send(Command::Counters { reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 }
 
@@ -113,7 +106,7 @@ impl EnforcerHandle {
                         let _ = reply.send(Ok(counters));
                     }
                     Command::SyncAllowed { reply, .. } | Command::SetDestinations { reply, .. } => {
-                        let _ = reply.send(Err(gone()));
+                        let _ = reply.send(Err(Error::EnforcerStopped));
                     }
                 }
             }
