@@ -116,8 +116,9 @@ impl EnforcerHandle {
 }
 
 /// Spawns the owner task. `desired` is what a re-attach after tampering
-/// re-installs (its allow set is left as it is in the map). With a
-/// `revoker`, changes that can take an allow away trigger a sweep.
+/// re-installs (an allow set not known yet, `None`, is left as it is in the
+/// map). With a `revoker`, a complete `desired` is swept at once, and
+/// changes that can take an allow away trigger a sweep.
 pub fn spawn(
     mut enforcer: Enforcer,
     mut desired: MapState,
@@ -126,6 +127,9 @@ pub fn spawn(
     revoker: Option<Revoker>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
+    if desired.allowed.is_some() {
+        revoke_after(revoker.as_ref(), &desired);
+    }
     let task = tokio::spawn(async move {
         let mut check = tokio::time::interval(check_every);
         loop {
@@ -181,8 +185,7 @@ pub fn spawn(
                         Ok(attached) => {
                             let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
                             warn!(?missing, "programs were detached behind our back; re-attaching");
-                            let keep = MapState { allowed: None, ..desired.clone() };
-                            match Enforcer::start(attachment, &keep) {
+                            match Enforcer::start(attachment, &desired) {
                                 Ok((e, _)) => {
                                     enforcer = e;
                                     if let Some(o) = &observers {
