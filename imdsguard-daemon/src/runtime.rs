@@ -232,11 +232,14 @@ impl Running {
         mut tasks: Vec<BoxFuture<'static, &'static str>>,
         signals: &mut Signals,
     ) {
+        // The handle and the revoker live until the end: the owner task
+        // stops when its last handle is dropped.
         let Self {
+            handle,
             owner,
             reporter,
+            _revoker: revoker,
             pin_dir,
-            ..
         } = self;
         tasks.push(Box::pin(async move {
             match owner.await {
@@ -251,11 +254,65 @@ impl Running {
             () = signals.recv() => "signal",
         };
         reporter.abort();
+        drop((handle, revoker));
         info!(
             stopped,
             pin_dir = %pin_dir.display(),
             "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall --pin-dir {}`)",
             pin_dir.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enforcement(udp: bool, deny_raw_sockets: bool, judge: bool) -> EnforcementArgs {
+        EnforcementArgs {
+            attach_at: None,
+            pin_dir: PathBuf::from("/p"),
+            udp,
+            deny_raw_sockets,
+            judge_socket_creators: judge,
+        }
+    }
+
+    #[test]
+    fn wanted_hooks_follow_the_flags() {
+        let names = |a| {
+            wanted_hooks(&a)
+                .iter()
+                .map(|h| h.name())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(enforcement(false, false, false)),
+            ["connect4", "connect6"]
+        );
+        assert_eq!(names(enforcement(true, false, false)).len(), 4);
+        assert!(names(enforcement(false, true, false)).contains(&"sock_create"));
+        assert!(names(enforcement(false, false, true)).contains(&"sock_create"));
+    }
+
+    #[test]
+    fn no_revoke_means_no_revoker_and_the_interval_is_at_least_a_second() {
+        let root = CgroupDir {
+            path: PathBuf::from("/sys/fs/cgroup/pods"),
+            id: 7,
+            level: 1,
+        };
+        let off = RevokeArgs {
+            no_revoke: true,
+            revoke_interval_secs: 60,
+        };
+        assert!(revoke_settings(&off, &root, &[]).is_none());
+        let zero = RevokeArgs {
+            no_revoke: false,
+            revoke_interval_secs: 0,
+        };
+        let s = revoke_settings(&zero, &root, &[PathBuf::from("/n")]).unwrap();
+        assert_eq!(s.resweep, Duration::from_secs(1));
+        assert_eq!(s.netns_dirs, [PathBuf::from("/n")]);
     }
 }
