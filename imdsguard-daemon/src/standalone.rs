@@ -98,10 +98,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|h| h.name())
         .collect();
-    let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
+    let (allowed, protected) = (
+        plan.allowed_paths.len(),
+        plan.desired.destinations.entries.len(),
+    );
+    let names = CgroupNames::new(root.path.clone(), plan.allowed_paths);
     let running = runtime::start(
         plan.attachment,
-        plan.desired.clone(),
+        plan.desired,
         runtime::Settings {
             check_every: Duration::from_secs(args.check_interval_secs.max(1)),
             revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
@@ -117,8 +121,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir = %args.enforcement.pin_dir.display(),
         mode = ?args.mode,
         hooks = ?hooks,
-        allowed = plan.allowed_paths.len(),
-        protected = plan.desired.destinations.entries.len(),
+        allowed,
+        protected,
         metrics_addr = server.as_ref().map(|s| tracing::field::display(s.addr())),
         "ready"
     );
