@@ -13,6 +13,8 @@
 //! - [`revoke`]: closing connections that lost their allow;
 //! - [`decisions`]: the kernel's verdicts from the ring buffer;
 //! - [`cli`]: arguments and the inspection commands' output;
+//! - [`runtime`]: what both modes run: the enforcer task, the link check,
+//!   decision reporting, revocation, the `/metrics` endpoints and signals;
 //! - [`standalone`]: the static allow list, without Kubernetes;
 //! - [`vocabulary`]: typed names for the kernel's actions and protocols.
 
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod revoke;
+pub mod runtime;
 pub mod standalone;
 pub mod telemetry;
 pub mod vocabulary;

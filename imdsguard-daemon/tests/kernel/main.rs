@@ -5,6 +5,7 @@
 
 mod support;
 
+mod endpoints;
 mod enforcement;
 mod hardening;
 mod kubernetes;
@@ -33,6 +34,7 @@ fn main() {
     trials.extend(raw_sockets::trials());
     trials.extend(socket_identity::trials());
     trials.extend(revocation::trials());
+    trials.extend(endpoints::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 
