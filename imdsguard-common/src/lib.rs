@@ -193,6 +193,9 @@ pub mod hook {
     /// A raw socket's socket() (`--deny-raw-sockets`). The event's address
     /// and port are zero and its `proto` is `PROTO_ANY`.
     pub const SOCK_CREATE: u32 = 5;
+    /// Filter mode's sock_ops program. It judges nothing, so no event
+    /// names it; the daemon uses the value to name its link.
+    pub const SOCK_OPS: u32 = 6;
 }
 
 /// Verdict recorded in an event.

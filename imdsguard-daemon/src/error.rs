@@ -145,6 +145,9 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("the enforcer task has stopped")]
+    EnforcerStopped,
+
     #[error("policy {path} is invalid")]
     Policy {
         path: PathBuf,

@@ -14,7 +14,10 @@
 //! - [`decisions`]: the kernel's verdicts from the ring buffer;
 //! - [`filter`]: filter mode's HTTP proxy and its allow lists;
 //! - [`cli`]: arguments and the inspection commands' output;
-//! - [`standalone`]: the static allow list, without Kubernetes.
+//! - [`runtime`]: what both modes run: the enforcer task, the link check,
+//!   decision reporting, revocation, the `/metrics` endpoints and signals;
+//! - [`standalone`]: the static allow list, without Kubernetes;
+//! - [`vocabulary`]: typed names for the kernel's actions and protocols.
 
 pub mod bpf;
 pub mod cgroup;
@@ -28,7 +31,9 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod revoke;
+pub mod runtime;
 pub mod standalone;
 pub mod telemetry;
+pub mod vocabulary;
 
 pub use error::{Error, Result};

@@ -1,5 +1,8 @@
 //! Standalone mode: a static allow list from the command line, no
-//! Kubernetes. Used by systemd hosts, the demo and the tests.
+//! Kubernetes. Used by systemd hosts, the demo and the tests. It is only a
+//! desired-state source: [`plan`] turns the flags into one fixed
+//! [`MapState`], and the runtime the node agent uses too
+//! ([`crate::runtime`]) enforces it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -7,20 +10,18 @@ use std::{
     time::Duration,
 };
 
-use imdsguard_common::action;
-use tokio::signal::unix::SignalKind;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Attachment, Enforcer, MapState},
-    bpf::pins::PinLayout,
+    bpf::enforcer::{AllowTarget, Attachment, MapState},
     cgroup::mount::CgroupDir,
     cgroup::subtree::paths_of_ids,
     cli::args::RunArgs,
-    decisions::{self, Attribution, Attributor},
+    decisions::{Attribution, Attributor},
     destinations::{self, Destination},
-    revoke,
+    runtime::{self, MetricsServer, Signals},
+    vocabulary::Action,
 };
 
 /// Validated inputs of `run`.
@@ -37,10 +38,11 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     let root = CgroupDir::open(&args.cgroup_root)?;
     let mut allowed = BTreeMap::new();
     let mut allowed_paths = BTreeMap::new();
+    // One static set of cgroups per action; a new set is one more row.
     for (paths, act) in [
-        (&args.allow_cgroup, action::ALLOW),
-        (&args.audit_cgroup, action::AUDIT),
-        (&args.enforce_cgroup, action::ENFORCE),
+        (&args.allow_cgroup, Action::Allow),
+        (&args.audit_cgroup, Action::Audit),
+        (&args.enforce_cgroup, Action::Enforce),
     ] {
         for path in paths {
             let dir = CgroupDir::open(path)?;
@@ -70,15 +72,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         list.push(spec.parse::<Destination>()?);
     }
     Ok(Plan {
-        attachment: Attachment {
-            cgroup_root: root,
-            attach_at: args.attach_at.as_ref().map(CgroupDir::open).transpose()?,
-            pins: PinLayout::new(&args.pin_dir),
-            udp: args.udp,
-            deny_raw_sockets: args.deny_raw_sockets,
-            judge_socket_creators: args.judge_socket_creators,
-            filter: None,
-        },
+        attachment: runtime::attachment(&args.enforcement, root)?,
         desired: MapState {
             mode: args.mode,
             allowed: Some(allowed),
@@ -88,76 +82,54 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     })
 }
 
-/// Runs until SIGINT/SIGTERM. On exit the programs stay attached and pinned:
-/// enforcement must not depend on this process being alive. Removing it is
-/// the explicit `uninstall` command.
+/// Runs until SIGINT/SIGTERM: the shared runtime ([`runtime`]) with a
+/// desired state that never changes. On exit the programs stay attached
+/// and pinned.
 pub async fn run(args: RunArgs) -> Result<()> {
     let plan = plan(&args)?;
+    let mut signals = Signals::install()?;
+    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement).len());
+    let server = match args.metrics_addr {
+        Some(addr) => Some(MetricsServer::bind(addr, endpoints.clone()).await?),
+        None => None,
+    };
     let root = plan.attachment.cgroup_root.clone();
-    let start = || Enforcer::start(plan.attachment.clone(), &plan.desired);
-    let (mut enforcer, _report) = start()?;
-    let ring = enforcer.take_events()?;
-    let names = CgroupNames::new(root.path.clone(), plan.allowed_paths.clone());
-    let events = tokio::spawn(decisions::report(ring, names.clone(), None));
-
-    // First attach (or re-adoption with a new list): close what the
-    // denied cgroups already had open.
-    let _revoker = (!args.no_revoke).then(|| {
-        let (revoker, task) = revoke::task::spawn(
-            revoke::task::Settings {
-                root: root.clone(),
-                netns_dirs: args.netns_dirs.clone(),
-                resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
-            },
-            None,
-            Some(Box::new(names)),
-        );
-        if let Some(policy) = revoke::sweep::EnforcedState::of(&plan.desired) {
-            revoker.sweep(policy);
-        }
-        (revoker, task)
-    });
-
-    let wanted = enforcer.wanted_hooks();
-    let hooks: Vec<&str> = wanted.iter().map(|h| h.name()).collect();
+    let hooks: Vec<&str> = runtime::wanted_hooks(&args.enforcement)
+        .iter()
+        .map(|h| h.name())
+        .collect();
+    let (allowed, protected) = (
+        plan.allowed_paths.len(),
+        plan.desired.destinations.entries.len(),
+    );
+    let names = CgroupNames::new(root.path.clone(), plan.allowed_paths);
+    let running = runtime::start(
+        plan.attachment,
+        plan.desired,
+        runtime::Settings {
+            check_every: Duration::from_secs(args.check_interval_secs.max(1)),
+            revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
+        },
+        &endpoints,
+        names.clone(),
+        Box::new(names),
+    )?;
+    // The whole allow set is in the map from the start.
+    endpoints.health.set_synced();
     info!(
         cgroup_root = %root.path.display(),
-        pin_dir = %args.pin_dir.display(),
+        pin_dir = %args.enforcement.pin_dir.display(),
         mode = ?args.mode,
         hooks = ?hooks,
-        allowed = plan.allowed_paths.len(),
-        protected = plan.desired.destinations.entries.len(),
+        allowed,
+        protected,
+        metrics_addr = server.as_ref().map(|s| tracing::field::display(s.addr())),
         "ready"
     );
-
-    let mut term =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| Error::Syscall {
-            call: "sigaction(SIGTERM)",
-            source,
-        })?;
-    let mut check = tokio::time::interval(Duration::from_secs(args.check_interval_secs.max(1)));
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = check.tick() => {
-                // Someone may have removed our pins/links: put them back.
-                let attached = enforcer.attached_hooks()?;
-                let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
-                if !missing.is_empty() {
-                    warn!(?missing, "programs were detached behind our back; re-attaching");
-                    let (e, _) = start()?;
-                    enforcer = e;
-                }
-            }
-        }
+    running.until_stopped(Vec::new(), &mut signals).await;
+    if let Some(server) = server {
+        server.stop().await;
     }
-    events.abort();
-    info!(
-        pin_dir = %args.pin_dir.display(),
-        "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall --pin-dir {}`)",
-        args.pin_dir.display()
-    );
     Ok(())
 }
 

@@ -87,7 +87,7 @@ impl Timings {
 }
 
 /// The first three workloads of a full run (no workload named), as
-/// imdsguard-scale-bench reads them from the same JSON.
+/// `imdsguard-bench scale` reads them from the same JSON.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
     pub tcp_connect_ns: f64,

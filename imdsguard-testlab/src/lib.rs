@@ -52,17 +52,12 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `imdsguard` binary for lab programs: `--imdsguard PATH`, else the
-/// `imdsguard` next to the running binary (cargo's target/<profile>/).
-pub fn imdsguard_bin_arg() -> anyhow::Result<std::path::PathBuf> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--imdsguard" {
-            return args
-                .next()
-                .map(Into::into)
-                .ok_or_else(|| anyhow::anyhow!("--imdsguard needs a path"));
-        }
+/// The `imdsguard` binary for lab programs: `explicit` (their
+/// `--imdsguard PATH`), else the `imdsguard` next to the running binary
+/// (cargo's `target/<profile>/`).
+pub fn imdsguard_bin(explicit: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
     }
     let exe = std::env::current_exe()?;
     let sibling = exe.with_file_name("imdsguard");

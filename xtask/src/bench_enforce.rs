@@ -5,7 +5,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct Options {
-    /// Passed to imdsguard-enforce-bench, e.g.
+    /// Passed to `imdsguard-bench enforce`, e.g.
     /// `--iterations 100 --background-pods 50 --warmup 3 --settle-ms 200`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -13,5 +13,5 @@ pub struct Options {
 
 pub fn run(o: Options) -> anyhow::Result<()> {
     // The kube-apiserver is built once per machine and cached.
-    crate::test::run_release_bin("imdsguard-enforce-bench", &o.args, true)
+    crate::test::run_release_bin("imdsguard-bench", Some("enforce"), &o.args, true)
 }

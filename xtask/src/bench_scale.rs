@@ -6,7 +6,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct Options {
-    /// Passed to imdsguard-scale-bench, e.g. `--pods 110,1000,10000
+    /// Passed to `imdsguard-bench scale`, e.g. `--pods 110,1000,10000
     /// --repeats 5 --soak-secs 3600` (`-- --help` lists them all).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -15,7 +15,7 @@ pub struct Options {
 pub fn run(o: Options) -> anyhow::Result<()> {
     ensure_netfilter_tools()?;
     // The kube-apiserver is built once per machine and cached.
-    crate::test::run_release_bin("imdsguard-scale-bench", &o.args, true)
+    crate::test::run_release_bin("imdsguard-bench", Some("scale"), &o.args, true)
 }
 
 /// iptables (the rules peers install) and nft (to delete the tables again

@@ -6,5 +6,5 @@ use clap::Args;
 pub struct Options {}
 
 pub fn run(_o: Options) -> anyhow::Result<()> {
-    crate::test::run_release_bin("imdsguard-demo", &[], false)
+    crate::test::run_release_bin("imdsguard-demo", None, &[], false)
 }

@@ -39,7 +39,7 @@ const NODE_COMMANDS: &[(&str, &str)] = &[
 
 pub fn run(o: Options) -> anyhow::Result<()> {
     if o.simulated {
-        return crate::test::run_release_bin("imdsguard-e2e-simulated", &[], true);
+        return crate::test::run_release_bin("imdsguard-e2e-simulated", None, &[], true);
     }
     run_real_node(o.race_rounds)
 }

@@ -64,12 +64,14 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // asserted, the figures come from `cargo xtask bench*` runs.
     let imdsguard = bin.join("imdsguard").display().to_string();
     status(Command::new(bin.join("imdsguard-bench")).args([
+        "overhead",
         "--rounds",
         "1",
         "--iterations",
         "200",
     ]))?;
-    status(Command::new(bin.join("imdsguard-enforce-bench")).args([
+    status(Command::new(bin.join("imdsguard-bench")).args([
+        "enforce",
         "--imdsguard",
         &imdsguard,
         "--iterations",
@@ -79,7 +81,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "--warmup",
         "0",
     ]))?;
-    status(Command::new(bin.join("imdsguard-scale-bench")).args([
+    status(Command::new(bin.join("imdsguard-bench")).args([
+        "scale",
         "--imdsguard",
         &imdsguard,
         "--pods",
@@ -108,8 +111,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 
 /// For the root-only programs (demo, e2e, benchmarks): check root, set up
 /// the toolchain (and the kube-apiserver when asked), build the release
-/// binaries, and run `target/release/<bin> ARGS`.
-pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> anyhow::Result<()> {
+/// binaries, and run `target/release/<bin> [SUBCOMMAND] --imdsguard PATH ARGS`.
+pub fn run_release_bin(
+    bin: &str,
+    subcommand: Option<&str>,
+    args: &[String],
+    needs_apiserver: bool,
+) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{bin} attaches BPF programs to its own test cgroups: run as root");
     }
@@ -129,6 +137,7 @@ pub fn run_release_bin(bin: &str, args: &[String], needs_apiserver: bool) -> any
     let dir = target_dir().join("release");
     status(
         Command::new(dir.join(bin))
+            .args(subcommand)
             .arg("--imdsguard")
             .arg(dir.join("imdsguard"))
             .args(args),

@@ -15,9 +15,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, RingBuf},
+    maps::{MapData, RingBuf},
 };
-use imdsguard_common::{Scope, action, map_names, scope_flag};
+use imdsguard_common::{Scope, map_names, scope_flag};
 use serde::Serialize;
 
 use crate::{
@@ -27,6 +27,7 @@ use crate::{
     },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
+    vocabulary::Action,
 };
 
 /// Global default for cgroups without an allow entry.
@@ -41,10 +42,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const fn action(self) -> u32 {
+    pub const fn action(self) -> Action {
         match self {
-            Mode::Enforce => action::ENFORCE,
-            Mode::Audit => action::AUDIT,
+            Mode::Enforce => Action::Enforce,
+            Mode::Audit => Action::Audit,
         }
     }
 }
@@ -53,7 +54,7 @@ impl Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AllowTarget {
     pub level: u32,
-    pub action: u32,
+    pub action: Action,
 }
 
 /// Everything the maps should hold.
@@ -195,11 +196,7 @@ impl Enforcer {
             level,
             flags,
         };
-        let name = map_names::SCOPE;
-        let mut map: Array<&mut MapData, Scope> =
-            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        map.set(0, &scope, 0)
-            .map_err(|source| Error::Map { name, source })
+        maps::ScopeMap::of(&mut self.ebpf)?.set(&scope)
     }
 
     /// The hooks this enforcer keeps attached.
@@ -211,17 +208,8 @@ impl Enforcer {
         )
     }
 
-    pub(super) fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(Error::MapMissing { name })
-    }
     pub fn counters(&self) -> Result<Counters> {
-        maps::read_counters(
-            self.ebpf
-                .map(map_names::COUNTERS)
-                .ok_or(Error::MapMissing {
-                    name: map_names::COUNTERS,
-                })?,
-        )
+        maps::CounterMap::of(&self.ebpf)?.totals()
     }
 
     /// Hands the ring buffer to the event reader task. Call once.

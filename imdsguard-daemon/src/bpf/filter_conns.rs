@@ -7,12 +7,12 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{HashMap, MapData};
 use imdsguard_common::{AddrKey, ConnKey, FilterOrigin, ProxyConfig, map_names};
 
 use crate::{
     Error, Result,
-    bpf::{enforcer::Enforcer, pins::PinLayout},
+    bpf::{enforcer::Enforcer, maps::ProxyMap, pins::PinLayout},
     destinations::{addr_of_words, words_of},
 };
 
@@ -69,11 +69,7 @@ impl Enforcer {
     /// Written before any attach, like every map.
     pub(super) fn write_proxy(&mut self) -> Result<()> {
         let config = ProxyTarget::config(self.attachment.filter.as_ref());
-        let name = map_names::PROXY;
-        let mut map: Array<&mut MapData, ProxyConfig> =
-            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        map.set(0, &config, 0)
-            .map_err(|source| Error::Map { name, source })
+        ProxyMap::of(&mut self.ebpf)?.set(&config)
     }
 }
 

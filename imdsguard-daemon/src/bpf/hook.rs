@@ -1,44 +1,27 @@
 //! The cgroup hooks we attach, and which program each runs.
 
-use crate::bpf::sys::attach_type;
+use imdsguard_common::hook;
 
-/// A cgroup hook we attach: the sock_addr hooks, the opt-in sock_create
-/// (a cgroup sock program) that denies raw sockets and records socket
-/// creators, and filter mode's sock_ops program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Hook {
-    Connect4,
-    Connect6,
-    Sendmsg4,
-    Sendmsg6,
-    SockCreate,
-    /// Filter mode: keys each connection sent to the proxy by its 4-tuple.
-    SockOps,
+use crate::{bpf::sys::attach_type, vocabulary::kernel_enum};
+
+kernel_enum! {
+    /// A cgroup hook we attach: the sock_addr hooks, the opt-in
+    /// sock_create (a cgroup sock program) that denies raw sockets and
+    /// records socket creators, and filter mode's sock_ops program, which
+    /// keys each connection sent to the proxy by its 4-tuple. Its name is the file name of the link pin,
+    /// the program name in the object (but see [`Hook::program`]), and what
+    /// an event's `hook` says.
+    pub enum Hook("hook") {
+        Connect4 = hook::CONNECT4 => "connect4",
+        Connect6 = hook::CONNECT6 => "connect6",
+        Sendmsg4 = hook::SENDMSG4 => "sendmsg4",
+        Sendmsg6 = hook::SENDMSG6 => "sendmsg6",
+        SockCreate = hook::SOCK_CREATE => "sock_create",
+        SockOps = hook::SOCK_OPS => "sock_ops",
+    }
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] = [
-        Hook::Connect4,
-        Hook::Connect6,
-        Hook::Sendmsg4,
-        Hook::Sendmsg6,
-        Hook::SockCreate,
-        Hook::SockOps,
-    ];
-
-    /// File name of the link pin, and the program name in the object
-    /// (but see [`Hook::program`]).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Hook::Connect4 => "connect4",
-            Hook::Connect6 => "connect6",
-            Hook::Sendmsg4 => "sendmsg4",
-            Hook::Sendmsg6 => "sendmsg6",
-            Hook::SockCreate => "sock_create",
-            Hook::SockOps => "sock_ops",
-        }
-    }
-
     pub const fn attach_type(self) -> u32 {
         match self {
             Hook::Connect4 => attach_type::INET4_CONNECT,

@@ -1,8 +1,10 @@
 //! The kernel side as userspace sees it: the embedded object, the hooks and
 //! their links, the pinned maps and their pins on bpffs, the raw bpf(2)
 //! calls aya lacks, and the enforcer that loads, attaches and syncs them.
-//! [`owner`] is the one task that owns the enforcer and takes commands.
+//! [`owner`] is the one task that owns the enforcer and takes commands;
+//! [`allow_walk`] replays the kernel's allow walk for `explain` and the sweep.
 
+pub mod allow_walk;
 pub mod bpffs;
 pub mod enforcer;
 pub mod filter_conns;

@@ -56,13 +56,6 @@ pub struct EnforcerHandle {
     tx: mpsc::Sender<Command>,
 }
 
-fn gone() -> Error {
-    Error::Syscall {
-        call: "enforcer task",
-        source: std::io::Error::other("the enforcer task has stopped"),
-    }
-}
-
 impl EnforcerHandle {
     pub async fn sync_allowed(
         &self,
@@ -77,8 +70,8 @@ impl EnforcerHandle {
                 reply,
             })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 
     pub async fn set_destinations(&self, compiled: Compiled) -> Result<SyncReport> {
@@ -86,8 +79,8 @@ impl EnforcerHandle {
         self.tx
             .send(Command::SetDestinations { compiled, reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 
     pub async fn counters(&self) -> Result<Counters> {
@@ -95,8 +88,8 @@ impl EnforcerHandle {
         self.tx
             .send(Command::Counters { reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|_| Error::EnforcerStopped)?;
+        rx.await.map_err(|_| Error::EnforcerStopped)?
     }
 }
 
@@ -113,7 +106,7 @@ impl EnforcerHandle {
                         let _ = reply.send(Ok(counters));
                     }
                     Command::SyncAllowed { reply, .. } | Command::SetDestinations { reply, .. } => {
-                        let _ = reply.send(Err(gone()));
+                        let _ = reply.send(Err(Error::EnforcerStopped));
                     }
                 }
             }
@@ -123,8 +116,9 @@ impl EnforcerHandle {
 }
 
 /// Spawns the owner task. `desired` is what a re-attach after tampering
-/// re-installs (its allow set is left as it is in the map). With a
-/// `revoker`, changes that can take an allow away trigger a sweep.
+/// re-installs (an allow set not known yet, `None`, is left as it is in the
+/// map). With a `revoker`, a complete `desired` is swept at once, and
+/// changes that can take an allow away trigger a sweep.
 pub fn spawn(
     mut enforcer: Enforcer,
     mut desired: MapState,
@@ -133,6 +127,9 @@ pub fn spawn(
     revoker: Option<Revoker>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
+    if desired.allowed.is_some() {
+        revoke_after(revoker.as_ref(), &desired);
+    }
     let task = tokio::spawn(async move {
         let mut check = tokio::time::interval(check_every);
         loop {
@@ -188,8 +185,7 @@ pub fn spawn(
                         Ok(attached) => {
                             let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
                             warn!(?missing, "programs were detached behind our back; re-attaching");
-                            let keep = MapState { allowed: None, ..desired.clone() };
-                            match Enforcer::start(attachment, &keep) {
+                            match Enforcer::start(attachment, &desired) {
                                 Ok((e, _)) => {
                                     enforcer = e;
                                     if let Some(o) = &observers {

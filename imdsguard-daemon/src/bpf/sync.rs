@@ -3,16 +3,19 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya::maps::MapData;
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, MAX_ALLOWED, MAX_LEVEL_SPAN, PREFILTER_WORDS,
-    Protected, map_names,
+    Protected,
 };
 use tracing::debug;
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Enforcer, Mode},
+    bpf::{
+        enforcer::{AllowTarget, Enforcer, Mode},
+        maps::{AllowMap, ConfigMap, PrefilterMap, ProtectedMap},
+    },
     destinations::Compiled,
 };
 
@@ -55,61 +58,33 @@ pub(crate) fn diff_and_sync<M: SyncMap>(
     Ok(report)
 }
 
-/// The allow map: cgroup id to entry.
-struct AllowMap<'a>(HashMap<&'a mut MapData, u64, AllowEntry>);
-
-impl SyncMap for AllowMap<'_> {
+impl SyncMap for AllowMap<&mut MapData> {
     type Key = u64;
     type Value = AllowEntry;
 
     fn entries(&self) -> Result<BTreeMap<u64, AllowEntry>> {
-        self.0.iter().map(|r| r.map_err(allow_err)).collect()
+        AllowMap::entries(self)
     }
     fn insert(&mut self, key: u64, value: &AllowEntry) -> Result<()> {
-        self.0.insert(&key, value, 0).map_err(allow_err)
+        AllowMap::insert(self, key, value)
     }
     fn remove(&mut self, key: u64) -> Result<()> {
-        self.0.remove(&key).map_err(allow_err)
+        AllowMap::remove(self, key)
     }
 }
 
-fn allow_err(source: MapError) -> Error {
-    Error::Map {
-        name: map_names::ALLOWED,
-        source,
-    }
-}
-
-/// The protected set's trie, keyed by (prefix length, address).
-struct ProtectedMap<'a>(LpmTrie<&'a mut MapData, AddrKey, Protected>);
-
-impl SyncMap for ProtectedMap<'_> {
+impl SyncMap for ProtectedMap<&mut MapData> {
     type Key = (u32, AddrKey);
     type Value = Protected;
 
     fn entries(&self) -> Result<BTreeMap<(u32, AddrKey), Protected>> {
-        self.0
-            .iter()
-            .map(|r| {
-                r.map(|(k, v)| ((k.prefix_len(), k.data()), v))
-                    .map_err(protected_err)
-            })
-            .collect()
+        ProtectedMap::entries(self)
     }
-    fn insert(&mut self, (len, key): (u32, AddrKey), value: &Protected) -> Result<()> {
-        self.0
-            .insert(&Key::new(len, key), value, 0)
-            .map_err(protected_err)
+    fn insert(&mut self, key: (u32, AddrKey), value: &Protected) -> Result<()> {
+        ProtectedMap::insert(self, key, value)
     }
-    fn remove(&mut self, (len, key): (u32, AddrKey)) -> Result<()> {
-        self.0.remove(&Key::new(len, key)).map_err(protected_err)
-    }
-}
-
-fn protected_err(source: MapError) -> Error {
-    Error::Map {
-        name: map_names::PROTECTED,
-        source,
+    fn remove(&mut self, key: (u32, AddrKey)) -> Result<()> {
+        ProtectedMap::remove(self, key)
     }
 }
 
@@ -127,38 +102,23 @@ impl Enforcer {
     /// destination becomes protected once both are in; a removed one stops
     /// matching as soon as its trie entry goes.
     pub fn sync_destinations(&mut self, compiled: &Compiled) -> Result<SyncReport> {
-        let name = map_names::PROTECTED;
-        let err = move |source| Error::Map { name, source };
-        let report = {
-            let trie = LpmTrie::try_from(self.map_mut(name)?).map_err(err)?;
-            diff_and_sync(&mut ProtectedMap(trie), &compiled.entries)?
-        };
-        let name = map_names::PREFILTER;
-        let err = move |source| Error::Map { name, source };
-        let mut words: Array<&mut MapData, u64> =
-            Array::try_from(self.map_mut(name)?).map_err(err)?;
+        let report = diff_and_sync(&mut ProtectedMap::of(&mut self.ebpf)?, &compiled.entries)?;
+        let mut words = PrefilterMap::of(&mut self.ebpf)?;
         for i in 0..PREFILTER_WORDS {
             let want = compiled.prefilter[i as usize];
-            if words.get(&i, 0).map_err(err)? != want {
-                words.set(i, &want, 0).map_err(err)?;
+            if words.word(i)? != want {
+                words.set_word(i, want)?;
             }
         }
         Ok(report)
     }
 
     fn read_config(&mut self) -> Result<Config> {
-        let name = map_names::CONFIG;
-        let cfg: Array<&mut MapData, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        cfg.get(&0, 0).map_err(|source| Error::Map { name, source })
+        ConfigMap::of(&mut self.ebpf)?.get()
     }
 
     fn write_config(&mut self, value: Config) -> Result<()> {
-        let name = map_names::CONFIG;
-        let mut cfg: Array<&mut MapData, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(|source| Error::Map { name, source })?;
-        cfg.set(0, &value, 0)
-            .map_err(|source| Error::Map { name, source })
+        ConfigMap::of(&mut self.ebpf)?.set(&value)
     }
 
     /// Makes the allow map equal `desired` without ever emptying it.
@@ -188,7 +148,7 @@ impl Enforcer {
             (a, b) => a.or(b),
         };
         let config = |w: Option<(u32, u32)>| Config {
-            default_action: mode.action(),
+            default_action: mode.action().kernel(),
             // An empty window is min > max.
             min_level: w.map_or(1, |w| w.0),
             max_level: w.map_or(0, |w| w.1),
@@ -199,20 +159,17 @@ impl Enforcer {
         // more (never allows more) during the sync.
         self.write_config(config(union))?;
 
-        let name = map_names::ALLOWED;
-        let err = move |source| Error::Map { name, source };
         let want: BTreeMap<u64, AllowEntry> = desired
             .iter()
             .map(|(&id, target)| {
                 let entry = AllowEntry {
-                    action: target.action,
+                    action: target.action.kernel(),
                     _pad: 0,
                 };
                 (id, entry)
             })
             .collect();
-        let map = HashMap::try_from(self.map_mut(name)?).map_err(err)?;
-        let report = diff_and_sync(&mut AllowMap(map), &want)?;
+        let report = diff_and_sync(&mut AllowMap::of(&mut self.ebpf)?, &want)?;
         self.write_config(config(new_window))?;
         if report != SyncReport::default() {
             debug!(?report, "allow map synced");
@@ -233,7 +190,7 @@ impl Enforcer {
                 default_action: 0,
             }
         };
-        config.default_action = mode.action();
+        config.default_action = mode.action().kernel();
         self.write_config(config)
     }
 }
@@ -275,11 +232,12 @@ mod tests {
         type Value = u32;
 
         fn entries(&self) -> Result<BTreeMap<u64, u32>> {
-            let eio = || {
-                allow_err(MapError::SyscallError(aya::sys::SyscallError {
+            let eio = || Error::Map {
+                name: imdsguard_common::map_names::ALLOWED,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                     call: "bpf_map_get_next_key",
                     io_error: std::io::Error::from_raw_os_error(5),
-                }))
+                }),
             };
             let items = self.entries.iter().map(|(&k, &v)| Ok((k, v)));
             match self.fail_after {
@@ -334,7 +292,7 @@ mod tests {
             matches!(
                 e,
                 Error::Map {
-                    source: MapError::SyscallError(_),
+                    source: aya::maps::MapError::SyscallError(_),
                     ..
                 }
             ),

@@ -1,7 +1,7 @@
 //! Command-line interface. The standalone flags are a stable interface:
 //! systemd units and external acceptance checks drive them.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -40,27 +40,21 @@ pub enum Command {
     Destinations,
 }
 
+/// What is attached and where the pins live: the flags `run` and `node`
+/// share.
 #[derive(Clone, Debug, Args)]
-pub struct RunArgs {
-    /// cgroup v2 directory to attach to; every process below it is judged.
-    /// On a node, the kubepods cgroup.
-    #[arg(long)]
-    pub cgroup_root: PathBuf,
-    /// cgroup whose processes (and descendants) may reach protected destinations.
-    #[arg(long = "allow-cgroup", value_name = "PATH")]
-    pub allow_cgroup: Vec<PathBuf>,
-    /// cgroup whose processes are allowed but reported (per-entry audit).
-    #[arg(long = "audit-cgroup", value_name = "PATH")]
-    pub audit_cgroup: Vec<PathBuf>,
-    /// cgroup that is enforced even when the global mode is audit.
-    #[arg(long = "enforce-cgroup", value_name = "PATH")]
-    pub enforce_cgroup: Vec<PathBuf>,
+pub struct EnforcementArgs {
+    /// Attach the programs here instead, an ancestor of the judged root
+    /// (`--cgroup-root`, or on a node the kubepods cgroup), up to the
+    /// hierarchy root itself. Processes outside the judged root stay
+    /// unjudged, but a socket they create and hand to a pod (SCM_RIGHTS) is
+    /// then judged when the pod uses it. The price: every socket below this
+    /// point runs the programs (connect's fast path, and socket()).
+    #[arg(long, value_name = "CGROUP")]
+    pub attach_at: Option<PathBuf>,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// What happens to cgroups without an entry.
-    #[arg(long, value_enum, default_value_t)]
-    pub mode: Mode,
     /// Also enforce unconnected UDP sends (attaches sendmsg4/sendmsg6, which
     /// makes every UDP send on the machine take the socket lock for a check).
     #[arg(long)]
@@ -79,6 +73,44 @@ pub struct RunArgs {
     /// pod that is not allowed (see BENCHMARKS.md for the cost).
     #[arg(long)]
     pub judge_socket_creators: bool,
+}
+
+/// Closing open connections that lost their allow: the flags `run` and
+/// `node` share (`--netns-dir` differs in its default, so each has its own).
+#[derive(Clone, Debug, Args)]
+pub struct RevokeArgs {
+    /// Do not close open connections to protected destinations whose owner
+    /// is denied (at start, and after every change that takes an allow
+    /// away). Revocation enters the network namespaces of the judged
+    /// processes (CAP_SYS_ADMIN) and destroys sockets like `ss -K`
+    /// (CAP_NET_ADMIN, CONFIG_INET_DIAG_DESTROY).
+    #[arg(long)]
+    pub no_revoke: bool,
+    /// Seconds between backstop revocation sweeps.
+    #[arg(long, default_value_t = 60)]
+    pub revoke_interval_secs: u64,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory to attach to; every process below it is judged.
+    /// On a node, the kubepods cgroup.
+    #[arg(long)]
+    pub cgroup_root: PathBuf,
+    /// cgroup whose processes (and descendants) may reach protected destinations.
+    #[arg(long = "allow-cgroup", value_name = "PATH")]
+    pub allow_cgroup: Vec<PathBuf>,
+    /// cgroup whose processes are allowed but reported (per-entry audit).
+    #[arg(long = "audit-cgroup", value_name = "PATH")]
+    pub audit_cgroup: Vec<PathBuf>,
+    /// cgroup that is enforced even when the global mode is audit.
+    #[arg(long = "enforce-cgroup", value_name = "PATH")]
+    pub enforce_cgroup: Vec<PathBuf>,
+    #[command(flatten)]
+    pub enforcement: EnforcementArgs,
+    /// What happens to cgroups without an entry.
+    #[arg(long, value_enum, default_value_t)]
+    pub mode: Mode,
     /// Extra protected destination: `CIDR [tcp|udp|any] [ports=..] [except=..] [name=..]`.
     #[arg(long = "protect", value_name = "SPEC")]
     pub protect: Vec<String>,
@@ -88,27 +120,18 @@ pub struct RunArgs {
     /// Seconds between checks that our links are still attached.
     #[arg(long, default_value_t = 2)]
     pub check_interval_secs: u64,
-    /// Do not close open connections to protected destinations whose owner
-    /// is denied (at start, and after every change that takes an allow
-    /// away). Revocation enters the network namespaces of the judged
-    /// processes (CAP_SYS_ADMIN) and destroys sockets like `ss -K`
-    /// (CAP_NET_ADMIN, CONFIG_INET_DIAG_DESTROY).
-    #[arg(long)]
-    pub no_revoke: bool,
+    #[command(flatten)]
+    pub revoke: RevokeArgs,
     /// Also sweep the network namespaces bind-mounted in this directory
     /// (repeatable).
     #[arg(long = "netns-dir", value_name = "DIR")]
     pub netns_dirs: Vec<PathBuf>,
-    /// Seconds between backstop revocation sweeps.
-    #[arg(long, default_value_t = 60)]
-    pub revoke_interval_secs: u64,
-    /// Attach the programs here instead, an ancestor of the judged root
-    /// (up to the hierarchy root itself). Processes outside the judged root
-    /// stay unjudged, but a socket they create and hand to a pod (SCM_RIGHTS)
-    /// is then judged when the pod uses it. The price: every socket below
-    /// this point runs the programs (connect's fast path, and socket()).
-    #[arg(long, value_name = "CGROUP")]
-    pub attach_at: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz, as for `node` (port 0
+    /// picks a free port; the bound address is in the `ready` log line).
+    /// Unlike `node`, off unless given: a standalone host has no scraper
+    /// by default, and a port bound behind its back would be a surprise.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -126,40 +149,17 @@ pub struct NodeArgs {
     /// The kubepods cgroup; discovered below the cgroup v2 mount when absent.
     #[arg(long)]
     pub kubepods_root: Option<PathBuf>,
-    /// Attach the programs here instead, an ancestor of the kubepods root
-    /// (up to the hierarchy root itself). Processes outside the kubepods root
-    /// stay unjudged, but a socket they create and hand to a pod (SCM_RIGHTS)
-    /// is then judged when the pod uses it. The price: every socket below
-    /// this point runs the programs (connect's fast path, and socket()).
-    #[arg(long, value_name = "CGROUP")]
-    pub attach_at: Option<PathBuf>,
-
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
-    /// Also enforce unconnected UDP sends (see `run --help`).
-    #[arg(long)]
-    pub udp: bool,
+    #[command(flatten)]
+    pub enforcement: EnforcementArgs,
     /// How often the policy file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
     /// Address for /metrics, /healthz and /readyz (port 0 picks a free port;
     /// the bound address is in the `ready` log line).
     #[arg(long, default_value = "0.0.0.0:9090")]
-    pub metrics_addr: std::net::SocketAddr,
-    /// Also deny raw sockets (SOCK_RAW) to pods without an allow entry
-    /// (see `run --help`).
-    #[arg(long)]
-    pub deny_raw_sockets: bool,
-    /// Also judge each socket's creator (see `run --help`).
-    #[arg(long)]
-    pub judge_socket_creators: bool,
-    /// Do not close open connections to protected destinations whose owner
-    /// is denied (at start, and after every change that takes an allow
-    /// away). Revocation enters the network namespaces of the judged
-    /// processes (CAP_SYS_ADMIN) and destroys sockets like `ss -K`
-    /// (CAP_NET_ADMIN, CONFIG_INET_DIAG_DESTROY).
-    #[arg(long)]
-    pub no_revoke: bool,
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub revoke: RevokeArgs,
     /// Also sweep the network namespaces bind-mounted in this directory
     /// (repeatable), where container runtimes keep pod namespaces.
     #[arg(
@@ -168,9 +168,6 @@ pub struct NodeArgs {
         default_value = "/var/run/netns"
     )]
     pub netns_dirs: Vec<PathBuf>,
-    /// Seconds between backstop revocation sweeps.
-    #[arg(long, default_value_t = 60)]
-    pub revoke_interval_secs: u64,
 
     /// Remove this node taint (e.g. `imdsguard.io/not-ready`) once ready:
     /// programs attached and the first full sync done. Needs get/patch on nodes.
@@ -222,4 +219,127 @@ pub struct ExplainArgs {
 pub struct UninstallArgs {
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// The long flags of a subcommand (without the global ones), sorted.
+    fn flags(sub: &str) -> Vec<String> {
+        let cli = Cli::command();
+        let cmd = cli.find_subcommand(sub).unwrap();
+        let mut v: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_parser_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The flag names are a stable interface (systemd units, acceptance
+    /// checks): sharing them between `run` and `node` must not rename any.
+    #[test]
+    fn flag_names_are_stable() {
+        assert_eq!(
+            flags("run"),
+            [
+                "allow-cgroup",
+                "attach-at",
+                "audit-cgroup",
+                "cgroup-root",
+                "check-interval-secs",
+                "deny-raw-sockets",
+                "enforce-cgroup",
+                "judge-socket-creators",
+                "metrics-addr",
+                "mode",
+                "netns-dir",
+                "no-default-destinations",
+                "no-revoke",
+                "pin-dir",
+                "protect",
+                "revoke-interval-secs",
+                "udp",
+            ]
+        );
+        assert_eq!(
+            flags("node"),
+            [
+                "attach-at",
+                "deny-raw-sockets",
+                "judge-socket-creators",
+                "kubepods-root",
+                "metrics-addr",
+                "netns-dir",
+                "no-revoke",
+                "node-name",
+                "pin-dir",
+                "policy",
+                "policy-poll-ms",
+                "remove-startup-taint",
+                "revoke-interval-secs",
+                "udp",
+            ]
+        );
+    }
+
+    #[test]
+    fn run_defaults_leave_the_metrics_endpoints_off() {
+        let Command::Run(a) = Cli::parse_from(["imdsguard", "run", "--cgroup-root", "/r"]).command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.metrics_addr, None);
+        assert_eq!(a.enforcement.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(a.netns_dirs.is_empty());
+        assert_eq!(a.revoke.revoke_interval_secs, 60);
+        assert!(!a.revoke.no_revoke);
+    }
+
+    #[test]
+    fn shared_flags_parse_the_same_in_both_modes() {
+        let shared = [
+            "--attach-at",
+            "/a",
+            "--pin-dir",
+            "/p",
+            "--udp",
+            "--deny-raw-sockets",
+            "--judge-socket-creators",
+            "--no-revoke",
+            "--revoke-interval-secs",
+            "7",
+            "--netns-dir",
+            "/n",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        let run = ["imdsguard", "run", "--cgroup-root", "/r"];
+        let node = ["imdsguard", "node", "--node-name", "n"];
+        let Command::Run(r) = Cli::parse_from(run.iter().chain(&shared)).command else {
+            panic!("not run")
+        };
+        let Command::Node(n) = Cli::parse_from(node.iter().chain(&shared)).command else {
+            panic!("not node")
+        };
+        for (e, rv) in [(&r.enforcement, &r.revoke), (&n.enforcement, &n.revoke)] {
+            assert_eq!(e.attach_at.as_deref(), Some(std::path::Path::new("/a")));
+            assert_eq!(e.pin_dir, PathBuf::from("/p"));
+            assert!(e.udp && e.deny_raw_sockets && e.judge_socket_creators);
+            assert!(rv.no_revoke);
+            assert_eq!(rv.revoke_interval_secs, 7);
+        }
+        assert_eq!(r.netns_dirs, [PathBuf::from("/n")]);
+        assert_eq!(n.netns_dirs, [PathBuf::from("/n")]);
+        assert_eq!(r.metrics_addr, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(n.metrics_addr, "127.0.0.1:0".parse().unwrap());
+    }
 }

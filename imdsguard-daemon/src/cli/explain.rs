@@ -6,19 +6,20 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap};
-use imdsguard_common::{AllowEntry, Config, LAYOUT_VERSION, action, map_names};
+use imdsguard_common::LAYOUT_VERSION;
 use serde::Serialize;
 
 use crate::{
     Error, Result,
-    bpf::maps::{ports_text, read_protected},
+    bpf::allow_walk::deepest_entry,
+    bpf::maps::{AllowMap, ConfigMap, ProtectedMap, ScopeMap, ports_text},
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     cgroup::mount::primary_cgroup2_mount,
     cli::args::ExplainArgs,
-    cli::status::{action_name, read_scope},
+    cli::status::action_name,
     destinations::Prefix,
+    vocabulary::Action,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -50,44 +51,44 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
             path: pins.dir.clone(),
         });
     }
-    let name = map_names::CONFIG;
-    let config: Config = Array::<_, Config>::try_from(pins.open_map(name)?)
-        .and_then(|a| a.get(&0, 0))
-        .map_err(|source| Error::Map { name, source })?;
-    let name = map_names::ALLOWED;
-    let allowed = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
+    let config = ConfigMap::open_pinned(pins)?.get()?;
+    let allowed = AllowMap::open_pinned(pins)?;
 
     // With the programs attached above the judged subtree, a cgroup
     // outside it is not judged at all.
-    let scope = read_scope(pins)?;
+    let scope = ScopeMap::read_pinned(pins)?;
 
-    // The kernel walks the caller's ancestors deepest first over the
-    // configured level window; do the same over the path.
+    // The cgroup's path, itself and its ancestors up to the mount point.
     let mount = primary_cgroup2_mount()?;
-    let mut entry = None;
-    let mut judged = scope.cgroup_id == 0;
+    let mut path = Vec::new();
     let mut dir = Some(cgroup.path.as_path());
     while let Some(d) = dir {
         if !d.starts_with(&mount.mount_point) {
             break;
         }
         if let Ok(c) = CgroupDir::open(d) {
-            judged |= c.id == scope.cgroup_id;
-            let in_window = config.min_level <= c.level && c.level <= config.max_level;
-            if entry.is_none()
-                && in_window
-                && let Ok(e) = allowed.get(&c.id, 0)
-            {
-                entry = Some((c.path, e.action));
-            }
+            path.push(c);
         }
         dir = d.parent();
     }
+    let judged = scope.cgroup_id == 0 || path.iter().any(|c| c.id == scope.cgroup_id);
+    // The kernel's walk over the configured level window, over this path.
+    let entry = deepest_entry(
+        config.min_level,
+        config.max_level,
+        |level| path.iter().find(|c| c.level == level).map(|c| c.id),
+        // An entry that cannot be read counts as none, like a failed lookup
+        // in the kernel.
+        |id| allowed.get(id).ok().flatten(),
+    )
+    .and_then(|found| {
+        let dir = path.iter().find(|c| c.id == found.cgroup_id)?;
+        Some((dir.path.clone(), found.entry.action))
+    });
     let configured = config.layout_version == LAYOUT_VERSION;
     let (act, decided_by) = match &entry {
         _ if !judged => (
-            action::ALLOW,
+            Action::Allow.kernel(),
             "outside the judged subtree (programs attached above it): not judged".to_string(),
         ),
         Some((p, a)) => (*a, format!("allow-map entry on {}", p.display())),
@@ -96,17 +97,19 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
             "no entry on the path: global default".to_string(),
         ),
         None => (
-            action::ENFORCE,
+            Action::Enforce.kernel(),
             "installation not configured: fail closed".to_string(),
         ),
     };
-    let verdict = match act {
-        action::ALLOW => "reachable",
-        action::AUDIT => "reachable (audited)",
+    // A value this build does not know is enforced, as the kernel does.
+    let verdict = match Action::try_from(act) {
+        Ok(Action::Allow) => "reachable",
+        Ok(Action::Audit) => "reachable (audited)",
         _ => "EPERM",
     };
 
-    let destinations: Vec<(Prefix, DestinationVerdict)> = read_protected(pins)?
+    let destinations: Vec<(Prefix, DestinationVerdict)> = ProtectedMap::open_pinned(pins)?
+        .listing()?
         .into_iter()
         .map(|(prefix, ranges)| {
             let verdict = DestinationVerdict {
@@ -223,12 +226,7 @@ pub async fn for_pod(
             let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
             Some(
                 match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {
-                    Some(d) => format!(
-                        "rule {} ({}) -> {}",
-                        d.rule_index,
-                        d.rule_name,
-                        action_name(d.action)
-                    ),
+                    Some(d) => format!("rule {} ({}) -> {}", d.rule_index, d.rule_name, d.action),
                     None => format!("no rule matches -> default {:?}", policy.default_mode())
                         .to_lowercase(),
                 },

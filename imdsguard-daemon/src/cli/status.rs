@@ -3,10 +3,7 @@
 
 use std::{fmt::Write as _, fs, os::fd::AsFd as _, path::PathBuf};
 
-use aya::maps::{Array, HashMap};
-use imdsguard_common::{
-    AllowEntry, Config, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, Scope, action, map_names, scope_flag,
-};
+use imdsguard_common::{LAYOUT_VERSION, scope_flag};
 use serde::Serialize;
 
 use crate::{
@@ -14,18 +11,19 @@ use crate::{
     bpf::sys,
     bpf::{
         enforcer::Counters,
-        maps::{ports_text, read_counters, read_protected},
+        maps::{AllowMap, ConfigMap, CounterMap, ProtectedMap, ScopeMap, ports_text},
     },
     bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::primary_cgroup2_mount,
     cgroup::subtree::paths_of_ids,
     cli::args::StatusArgs,
     destinations::Prefix,
+    vocabulary::{Action, Protocol},
 };
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkStatus {
-    pub hook: &'static str,
+    pub hook: Hook,
     pub link_id: u32,
     pub program_id: u32,
     /// The program's name: tells `sock_create` from `sock_create_raw`.
@@ -86,34 +84,14 @@ pub struct Status {
     pub counters: Counters,
 }
 
-/// The pinned scope entry. An installation from before the scope map has
-/// none, which means the same as an empty one: everything below the attach
-/// point is judged.
-pub fn read_scope(pins: &PinLayout) -> Result<Scope> {
-    let name = map_names::SCOPE;
-    match pins.open_map(name) {
-        Ok(map) => Array::<_, Scope>::try_from(map)
-            .and_then(|a| a.get(&0, 0))
-            .map_err(|source| Error::Map { name, source }),
-        Err(_) => Ok(Scope::default()),
-    }
-}
-
-pub fn action_name(a: u32) -> &'static str {
-    match a {
-        action::ALLOW => "allow",
-        action::AUDIT => "audit",
-        action::ENFORCE => "enforce",
-        _ => "unknown(enforce)",
-    }
+/// The name of an action read from a pinned map; the kernel enforces a
+/// value it does not know.
+pub fn action_name(raw: u32) -> &'static str {
+    Action::try_from(raw).map_or("unknown(enforce)", Action::name)
 }
 
 fn proto_name(mask: u16) -> &'static str {
-    match mask {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        _ => "tcp+udp",
-    }
+    Protocol::try_from(u32::from(mask)).map_or("tcp+udp", Protocol::name)
 }
 
 /// Reads the installation under `pins`.
@@ -131,7 +109,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         }
         let info = sys::link_info(sys::obj_get(&pin)?.as_fd())?;
         links.push(LinkStatus {
-            hook: hook.name(),
+            hook,
             link_id: info.id,
             program_id: info.prog_id,
             program: String::new(),
@@ -149,17 +127,15 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         }
     }
 
-    let name = map_names::CONFIG;
-    let config: Config = Array::<_, Config>::try_from(pins.open_map(name)?)
-        .and_then(|a| a.get(&0, 0))
-        .map_err(|source| Error::Map { name, source })?;
+    let config = ConfigMap::open_pinned(pins)?.get()?;
     let default_action = if config.layout_version == LAYOUT_VERSION {
         action_name(config.default_action)
     } else {
         "unconfigured(enforce)"
     };
 
-    let protected: Vec<(Prefix, ProtectedStatus)> = read_protected(pins)?
+    let protected: Vec<(Prefix, ProtectedStatus)> = ProtectedMap::open_pinned(pins)?
+        .listing()?
         .into_iter()
         .map(|(prefix, ranges)| {
             let ranges = ranges
@@ -174,15 +150,10 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         })
         .collect();
 
-    let name = map_names::ALLOWED;
-    let map = HashMap::<_, u64, AllowEntry>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
-    let mut allowed: Vec<AllowedStatus> = map
-        .iter()
-        // A listing that skipped an entry on a read error would show a
-        // map that is not there: fail instead.
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Map { name, source })?
+    // A listing that skipped an entry on a read error would show a map
+    // that is not there: entries() fails instead.
+    let mut allowed: Vec<AllowedStatus> = AllowMap::open_pinned(pins)?
+        .entries()?
         .into_iter()
         .map(|(id, e)| AllowedStatus {
             cgroup_id: id,
@@ -194,9 +165,9 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         .collect();
     allowed.sort_by_key(|a| a.cgroup_id);
 
-    let counters = read_counters(&pins.open_map(map_names::COUNTERS)?)?;
+    let counters = CounterMap::open_pinned(pins)?.totals()?;
 
-    let raw_scope = read_scope(pins)?;
+    let raw_scope = ScopeMap::read_pinned(pins)?;
     let mut scope = ScopeStatus {
         judged_root_id: (raw_scope.cgroup_id != 0).then_some(raw_scope.cgroup_id),
         judged_root: None,
@@ -215,14 +186,11 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         scope.judged_root = scope.judged_root_id.and_then(|id| paths.get(&id).cloned());
         for l in &mut links {
             l.cgroup = paths.get(&l.cgroup_id).cloned();
-            let attach = Hook::ALL
-                .iter()
-                .find(|h| h.name() == l.hook)
-                .map(|h| h.attach_type());
-            if let (Some(dir), Some(t)) = (&l.cgroup, attach)
+            if let Some(dir) = &l.cgroup
                 && let Ok(f) = fs::File::open(dir)
             {
-                l.programs_on_hook = sys::query_cgroup_programs(f.as_fd(), t).unwrap_or_default();
+                l.programs_on_hook =
+                    sys::query_cgroup_programs(f.as_fd(), l.hook.attach_type()).unwrap_or_default();
             }
         }
         for a in &mut allowed {

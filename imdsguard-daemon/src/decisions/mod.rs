@@ -18,24 +18,111 @@ use std::{
     time::{Duration, Instant},
 };
 
-use imdsguard_common::{Event, PROTO_TCP, PROTO_UDP, addr_form, cause, hook, verdict};
+use imdsguard_common::{Event, addr_form, cause, verdict};
 use serde::Serialize;
 
-use crate::destinations::addr_of_words;
+use crate::{
+    bpf::hook::Hook,
+    destinations::addr_of_words,
+    vocabulary::{Protocol, kernel_enum},
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Denied,
-    Audited,
+kernel_enum! {
+    /// What the kernel did about a judged operation.
+    pub enum Verdict("verdict") {
+        Denied = verdict::DENIED => "denied",
+        Audited = verdict::AUDITED => "audited",
+    }
 }
 
-impl fmt::Display for Verdict {
+kernel_enum! {
+    /// Whose action decided a verdict.
+    pub enum Cause("cause") {
+        /// The calling task's cgroup, which the event's `cgroup_id` names.
+        Caller = cause::CALLER => "caller",
+        /// The cgroup that created the socket, judged more strictly (a
+        /// socket passed over SCM_RIGHTS, say).
+        Creator = cause::CREATOR => "socket-creator",
+    }
+}
+
+/// How the caller wrote the destination, when an IPv6 address embeds an
+/// IPv4 one. Unlike the other kernel values this one has an `Unknown`
+/// variant, not a fallible conversion: a newer kernel object may learn a
+/// new form, and its verdict is still worth reporting (the form only keeps
+/// summaries apart), where an unknown hook or verdict means an event this
+/// build cannot read at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressForm {
+    Plain,
+    /// `::ffff:a.b.c.d`
+    V4Mapped,
+    /// `::a.b.c.d`
+    V4Compat,
+    /// `64:ff9b::a.b.c.d`
+    Nat64,
+    Unknown(u32),
+}
+
+impl AddressForm {
+    pub const fn name(self) -> &'static str {
+        match self {
+            AddressForm::Plain => "plain",
+            AddressForm::V4Mapped => "ipv4-mapped",
+            AddressForm::V4Compat => "ipv4-compatible",
+            AddressForm::Nat64 => "nat64",
+            AddressForm::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl From<u32> for AddressForm {
+    fn from(value: u32) -> Self {
+        match value {
+            addr_form::PLAIN => AddressForm::Plain,
+            addr_form::V4_MAPPED => AddressForm::V4Mapped,
+            addr_form::V4_COMPAT => AddressForm::V4Compat,
+            addr_form::NAT64 => AddressForm::Nat64,
+            other => AddressForm::Unknown(other),
+        }
+    }
+}
+
+impl fmt::Display for AddressForm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Verdict::Denied => "denied",
-            Verdict::Audited => "audited",
-        })
+        f.pad(self.name())
+    }
+}
+
+impl Serialize for AddressForm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// The protocol of an event: TCP or UDP, or neither (`other`) for a
+/// socket that is neither, such as a raw socket's socket().
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventProtocol(pub Option<Protocol>);
+
+impl EventProtocol {
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            Some(p) => p.name(),
+            None => "other",
+        }
+    }
+}
+
+impl fmt::Display for EventProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl Serialize for EventProtocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -47,15 +134,14 @@ pub struct Decision {
     pub pid: u32,
     pub comm: String,
     pub destination: SocketAddr,
-    pub protocol: &'static str,
-    pub hook: &'static str,
+    pub protocol: EventProtocol,
+    pub hook: Hook,
     pub verdict: Verdict,
     /// How the caller wrote an IPv4 destination on an IPv6 socket, if it did.
-    pub address_form: &'static str,
-    /// Whose action decided: `caller` (the calling task's cgroup, which
-    /// `cgroup_id` names) or `socket-creator` (the socket came from a
-    /// cgroup judged more strictly, e.g. passed over SCM_RIGHTS).
-    pub decided_by: &'static str,
+    pub address_form: AddressForm,
+    /// Whose action decided: the calling task's cgroup, which `cgroup_id`
+    /// names, or the socket's creator.
+    pub decided_by: Cause,
 }
 
 impl Decision {
@@ -77,36 +163,11 @@ impl Decision {
             pid: e.pid_tgid as u32,
             comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
             destination: SocketAddr::new(ip, e.port as u16),
-            protocol: match e.proto as u16 {
-                PROTO_TCP => "tcp",
-                PROTO_UDP => "udp",
-                _ => "other",
-            },
-            hook: match e.hook {
-                hook::CONNECT4 => "connect4",
-                hook::CONNECT6 => "connect6",
-                hook::SENDMSG4 => "sendmsg4",
-                hook::SENDMSG6 => "sendmsg6",
-                hook::SOCK_CREATE => "sock_create",
-                _ => return None,
-            },
-            verdict: match e.verdict {
-                verdict::DENIED => Verdict::Denied,
-                verdict::AUDITED => Verdict::Audited,
-                _ => return None,
-            },
-            address_form: match e.addr_form {
-                addr_form::PLAIN => "plain",
-                addr_form::V4_MAPPED => "ipv4-mapped",
-                addr_form::V4_COMPAT => "ipv4-compatible",
-                addr_form::NAT64 => "nat64",
-                _ => "unknown",
-            },
-            decided_by: match e.cause {
-                cause::CALLER => "caller",
-                cause::CREATOR => "socket-creator",
-                _ => return None,
-            },
+            protocol: EventProtocol(Protocol::try_from(e.proto).ok()),
+            hook: Hook::try_from(e.hook).ok()?,
+            verdict: Verdict::try_from(e.verdict).ok()?,
+            address_form: AddressForm::from(e.addr_form),
+            decided_by: Cause::try_from(e.cause).ok()?,
         })
     }
 }
@@ -127,8 +188,8 @@ pub struct SummaryKey {
     pub verdict: Verdict,
     /// Kept apart so that a new way of writing the same destination (a
     /// bypass attempt through an IPv6 socket, say) is logged, not folded.
-    pub hook: &'static str,
-    pub address_form: &'static str,
+    pub hook: Hook,
+    pub address_form: AddressForm,
 }
 
 /// A closed window's repeats for one key.
@@ -261,6 +322,8 @@ pub trait Attributor: Send + 'static {
 
 #[cfg(test)]
 mod tests {
+    use imdsguard_common::{PROTO_ANY, PROTO_TCP, hook};
+
     use super::*;
     use crate::destinations::words_of;
 
@@ -300,10 +363,45 @@ mod tests {
         assert_eq!(d.comm, "curl");
         assert_eq!(d.destination, "169.254.169.254:80".parse().unwrap());
         assert_eq!(
-            (d.protocol, d.hook, d.verdict, d.address_form),
-            ("tcp", "connect6", Verdict::Denied, "ipv4-mapped")
+            (d.protocol, d.hook, d.verdict, d.address_form, d.decided_by),
+            (
+                EventProtocol(Some(Protocol::Tcp)),
+                Hook::Connect6,
+                Verdict::Denied,
+                AddressForm::V4Mapped,
+                Cause::Caller
+            )
+        );
+        // The names logs and metrics labels carry.
+        assert_eq!(
+            [d.protocol.name(), d.hook.name(), d.verdict.name()],
+            ["tcp", "connect6", "denied"]
+        );
+        assert_eq!(
+            [d.address_form.name(), d.decided_by.name()],
+            ["ipv4-mapped", "caller"]
         );
         assert!(Decision::decode(&bytes(&event(80))[..10]).is_none());
+    }
+
+    #[test]
+    fn unknown_values_fail_or_are_named_unknown() {
+        let mut e = event(80);
+        e.proto = PROTO_ANY as u32;
+        e.addr_form = 99;
+        let d = Decision::decode(&bytes(&e)).unwrap();
+        assert_eq!(d.protocol.to_string(), "other");
+        assert_eq!(d.address_form, AddressForm::Unknown(99));
+        assert_eq!(d.address_form.to_string(), "unknown");
+        for field in [
+            |e: &mut Event| e.hook = 99,
+            |e: &mut Event| e.verdict = 99,
+            |e: &mut Event| e.cause = 99,
+        ] {
+            let mut e = event(80);
+            field(&mut e);
+            assert!(Decision::decode(&bytes(&e)).is_none());
+        }
     }
 
     #[test]

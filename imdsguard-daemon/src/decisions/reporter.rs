@@ -29,6 +29,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use super::{Attribution, Attributor, Decision, Summarizer, Verdict};
+use crate::bpf::hook::Hook;
 use crate::metrics::{DecisionLabels, Metrics};
 
 /// How long decisions wait for the attributor's first sync (the node
@@ -167,8 +168,8 @@ impl<A: Attributor> Reporter<A> {
                         attribution = who.unattributed,
                         destination = %k.destination,
                         verdict = %k.verdict,
-                        hook = k.hook,
-                        address_form = k.address_form,
+                        hook = k.hook.name(),
+                        address_form = k.address_form.name(),
                         repeats = s.suppressed,
                         "repeated metadata access (summarised)"
                     );
@@ -227,26 +228,26 @@ fn log_decision(d: &Decision, who: &Attribution) {
         who.unattributed,
     );
     match d.verdict {
-        Verdict::Denied if d.hook == "sock_create" => warn!(
+        Verdict::Denied if d.hook == Hook::SockCreate => warn!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container, container_id, attribution,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook.name(),
             "raw socket denied"
         ),
-        Verdict::Audited if d.hook == "sock_create" => info!(
+        Verdict::Audited if d.hook == Hook::SockCreate => info!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container, container_id, attribution,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, hook = d.hook.name(),
             "raw socket would be denied (audit)"
         ),
         Verdict::Denied => warn!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container, container_id, attribution,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol.name(),
+            hook = d.hook.name(), address_form = d.address_form.name(), decided_by = d.decided_by.name(),
             "metadata access denied"
         ),
         Verdict::Audited => info!(
             verdict = %d.verdict, cgroup_id = d.cgroup_id, cgroup = %who.cgroup, pod, container, container_id, attribution,
-            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol,
-            hook = d.hook, address_form = d.address_form, decided_by = d.decided_by,
+            pid = d.tgid, tid = d.pid, comm = %d.comm, destination = %d.destination, protocol = d.protocol.name(),
+            hook = d.hook.name(), address_form = d.address_form.name(), decided_by = d.decided_by.name(),
             "metadata access would be denied (audit)"
         ),
     }

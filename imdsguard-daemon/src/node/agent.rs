@@ -3,6 +3,8 @@
 //!
 //! Tasks and what they own:
 //! - the enforcer task owns the BPF objects (see [`crate::bpf::owner`]);
+//!   it, the decision reporter, the revoker, the endpoints and the signals
+//!   are the runtime both modes share ([`crate::runtime`]);
 //! - two watcher+reflector tasks keep the pod and namespace stores, with
 //!   backoff on errors; during an API outage the stores keep the last state,
 //!   so enforcement continues unchanged and nothing is opened;
@@ -10,7 +12,7 @@
 //! - the reconciler recomputes the whole allow map from the full stores.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,22 +27,18 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::{
     Error, Result,
-    bpf::bpffs,
-    bpf::enforcer::{Attachment, Enforcer, MapState},
-    bpf::owner,
-    bpf::{hook::Hook, pins::PinLayout},
+    bpf::{bpffs, enforcer::MapState, owner},
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
-    decisions, http,
-    metrics::{Health, Metrics},
     node::pod_cgroups::Cgroupfs,
     node::policy_reload::{PolicyReloader, compile_destinations, load_policy},
     node::watchers::drive,
+    runtime::{self, MetricsServer, Signals},
 };
 use crate::{
     cgroup::kubepods_wait::{self, Kubepods},
@@ -55,51 +53,17 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // Everything that can be wrong with the input is checked before any
     // program is loaded: a bad policy refuses to start.
     let (policy_text, policy) = load_policy(&args)?;
-    bpffs::check_pin_mount(&args.pin_dir)?;
+    bpffs::check_pin_mount(&args.enforcement.pin_dir)?;
     let source = Kubepods::of(args.kubepods_root.as_deref())?;
     let client = Client::try_default().await.map_err(Error::Kube)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| Error::Syscall {
-            call: "sigaction(SIGTERM)",
-            source,
-        })?;
+    let mut signals = Signals::install()?;
 
     // The endpoints serve from the start: an agent that waits for its
     // cgroup is alive (/healthz) but not ready (/readyz).
-    let metrics = Arc::new(Metrics::new());
-    let health = Health::new(
-        Hook::wanted(
-            args.udp,
-            args.deny_raw_sockets || args.judge_socket_creators,
-            false,
-        )
-        .len() as u32,
-    );
-    let enforcer_slot = Arc::new(OnceLock::new());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(Error::io(
-            "listen on --metrics-addr",
-            args.metrics_addr.to_string(),
-        ))?;
-    let metrics_addr = listener.local_addr().map_err(Error::io(
-        "listen on --metrics-addr",
-        args.metrics_addr.to_string(),
-    ))?;
-    // Dropping `stop_http` (any return from here on) also stops the server.
-    let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let http_server = tokio::spawn(http::serve(
-        listener,
-        http::Endpoints {
-            metrics: metrics.clone(),
-            health: health.clone(),
-            enforcer: enforcer_slot.clone(),
-        },
-        async {
-            let _ = http_stopped.await;
-        },
-    ));
-    info!(metrics_addr = %metrics_addr, "serving /metrics, /healthz and /readyz");
+    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement).len());
+    // Dropping the server (any return from here on) also stops it.
+    let server = MetricsServer::bind(args.metrics_addr, endpoints.clone()).await?;
+    let metrics_addr = server.addr();
 
     let waited = Instant::now();
     let mut announced = false;
@@ -114,8 +78,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     });
     let layout = tokio::select! {
         r = found => r.map_err(Error::PodCgroup)?,
-        _ = tokio::signal::ctrl_c() => return exit_while_waiting(&source),
-        _ = term.recv() => return exit_while_waiting(&source),
+        () = signals.recv() => return exit_while_waiting(&source),
     };
     if announced {
         info!(
@@ -133,26 +96,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         allowed: None,
         destinations: compile_destinations(&policy)?,
     };
-    let attachment = Attachment {
-        cgroup_root: root.clone(),
-        attach_at: args.attach_at.as_ref().map(CgroupDir::open).transpose()?,
-        pins: PinLayout::new(&args.pin_dir),
-        udp: args.udp,
-        deny_raw_sockets: args.deny_raw_sockets,
-        judge_socket_creators: args.judge_socket_creators,
-        filter: None,
-    };
-    let (mut enforcer, _) = Enforcer::start(attachment, &desired)?;
-    let ring = enforcer.take_events()?;
-    metrics
-        .protected_prefixes
-        .set(desired.destinations.entries.len() as i64);
+    let metrics = endpoints.metrics.clone();
     let observers = owner::Observers {
         metrics: metrics.clone(),
-        health: health.clone(),
+        health: endpoints.health.clone(),
     };
-    // The pod store and the recorder exist before the watchers run, so
-    // that the revoker can name pods from its first sweep on.
+    // The pod store and the recorder exist before the enforcement starts,
+    // so that the revoker can name pods from its first sweep on.
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let recorder = Recorder::new(
         client.clone(),
@@ -161,28 +111,22 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             instance: Some(args.node_name.clone()),
         },
     );
-    let revoker = (!args.no_revoke).then(|| {
-        let names =
-            PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone()));
-        crate::revoke::task::spawn(
-            crate::revoke::task::Settings {
-                root: root.clone(),
-                netns_dirs: args.netns_dirs.clone(),
-                resweep: Duration::from_secs(args.revoke_interval_secs.max(1)),
-            },
-            Some(metrics.clone()),
-            Some(Box::new(names)),
-        )
-    });
-    let (handle, owner) = owner::spawn(
-        enforcer,
+    let running = runtime::start(
+        runtime::attachment(&args.enforcement, root.clone())?,
         desired,
-        Duration::from_secs(2),
-        Some(observers.clone()),
-        revoker.as_ref().map(|(r, _)| r.clone()),
-    );
-    // Set once, here; nothing else sets it.
-    let _ = enforcer_slot.set(handle.clone());
+        runtime::Settings {
+            check_every: Duration::from_secs(2),
+            revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
+        },
+        &endpoints,
+        PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
+        Box::new(PodAttributor::new(
+            root.path.clone(),
+            pod_store.clone(),
+            Some(recorder.clone()),
+        )),
+    )?;
+    let handle = running.handle().clone();
 
     let trigger = Arc::new(Notify::new());
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
@@ -211,7 +155,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     .object_ref(&());
 
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
-    let mut tasks: Vec<BoxFuture<'static, &'static str>> = vec![
+    let tasks: Vec<BoxFuture<'static, &'static str>> = vec![
         Box::pin(drive(pods, trigger.clone(), "pods", metrics.clone())),
         Box::pin(drive(
             namespaces,
@@ -259,38 +203,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             }
             .run(),
         ),
-        Box::pin(async move {
-            decisions::report(
-                ring,
-                PodAttributor::new(root.path.clone(), pod_store, Some(recorder)),
-                Some(metrics),
-            )
-            .await;
-            "event reporter"
-        }),
     ];
-    tasks.push(Box::pin(async move {
-        match owner.await {
-            Ok(Err(e)) => error!(error = %e, "enforcer task failed"),
-            Err(e) => error!(error = %e, "enforcer task panicked"),
-            Ok(Ok(())) => {}
-        }
-        "enforcer"
-    }));
-
-    let (stopped, _, _) = tokio::select! {
-        r = futures::future::select_all(tasks) => r,
-        _ = tokio::signal::ctrl_c() => ("signal", 0, Vec::new()),
-        _ = term.recv() => ("signal", 0, Vec::new()),
-    };
-    info!(
-        stopped,
-        "exiting; enforcement stays attached and pinned (remove it with `imdsguard uninstall`)"
-    );
-    // Responses in flight finish, so a scrape racing the exit still gets
-    // its answer; `serve` bounds the wait.
-    let _ = stop_http.send(());
-    let _ = http_server.await;
+    running.until_stopped(tasks, &mut signals).await;
+    server.stop().await;
     Ok(())
 }
 

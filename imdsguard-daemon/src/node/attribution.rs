@@ -22,8 +22,9 @@ use tracing::debug;
 
 use crate::cgroup::pod::{container_id_of, parse_pod_dir};
 use crate::{
+    bpf::hook::Hook,
     cgroup::subtree::paths_of_ids,
-    decisions::{Attribution, Attributor, CONTAINER_NOT_IN_STATUS, Decision, Verdict},
+    decisions::{Attribution, Attributor, CONTAINER_NOT_IN_STATUS, Cause, Decision, Verdict},
     revoke::sweep::Revoked,
 };
 
@@ -166,21 +167,21 @@ impl Attributor for PodAttributor {
         let Some((recorder, reference)) = self.event_target(who, &d.destination.to_string()) else {
             return;
         };
-        let what = if d.hook == "sock_create" {
+        let what = if d.hook == Hook::SockCreate {
             "raw socket".to_string()
         } else {
             format!("metadata access to {}", d.destination)
         };
         let (reason, note) = match d.verdict {
-            Verdict::Denied if d.hook == "sock_create" => (
+            Verdict::Denied if d.hook == Hook::SockCreate => (
                 "RawSocketDenied",
                 "raw socket denied by imdsguard".to_string(),
             ),
-            Verdict::Audited if d.hook == "sock_create" => (
+            Verdict::Audited if d.hook == Hook::SockCreate => (
                 "RawSocketAudited",
                 format!("{what} would be denied by imdsguard (audit mode)"),
             ),
-            Verdict::Denied if d.decided_by == "socket-creator" => (
+            Verdict::Denied if d.decided_by == Cause::Creator => (
                 "MetadataAccessDenied",
                 format!(
                     "metadata access denied to {} by imdsguard: the socket was created by a cgroup that is not allowed",

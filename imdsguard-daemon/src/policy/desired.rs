@@ -24,6 +24,7 @@ use crate::{
     },
     filter::rules::FilterRules,
     policy::file::PolicyFile,
+    vocabulary::Action,
 };
 
 /// Finds a pod's cgroup, if kubelet has created it yet.
@@ -39,8 +40,7 @@ pub struct PodDecision {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    /// `imdsguard_common::action` value.
-    pub action: u32,
+    pub action: Action,
     pub rule: String,
     /// None while kubelet has not created the pod's cgroup yet (the pod is
     /// then judged by the global default, i.e. denied when enforcing).
@@ -134,8 +134,6 @@ pub fn pod_cgroup(pod: &Pod, uid: &str, cgroups: &impl CgroupResolver) -> Option
 
 #[cfg(test)]
 mod tests {
-    use imdsguard_common::action;
-
     use super::*;
 
     const POLICY: &str = "defaultMode: enforce\nrules:\n  - name: prod\n    podSelector:\n      matchLabels: {app: prod}\n    access: allow\n";
@@ -205,7 +203,7 @@ mod tests {
                 1007,
                 AllowTarget {
                     level: 3,
-                    action: action::ALLOW
+                    action: Action::Allow
                 }
             )])
         );

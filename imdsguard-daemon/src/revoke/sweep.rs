@@ -15,18 +15,21 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use imdsguard_common::{PROTO_TCP, PROTO_UDP, action};
 use serde::Serialize;
 
 use super::{
     netns::{in_netns, netns_of},
-    sock_diag::{Destroyed, DiagSocket, SockDiag, Transport},
+    sock_diag::{Destroyed, DiagSocket, SockDiag},
 };
 use crate::{
-    bpf::enforcer::{AllowTarget, MapState, Mode},
+    bpf::{
+        allow_walk::deepest_entry,
+        enforcer::{AllowTarget, MapState, Mode},
+    },
     cgroup::mount::CgroupDir,
     cgroup::subtree,
     destinations::Compiled,
+    vocabulary::{Action, Protocol},
 };
 
 /// What the maps enforce, as the sweep judges sockets by it: the allow
@@ -52,40 +55,52 @@ impl EnforcedState {
 
 /// The judged subtree as the kernel names it: cgroup id to parent id, and
 /// the directories (whose processes' namespaces the sweep enters).
-pub struct Tree {
+pub struct JudgedSubtree {
     root: u64,
+    /// The root's absolute level: the allow entries' levels are absolute.
+    root_level: u32,
     parent: HashMap<u64, u64>,
     dirs: Vec<PathBuf>,
 }
 
-impl Tree {
+impl JudgedSubtree {
     /// One walk of `root` on cgroupfs.
     pub fn read(root: &CgroupDir) -> io::Result<Self> {
         let cgroups = subtree::walk(&root.path)?;
         Ok(Self {
             root: root.id,
+            root_level: root.level,
             parent: cgroups.iter().skip(1).map(|c| (c.id, c.parent)).collect(),
             dirs: cgroups.into_iter().map(|c| c.path).collect(),
         })
     }
 
     /// The action the programs apply to a socket owned by `cgroup_id`: the
-    /// deepest allow entry on its path, or the default. None when the
-    /// cgroup is not in the judged subtree.
-    pub fn action_of(&self, cgroup_id: u64, policy: &EnforcedState) -> Option<u32> {
-        if cgroup_id != self.root && !self.parent.contains_key(&cgroup_id) {
-            return None;
-        }
+    /// deepest allow entry on its path, or the default, found by the
+    /// kernel's walk over the level window the sync writes for these
+    /// entries. None when the cgroup is not in the judged subtree.
+    pub fn action_of(&self, cgroup_id: u64, enforced: &EnforcedState) -> Option<Action> {
+        // The path from the root down to the cgroup: path[i] is at
+        // absolute level root_level + i.
+        let mut path = vec![cgroup_id];
         let mut id = cgroup_id;
-        loop {
-            if let Some(t) = policy.allowed.get(&id) {
-                return Some(t.action);
-            }
-            if id == self.root {
-                return Some(policy.mode.action());
-            }
+        while id != self.root {
             id = *self.parent.get(&id)?;
+            path.push(id);
         }
+        path.reverse();
+        let levels = enforced.allowed.values().map(|t| t.level);
+        let (min_level, max_level) = (levels.clone().min(), levels.max());
+        let found = deepest_entry(
+            min_level.unwrap_or(1),
+            max_level.unwrap_or(0),
+            |level| {
+                let depth = level.checked_sub(self.root_level)?;
+                path.get(depth as usize).copied()
+            },
+            |id| enforced.allowed.get(&id).map(|t| t.action),
+        );
+        Some(found.map_or(enforced.mode.action(), |f| f.entry))
     }
 }
 
@@ -109,12 +124,9 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// Whether `s` is a connection the policy now denies.
-pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
-    let proto = match s.transport {
-        Transport::Tcp => PROTO_TCP,
-        Transport::Udp => PROTO_UDP,
-    };
+/// Whether `s` is a connection the enforced state now denies.
+pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, enforced: &EnforcedState) -> bool {
+    let proto = s.transport.mask();
     // An unconnected UDP socket has no destination to judge.
     if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
         return false;
@@ -122,22 +134,23 @@ pub fn must_go(s: &DiagSocket, tree: &Tree, policy: &EnforcedState) -> bool {
     let Some(owner) = s.cgroup_id else {
         return false;
     };
-    if !policy
+    if !enforced
         .destinations
         .protects(s.dst.ip(), s.dst.port(), proto)
     {
         return false;
     }
     // Audit never takes anything away; only an enforced verdict revokes.
-    matches!(tree.action_of(owner, policy), Some(a) if a != action::ALLOW && a != action::AUDIT)
+    tree.action_of(owner, enforced)
+        .is_some_and(|a| !a.reaches())
 }
 
 /// Sweeps the namespaces of processes below `root`, plus every netns file
 /// in `netns_dirs` (bind mounts such as /var/run/netns, where container
 /// runtimes keep pod namespaces), plus our own.
-pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
+pub fn sweep(root: &CgroupDir, enforced: &EnforcedState, netns_dirs: &[PathBuf]) -> Report {
     let mut report = Report::default();
-    let tree = match Tree::read(root) {
+    let tree = match JudgedSubtree::read(root) {
         Ok(t) => t,
         Err(e) => {
             report.errors.push(e.to_string());
@@ -176,7 +189,7 @@ pub fn sweep(root: &CgroupDir, policy: &EnforcedState, netns_dirs: &[PathBuf]) -
         add_netns_dir(dir, &mut namespaces, &mut report.errors);
     }
     for (ino, file) in namespaces {
-        let work = || sweep_here(&tree, policy);
+        let work = || sweep_here(&tree, enforced);
         let result = match &file {
             None => Ok(work()),
             Some(f) => in_netns(f, work),
@@ -223,11 +236,11 @@ fn add_netns_dir(
 type Swept = (usize, Vec<Revoked>, Vec<String>);
 
 /// Dumps and destroys in the calling thread's namespace.
-fn sweep_here(tree: &Tree, policy: &EnforcedState) -> io::Result<Swept> {
+fn sweep_here(tree: &JudgedSubtree, enforced: &EnforcedState) -> io::Result<Swept> {
     let mut examined = 0;
     let mut revoked = Vec::new();
     let mut errors = Vec::new();
-    for transport in [Transport::Tcp, Transport::Udp] {
+    for transport in [Protocol::Tcp, Protocol::Udp] {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             // A fresh socket per dump: after a failed one the kernel refuses
             // the next dump on the same socket (EBUSY).
@@ -240,7 +253,7 @@ fn sweep_here(tree: &Tree, policy: &EnforcedState) -> io::Result<Swept> {
                 }
             };
             examined += sockets.len();
-            for s in sockets.iter().filter(|s| must_go(s, tree, policy)) {
+            for s in sockets.iter().filter(|s| must_go(s, tree, enforced)) {
                 match diag.destroy(s) {
                     Ok(Destroyed::Closed) => revoked.push(Revoked {
                         cgroup_id: s.cgroup_id.unwrap_or_default(),
@@ -262,27 +275,36 @@ mod tests {
     use super::*;
     use crate::destinations;
 
-    /// root(1) -> pod(2) -> ctr(3); root -> other(4)
-    fn tree() -> Tree {
-        Tree {
+    /// root(1) -> pod(2) -> ctr(3); root -> other(4); the root at level 3.
+    fn tree() -> JudgedSubtree {
+        JudgedSubtree {
             root: 1,
+            root_level: 3,
             parent: HashMap::from([(2, 1), (3, 2), (4, 1)]),
             dirs: Vec::new(),
         }
     }
 
-    fn policy(allowed: &[(u64, u32)], mode: Mode) -> EnforcedState {
+    fn policy(allowed: &[(u64, Action)], mode: Mode) -> EnforcedState {
+        let level = |id| match id {
+            1 => 3,
+            2 | 4 => 4,
+            _ => 5,
+        };
         EnforcedState {
             allowed: allowed
                 .iter()
-                .map(|&(id, action)| (id, AllowTarget { level: 0, action }))
+                .map(|&(id, action)| {
+                    let level = level(id);
+                    (id, AllowTarget { level, action })
+                })
                 .collect(),
             mode,
             destinations: destinations::compile(&destinations::defaults()).unwrap(),
         }
     }
 
-    fn socket(transport: Transport, dst: &str, cgroup_id: Option<u64>) -> DiagSocket {
+    fn socket(transport: Protocol, dst: &str, cgroup_id: Option<u64>) -> DiagSocket {
         DiagSocket::for_tests(
             transport,
             "10.0.0.1:40000".parse().unwrap(),
@@ -294,57 +316,67 @@ mod tests {
     #[test]
     fn the_deepest_entry_on_the_owners_path_decides() {
         let t = tree();
-        let p = policy(&[(2, action::ALLOW), (3, action::ENFORCE)], Mode::Enforce);
-        assert_eq!(t.action_of(2, &p), Some(action::ALLOW));
-        assert_eq!(t.action_of(3, &p), Some(action::ENFORCE));
-        assert_eq!(t.action_of(4, &p), Some(action::ENFORCE));
-        assert_eq!(t.action_of(1, &p), Some(action::ENFORCE));
+        let p = policy(&[(2, Action::Allow), (3, Action::Enforce)], Mode::Enforce);
+        assert_eq!(t.action_of(2, &p), Some(Action::Allow));
+        assert_eq!(t.action_of(3, &p), Some(Action::Enforce));
+        assert_eq!(t.action_of(4, &p), Some(Action::Enforce));
+        assert_eq!(t.action_of(1, &p), Some(Action::Enforce));
         // Not below the judged root: a host process's socket.
         assert_eq!(t.action_of(99, &p), None);
         let audit = policy(&[], Mode::Audit);
-        assert_eq!(t.action_of(4, &audit), Some(action::AUDIT));
+        assert_eq!(t.action_of(4, &audit), Some(Action::Audit));
+    }
+
+    #[test]
+    fn entries_on_the_root_and_deeper_levels_are_walked_like_the_kernel() {
+        let t = tree();
+        let p = policy(&[(1, Action::Audit), (3, Action::Allow)], Mode::Enforce);
+        assert_eq!(t.action_of(1, &p), Some(Action::Audit));
+        assert_eq!(t.action_of(2, &p), Some(Action::Audit));
+        assert_eq!(t.action_of(3, &p), Some(Action::Allow));
+        assert_eq!(t.action_of(4, &p), Some(Action::Audit));
     }
 
     #[test]
     fn only_enforced_owners_of_protected_connections_lose_them() {
         let t = tree();
-        let p = policy(&[(2, action::ALLOW)], Mode::Enforce);
+        let p = policy(&[(2, Action::Allow)], Mode::Enforce);
         let imds = "169.254.169.254:80";
-        assert!(must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &p));
-        assert!(must_go(&socket(Transport::Udp, imds, Some(4)), &t, &p));
+        assert!(must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &p));
+        assert!(must_go(&socket(Protocol::Udp, imds, Some(4)), &t, &p));
         assert!(must_go(
-            &socket(Transport::Tcp, "[::ffff:169.254.169.254]:80", Some(4)),
+            &socket(Protocol::Tcp, "[::ffff:169.254.169.254]:80", Some(4)),
             &t,
             &p
         ));
         assert!(must_go(
-            &socket(Transport::Tcp, "[fd00:ec2::254]:443", Some(4)),
+            &socket(Protocol::Tcp, "[fd00:ec2::254]:443", Some(4)),
             &t,
             &p
         ));
         // Allowed owners (and their children), unknown and outside owners.
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(2)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(3)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(99)), &t, &p));
-        assert!(!must_go(&socket(Transport::Tcp, imds, None), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(2)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(3)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(99)), &t, &p));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, None), &t, &p));
         // Unprotected destinations and ports; unconnected UDP.
         assert!(!must_go(
-            &socket(Transport::Tcp, "169.254.169.254:53", Some(4)),
+            &socket(Protocol::Tcp, "169.254.169.254:53", Some(4)),
             &t,
             &p
         ));
         assert!(!must_go(
-            &socket(Transport::Tcp, "10.1.1.1:80", Some(4)),
+            &socket(Protocol::Tcp, "10.1.1.1:80", Some(4)),
             &t,
             &p
         ));
         assert!(!must_go(
-            &socket(Transport::Udp, "0.0.0.0:0", Some(4)),
+            &socket(Protocol::Udp, "0.0.0.0:0", Some(4)),
             &t,
             &p
         ));
         // Audit never revokes.
         let audit = policy(&[], Mode::Audit);
-        assert!(!must_go(&socket(Transport::Tcp, imds, Some(4)), &t, &audit));
+        assert!(!must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &audit));
     }
 }

@@ -20,9 +20,9 @@ pub struct Revoker {
 }
 
 impl Revoker {
-    /// Asks for a sweep against `policy`.
-    pub fn sweep(&self, policy: EnforcedState) {
-        self.tx.send_replace(Some(Arc::new(policy)));
+    /// Asks for a sweep against `enforced`.
+    pub fn sweep(&self, enforced: EnforcedState) {
+        self.tx.send_replace(Some(Arc::new(enforced)));
     }
 }
 
@@ -50,13 +50,14 @@ pub fn spawn(
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = backstop.tick() => {}
             }
-            let Some(policy) = rx.borrow_and_update().clone() else {
+            let Some(enforced) = rx.borrow_and_update().clone() else {
                 continue;
             };
             let s = settings.clone();
-            let report =
-                tokio::task::spawn_blocking(move || sweep::sweep(&s.root, &policy, &s.netns_dirs))
-                    .await;
+            let report = tokio::task::spawn_blocking(move || {
+                sweep::sweep(&s.root, &enforced, &s.netns_dirs)
+            })
+            .await;
             let report = match report {
                 Ok(r) => r,
                 Err(e) => {

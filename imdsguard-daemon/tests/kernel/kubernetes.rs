@@ -503,20 +503,6 @@ fn node_agent_waits_for_a_kubepods_root_that_does_not_exist_yet() {
     eventually(&lab, &prod, true);
 }
 
-/// A bare HTTP GET against the agent's metrics address (host loopback).
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// `imdsguard ARGS -o json` with the agent's kubeconfig, parsed.
 fn cli_json(args: &[&str], kubeconfig: &str) -> serde_json::Value {
     let out = std::process::Command::new(bin())

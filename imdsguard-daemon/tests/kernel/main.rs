@@ -5,6 +5,7 @@
 
 mod support;
 
+mod endpoints;
 mod enforcement;
 mod filter;
 mod hardening;
@@ -35,6 +36,7 @@ fn main() {
     trials.extend(socket_identity::trials());
     trials.extend(revocation::trials());
     trials.extend(filter::trials());
+    trials.extend(endpoints::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

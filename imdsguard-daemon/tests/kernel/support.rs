@@ -238,3 +238,17 @@ pub fn assert_nothing_attached(lab: &Lab) {
         assert!(progs.is_empty(), "{} still has {progs:?}", hook.name());
     }
 }
+
+/// A bare HTTP GET against a daemon's metrics address (host loopback).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

@@ -23,9 +23,18 @@ struct Pod {
     cgroup: TestCgroup,
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(name = "imdsguard-demo")]
+struct Cli {
+    /// The `imdsguard` binary the agent runs from (default: the one next
+    /// to this binary).
+    #[arg(long, value_name = "PATH")]
+    imdsguard: Option<std::path::PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
     probe::run_if_probe();
-    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
+    let bin = imdsguard_testlab::imdsguard_bin(<Cli as clap::Parser>::parse().imdsguard)?;
     let lab = Lab::new("demo").context("set up the demo lab (run as root)")?;
 
     // kubelet (systemd driver) layout: kubepods.slice/kubepods-besteffort.slice/

@@ -64,9 +64,18 @@ struct LabPod {
     cgroup: TestCgroup,
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(name = "imdsguard-e2e-simulated")]
+struct Cli {
+    /// The `imdsguard` binary the agent runs from (default: the one next
+    /// to this binary).
+    #[arg(long, value_name = "PATH")]
+    imdsguard: Option<std::path::PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
     probe::run_if_probe();
-    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
+    let bin = imdsguard_testlab::imdsguard_bin(<Cli as clap::Parser>::parse().imdsguard)?;
 
     // Declaration order is the reverse of drop order: the agent dies first,
     // then the cgroups and the lab (pins, netns), then the API server, and

@@ -29,47 +29,27 @@ use imdsguard_testlab::{
     real_node::{self, RealNode, isolation},
 };
 
-/// Paths the xtask passes in.
+/// Paths the xtask passes in (`cargo xtask e2e` runs this).
+#[derive(clap::Parser, Debug)]
+#[command(name = "imdsguard-e2e")]
 struct Args {
     /// The static (musl) imdsguard binary for the agent image.
+    #[arg(long)]
     imdsguard: PathBuf,
     /// The static imdsguard-podprobe binary for the workload image.
+    #[arg(long)]
     podprobe: PathBuf,
+    #[arg(long)]
     kubectl: PathBuf,
+    #[arg(long)]
     helm: PathBuf,
+    #[arg(long)]
     chart: PathBuf,
+    #[arg(long)]
     seccomp_profile: PathBuf,
     /// Start-up race: rounds of [`scenarios::RACE_BATCH`] new allowed pods.
+    #[arg(long, default_value_t = 5)]
     race_rounds: u32,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut map = std::collections::HashMap::new();
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        map.insert(flag, value);
-    }
-    let mut take = |flag: &str| {
-        map.remove(flag)
-            .with_context(|| format!("missing {flag} (run through `cargo xtask e2e`)"))
-    };
-    let args = Args {
-        imdsguard: take("--imdsguard")?.into(),
-        podprobe: take("--podprobe")?.into(),
-        kubectl: take("--kubectl")?.into(),
-        helm: take("--helm")?.into(),
-        chart: take("--chart")?.into(),
-        seccomp_profile: take("--seccomp-profile")?.into(),
-        race_rounds: take("--race-rounds")
-            .ok()
-            .map(|v| v.parse())
-            .transpose()
-            .context("--race-rounds")?
-            .unwrap_or(5),
-    };
-    anyhow::ensure!(map.is_empty(), "unknown arguments: {:?}", map.keys());
-    Ok(args)
 }
 
 pub const IMDS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
@@ -77,7 +57,7 @@ pub const AGENT_IMAGE: &str = "imdsguard.local/imdsguard";
 
 fn main() -> anyhow::Result<()> {
     imdsguard_testlab::require_root()?;
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     // First, while this process has one thread: everything below runs in
     // the node's own network and mount namespaces.
     isolation::isolate().context("isolate the real node")?;
@@ -171,5 +151,34 @@ fn dump_logs(node: &RealNode) {
             "---- agent log (without denials, last 60) ----\n{}",
             rest[rest.len().saturating_sub(60)..].join("\n")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Args;
+
+    #[test]
+    fn takes_the_flags_xtask_passes() {
+        let flags = [
+            "--imdsguard",
+            "--podprobe",
+            "--kubectl",
+            "--helm",
+            "--chart",
+            "--seccomp-profile",
+        ];
+        let mut argv = vec!["imdsguard-e2e".to_owned()];
+        for f in flags {
+            argv.extend([f.to_owned(), format!("/x{f}")]);
+        }
+        let args = Args::try_parse_from(&argv).unwrap();
+        assert_eq!(args.seccomp_profile.to_str(), Some("/x--seccomp-profile"));
+        assert_eq!(args.race_rounds, 5);
+        argv.extend(["--race-rounds".into(), "2".into()]);
+        assert_eq!(Args::try_parse_from(&argv).unwrap().race_rounds, 2);
+        assert!(Args::try_parse_from(&argv[..3]).is_err(), "a path missing");
     }
 }

@@ -1,7 +1,8 @@
 //! Time to enforce: how long the node agent takes to turn a Kubernetes
 //! change into an allow-map change, against a real kube-apiserver and the
-//! real `imdsguard node` on this kernel. Run with `cargo xtask bench-enforce`
-//! (add `-- --iterations N --background-pods N` to change sizes).
+//! real `imdsguard node` on this kernel (`imdsguard-bench enforce`). Run
+//! with `cargo xtask bench-enforce` (add `-- --iterations N
+//! --background-pods N` to change sizes).
 //!
 //! - **label patch -> map:** a pod of namespace `imds` whose cgroup exists is
 //!   relabelled app=test -> app=prod (merge patch, admin client); t0 is taken
@@ -16,16 +17,15 @@
 //! The map is read through the pin with bpf(2) lookups every 100 µs, from a
 //! thread that is already polling when t0 is taken. Nothing is asserted.
 
+mod allow_map;
+
 use std::{
-    io,
-    mem::size_of,
-    os::fd::{AsRawFd as _, OwnedFd},
-    path::Path,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
-use imdsguard::{bpf::pins::PinLayout, bpf::sys};
+use anyhow::{Context as _, bail};
+use imdsguard::bpf::pins::PinLayout;
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     cluster::{Cluster, NODE},
@@ -33,10 +33,11 @@ use imdsguard_testlab::{
     daemon,
     kube_apiserver::KubeApiserver,
     lab::Lab,
-    probe,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::ListParams};
+
+use allow_map::AllowMap;
 
 /// `imdsguard_common::map_names::ALLOWED` (that crate is not a dependency
 /// of the testlab).
@@ -47,33 +48,34 @@ const POLL: Duration = Duration::from_micros(100);
 const CAP: Duration = Duration::from_secs(10);
 const QOS_DIR: &str = "kubepods-besteffort.slice";
 
-fn arg(name: &str, default: u32) -> anyhow::Result<u32> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .with_context(|| format!("{name}: value missing"))?
-            .parse()
-            .with_context(|| format!("{name}: not a number"))?),
-        None => Ok(default),
-    }
+/// `imdsguard-bench enforce`: time from a Kubernetes change to the map.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Timed changes per metric.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    iterations: u32,
+    /// Other pods on the node, with their cgroups.
+    #[arg(long, default_value_t = 20)]
+    background_pods: u32,
+    /// Untimed changes before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Time the agent is given to see a new pod before its cgroup is made.
+    #[arg(long, default_value_t = 200)]
+    settle_ms: u32,
 }
 
-fn main() -> anyhow::Result<()> {
-    probe::run_if_probe();
-    let bin = imdsguard_testlab::imdsguard_bin_arg()?;
-    let iterations = arg("--iterations", 50)?;
-    let background = arg("--background-pods", 20)?;
-    let warmup = arg("--warmup", 2)?;
-    let settle = Duration::from_millis(arg("--settle-ms", 200)?.into());
-    ensure!(iterations > 0, "--iterations must be at least 1");
+/// Runs the bench against the `imdsguard` binary `bin`.
+pub fn run(o: &Options, bin: PathBuf) -> anyhow::Result<()> {
+    let (iterations, background, warmup) = (o.iterations, o.background_pods, o.warmup);
+    let settle = Duration::from_millis(o.settle_ms.into());
 
     // Declaration order is the reverse of drop order: the agent dies first,
     // then the cgroups go, then the apiserver and etcd, then the lab.
     let lab = Lab::new("enforce-bench").context("set up the lab (run as root)")?;
     let api = KubeApiserver::start()
         .context("start kube-apiserver (run `cargo xtask kubernetes` once)")?;
-    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-enforce-bench")?;
+    let dir = imdsguard_testlab::scratch::ScratchDir::new("imdsguard-bench-enforce")?;
     let cluster = Cluster::new(&api, &dir.join("admin.kubeconfig"));
     cluster.apply_rbac();
     cluster.create_namespace("imds");
@@ -288,91 +290,4 @@ fn row(name: &str, samples: &[Duration]) {
         "{name:<44} {n:>5} {median:>11.3} {p99:>11.3} {:>11.3}",
         ms[n - 1]
     );
-}
-
-/// The pinned allow map (key: cgroup id, value: `AllowEntry`, whose first
-/// u32 is the action), read with raw bpf(2) calls.
-struct AllowMap {
-    fd: OwnedFd,
-}
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    /// `value` for lookups, `next_key` for BPF_MAP_GET_NEXT_KEY.
-    value: u64,
-    flags: u64,
-}
-
-impl AllowMap {
-    fn open(pin: &Path) -> anyhow::Result<Self> {
-        let fd = sys::obj_get(pin).with_context(|| format!("open {}", pin.display()))?;
-        Ok(Self { fd })
-    }
-
-    fn call(&self, cmd: libc::c_long, key: u64, value: u64) -> io::Result<()> {
-        let mut attr = ElemAttr {
-            map_fd: self.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key,
-            value,
-            flags: 0,
-        };
-        // SAFETY: attr is laid out as the kernel's bpf_attr for the map
-        // element commands; key and value point to live buffers of the
-        // map's key (u64) and value (8 bytes) sizes, or key is null.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                &raw mut attr,
-                size_of::<ElemAttr>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// The action of `id`'s entry, or None without one.
-    fn action(&self, id: u64) -> anyhow::Result<Option<u32>> {
-        let mut value = [0u32; 2];
-        match self.call(
-            BPF_MAP_LOOKUP_ELEM,
-            &raw const id as u64,
-            value.as_mut_ptr() as u64,
-        ) {
-            Ok(()) => Ok(Some(value[0])),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
-        }
-    }
-
-    /// The action of every entry.
-    fn actions(&self) -> anyhow::Result<Vec<u32>> {
-        let mut out = Vec::new();
-        let mut key = 0u64;
-        let mut next = 0u64;
-        let mut first = true;
-        loop {
-            let k = if first { 0 } else { &raw const key as u64 };
-            match self.call(BPF_MAP_GET_NEXT_KEY, k, &raw mut next as u64) {
-                Ok(()) => {
-                    key = next;
-                    first = false;
-                    // Gone since: skipped.
-                    out.extend(self.action(key)?);
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-                Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
-            }
-        }
-    }
 }

@@ -1,6 +1,7 @@
-//! Hook overhead, program cost and revocation sweep time. See
-//! BENCHMARKS.md; run with `cargo xtask bench` (add `-- --rounds N
-//! --iterations N --sweep-pods N --sweep-connections K` to change sizes).
+//! Hook overhead, program cost and revocation sweep time
+//! (`imdsguard-bench overhead`). See BENCHMARKS.md; run with `cargo xtask
+//! bench` (add `-- --rounds N --iterations N --sweep-pods N
+//! --sweep-connections K` to change sizes).
 //!
 //! Part 1 interleaves arms round by round (rotating their order) and times
 //! TCP connect+close, UDP connect, UDP sendto to an unprotected loopback
@@ -11,14 +12,9 @@
 //! sock_create. Part 3 times one revocation sweep over pods holding idle
 //! connections.
 
-// A binary's root resolves `mod` next to itself (src/bin/), so the parts
-// that live in src/bin/bench/ are named by path.
-#[path = "bench/overhead.rs"]
-mod overhead;
-#[path = "bench/program_cost.rs"]
 mod program_cost;
-#[path = "bench/sweep.rs"]
 mod sweep;
+mod syscalls;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -28,20 +24,30 @@ use imdsguard::{
     bpf::pins::PinLayout,
     cgroup::mount::CgroupDir,
     destinations,
+    vocabulary::Action,
 };
-use imdsguard_common::action;
 use imdsguard_testlab::{cgroups::TestCgroup, lab::Lab, netns::NetNs, probe};
 
-fn arg(name: &str, default: u32) -> anyhow::Result<u32> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .with_context(|| format!("{name}: value missing"))?
-            .parse()
-            .with_context(|| name.to_owned())?),
-        None => Ok(default),
-    }
+/// `imdsguard-bench overhead`: hook overhead, program cost and revocation
+/// sweep time.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Interleaved rounds of the per-call timings.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Calls per operation in each round (the program cost takes at least
+    /// 50000).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    iterations: u32,
+    /// Pods holding idle connections in the revocation sweep.
+    #[arg(long, default_value_t = 20)]
+    sweep_pods: u32,
+    /// Idle connections per pod in the revocation sweep.
+    #[arg(long, default_value_t = 50)]
+    sweep_connections: u32,
+    /// Timed sweeps.
+    #[arg(long, default_value_t = 7)]
+    sweep_runs: u32,
 }
 
 /// Which optional hooks an installation has (connect4/6 always).
@@ -85,7 +91,7 @@ impl Pods {
                     dir.id,
                     AllowTarget {
                         level: dir.level,
-                        action: action::ALLOW,
+                        action: Action::Allow,
                     },
                 ))
             })
@@ -151,17 +157,7 @@ impl Bench {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    probe::run_if_probe();
-    let rounds = arg("--rounds", 7)?;
-    let iterations = arg("--iterations", 20_000)?;
-    anyhow::ensure!(
-        rounds > 0 && iterations > 0,
-        "--rounds and --iterations must be at least 1"
-    );
-    let sweep_pods = arg("--sweep-pods", 20)?;
-    let sweep_connections = arg("--sweep-connections", 50)?;
-    let sweep_runs = arg("--sweep-runs", 7)?;
+pub fn run(o: &Options) -> anyhow::Result<()> {
     let lab = Lab::new("bench")?;
     let bench = Bench {
         pins: PinLayout::new(lab.pin_dir()),
@@ -170,9 +166,9 @@ fn main() -> anyhow::Result<()> {
         lab,
     };
     let pods = Pods::new(&bench.lab)?;
-    overhead::run(&bench, &pods, rounds, iterations)?;
-    program_cost::run(&bench, &pods, iterations.max(50_000))?;
-    sweep::run(&bench, sweep_pods, sweep_connections, sweep_runs)?;
+    syscalls::run(&bench, &pods, o.rounds, o.iterations)?;
+    program_cost::run(&bench, &pods, o.iterations.max(50_000))?;
+    sweep::run(&bench, o.sweep_pods, o.sweep_connections, o.sweep_runs)?;
     Ok(())
 }
 

@@ -1,17 +1,19 @@
 //! The pinned maps: their names, the layout this build expects of each,
-//! and reading the per-CPU counters.
+//! and one typed handle per map (`handles.rs`).
 
-use aya::maps::{LpmTrie, MapData, MapInfo, PerCpuArray};
+mod handles;
+
+pub use handles::{
+    AllowMap, ConfigMap, CounterMap, PrefilterMap, ProtectedMap, ProxyMap, ScopeMap,
+};
+
+use aya::maps::MapInfo;
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, ConnKey, FilterOrigin, PortRange, Protected, ProxyConfig, Scope,
-    SocketOwner, counter, map_names,
+    SocketOwner, map_names,
 };
 
-use crate::{
-    Error, Result,
-    bpf::{enforcer::Counters, pins::PinLayout},
-    destinations::Prefix,
-};
+use crate::{Error, Result, bpf::pins::PinLayout};
 
 /// Every map of the object, all pinned.
 pub const NAMES: [&str; 11] = [
@@ -70,44 +72,6 @@ pub(super) fn check_pinned_layouts(pins: &PinLayout) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Sums the per-CPU counters.
-pub fn read_counters(map: &aya::maps::Map) -> Result<Counters> {
-    let name = map_names::COUNTERS;
-    let err = move |source| Error::Map { name, source };
-    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(err)?;
-    let sum = |i: u32| -> Result<u64> { Ok(arr.get(&i, 0).map_err(err)?.iter().sum()) };
-    Ok(Counters {
-        allowed: sum(counter::ALLOWED)?,
-        denied: sum(counter::DENIED)?,
-        audited: sum(counter::AUDITED)?,
-        events_dropped: sum(counter::EVENTS_DROPPED)?,
-    })
-}
-
-/// The pinned protected-destination trie: each prefix with its port ranges
-/// in use, sorted by prefix. A read error fails the listing: one that
-/// skipped an entry would show a map that is not there.
-pub fn read_protected(pins: &PinLayout) -> Result<Vec<(Prefix, Vec<PortRange>)>> {
-    let name = map_names::PROTECTED;
-    let trie = LpmTrie::<_, AddrKey, Protected>::try_from(pins.open_map(name)?)
-        .map_err(|source| Error::Map { name, source })?;
-    let mut out = trie
-        .iter()
-        .map(|r| {
-            r.map(|(k, v)| {
-                let ranges = v.ranges.iter().filter(|r| r.proto_mask != 0).copied();
-                (
-                    Prefix::from_trie_key(k.prefix_len(), k.data()),
-                    ranges.collect(),
-                )
-            })
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|source| Error::Map { name, source })?;
-    out.sort_by_key(|(p, _)| *p);
-    Ok(out)
 }
 
 /// `80`, or `8000-8080`.

@@ -1,0 +1,79 @@
+//! `imdsguard-bench`: the benchmarks of BENCHMARKS.md, one subcommand each.
+//! `cargo xtask bench`, `bench-enforce` and `bench-scale` run them on a
+//! release build.
+
+mod enforce;
+mod overhead;
+mod scale;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use imdsguard_testlab::probe;
+
+/// The imdsguard benchmarks (BENCHMARKS.md). Run as root: each builds its
+/// own cgroups, network namespace and bpffs.
+#[derive(Parser, Debug)]
+#[command(name = "imdsguard-bench")]
+struct Cli {
+    /// The `imdsguard` binary the agent runs from (default: the one next to
+    /// this binary). `overhead` loads the programs in-process and ignores it.
+    #[arg(long, global = true, value_name = "PATH")]
+    imdsguard: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hook overhead per call, per-program run time and revocation sweep
+    /// time (`cargo xtask bench`).
+    Overhead(overhead::Options),
+    /// Time from a Kubernetes change to the allow map, against a real
+    /// kube-apiserver and `imdsguard node` (`cargo xtask bench-enforce`).
+    Enforce(enforce::Options),
+    /// Start-up, footprint, soak, denial flood and the iptables comparison
+    /// (`cargo xtask bench-scale`).
+    Scale(scale::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    // Probes and bench workers are this binary re-executed: they never
+    // reach the argument parser.
+    probe::run_if_probe();
+    let cli = Cli::parse();
+    let bin = || imdsguard_testlab::imdsguard_bin(cli.imdsguard.clone());
+    match cli.command {
+        Command::Overhead(o) => overhead::run(&o),
+        Command::Enforce(ref o) => enforce::run(o, bin()?),
+        Command::Scale(o) => scale::run(o, bin()?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn cli() {
+        Cli::command().debug_assert();
+        // As `cargo xtask bench-scale` passes them: subcommand first.
+        let cli = Cli::try_parse_from([
+            "imdsguard-bench",
+            "scale",
+            "--imdsguard",
+            "/bin/imdsguard",
+            "--pods",
+            "20,10",
+        ])
+        .unwrap();
+        assert_eq!(cli.imdsguard.unwrap().to_str(), Some("/bin/imdsguard"));
+        let Command::Scale(o) = cli.command else {
+            panic!("not scale");
+        };
+        assert_eq!(o.pods, [20, 10]);
+        assert!(Cli::try_parse_from(["imdsguard-bench", "overhead", "--rounds", "0"]).is_err());
+    }
+}
