@@ -1,16 +1,19 @@
 //! A fake metadata service inside a test network namespace.
 //!
 //! One thread enters the namespace, binds every listener, and serves them
-//! with poll(2): TCP listeners speak just enough IMDSv2 (token PUT, then
-//! GET meta-data/instance-id); UDP sockets echo. Requests are tiny and
-//! sequential, which is all the probes need.
+//! with poll(2): TCP listeners speak just enough of AWS IMDSv2, GCP and
+//! Azure (see [`respond`]); UDP sockets echo. Requests are tiny and
+//! sequential, which is all the probes need. [`FakeImds::start_local`]
+//! serves the same on one loopback listener in the caller's own namespace,
+//! and records every request line, for the filter proxy's tests.
 
 use std::{
+    collections::HashMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -23,6 +26,9 @@ use crate::netns::NetNs;
 
 pub const INSTANCE_ID: &str = "i-0imdsguardlab0";
 const TOKEN: &str = "lab-token-AQAEA";
+/// In every credential, user-data and kube-env answer: a test that finds
+/// it in a response found a leak.
+pub const SECRET: &str = "LAB-SECRET-DO-NOT-LEAK";
 
 /// What to listen on.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +51,15 @@ pub struct Listeners {
 pub struct FakeImds {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+/// How the fake behaves where real instances differ.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// IMDSv2 required (`HttpTokens: required`): an AWS GET without a token
+    /// gets 401. Otherwise (the default, `optional`) only a wrong token does.
+    pub tokens_required: bool,
 }
 
 impl FakeImds {
@@ -53,6 +68,8 @@ impl FakeImds {
         let ns_fd = ns.raw_fd();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let stop2 = stop.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
         let thread = std::thread::spawn(move || {
             type Bound = (Vec<TcpListener>, Vec<UdpSocket>, Vec<TcpListener>);
             let bound = (|| -> anyhow::Result<Bound> {
@@ -96,7 +113,7 @@ impl FakeImds {
             match bound {
                 Ok((tcp, udp, hold)) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(&tcp, &udp, &hold, &stop2);
+                    serve(&tcp, &udp, &hold, &stop2, &seen2, Behaviour::default());
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -107,7 +124,38 @@ impl FakeImds {
         Ok(Self {
             stop,
             thread: Some(thread),
+            seen,
         })
+    }
+
+    /// One HTTP listener on `addr` (e.g. `127.0.0.1:0`) in this process's
+    /// own network namespace; returns the address it got.
+    pub fn start_local(
+        addr: SocketAddr,
+        behaviour: Behaviour,
+    ) -> anyhow::Result<(Self, SocketAddr)> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, seen2) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            serve(&[listener], &[], &[], &stop2, &seen2, behaviour);
+        });
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+                seen,
+            },
+            bound,
+        ))
+    }
+
+    /// The request line of every HTTP request served so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -120,7 +168,14 @@ impl Drop for FakeImds {
     }
 }
 
-fn serve(tcp: &[TcpListener], udp: &[UdpSocket], hold: &[TcpListener], stop: &AtomicBool) {
+fn serve(
+    tcp: &[TcpListener],
+    udp: &[UdpSocket],
+    hold: &[TcpListener],
+    stop: &AtomicBool,
+    seen: &Mutex<Vec<String>>,
+    behaviour: Behaviour,
+) {
     // Connections accepted on `hold` listeners, kept until the peer goes.
     let mut held: Vec<TcpStream> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -149,7 +204,7 @@ fn serve(tcp: &[TcpListener], udp: &[UdpSocket], hold: &[TcpListener], stop: &At
             }
             if i < n_tcp {
                 while let Ok((stream, _)) = tcp[i].accept() {
-                    handle_http(stream);
+                    handle_http(stream, seen, behaviour);
                 }
             } else if i < n_tcp + n_udp {
                 let sock = &udp[i - n_tcp];
@@ -235,9 +290,8 @@ fn bind_mptcp(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
     Ok(Some(sock.into()))
 }
 
-/// Minimal IMDSv2: `PUT /latest/api/token` returns a token;
-/// `GET /latest/meta-data/instance-id` with that token returns the id.
-fn handle_http(mut stream: TcpStream) {
+/// Reads one request head and answers it (see [`respond`]).
+fn handle_http(mut stream: TcpStream, seen: &Mutex<Vec<String>>, behaviour: Behaviour) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = Vec::new();
@@ -252,28 +306,91 @@ fn handle_http(mut stream: TcpStream) {
         }
     }
     let req = String::from_utf8_lossy(&buf);
-    let first = req.lines().next().unwrap_or("");
-    let has_token = req.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("x-aws-ec2-metadata-token:")
-            && l.contains(TOKEN)
-    });
-    let (status, body) = if first.starts_with("PUT /latest/api/token ") {
-        ("200 OK", TOKEN)
-    } else if first.starts_with("GET /latest/meta-data/instance-id ") {
-        if has_token {
-            ("200 OK", INSTANCE_ID)
-        } else {
-            ("401 Unauthorized", "")
-        }
-    } else {
-        ("200 OK", "fake-metadata")
-    };
+    if let Ok(mut s) = seen.lock() {
+        s.push(req.lines().next().unwrap_or("").to_owned());
+    }
+    let (status, body) = respond(&req, behaviour);
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(resp.as_bytes());
+}
+
+/// The answer to one request head, as the cloud whose path it is would
+/// give it:
+/// - AWS (`/latest/`): `PUT api/token` needs the TTL header and is refused
+///   (403) with X-Forwarded-For; a GET with a wrong token gets 401, one
+///   without a token too when [`Behaviour::tokens_required`];
+/// - GCP (`/computeMetadata/v1/`): 403 without `Metadata-Flavor: Google`
+///   or with X-Forwarded-For;
+/// - Azure (`/metadata/`): 400 without `Metadata: true`.
+///
+/// Each serves a few paths, credentials among them (with [`SECRET`]); any
+/// other path answers `200 fake-metadata`, as the probes expect.
+pub fn respond(head: &str, behaviour: Behaviour) -> (&'static str, String) {
+    let mut lines = head.lines();
+    let first = lines.next().unwrap_or("");
+    let mut parts = first.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let h = |k: &str| headers.get(k).map(String::as_str);
+    let path = target.split('?').next().unwrap_or("");
+    let ok = |body: &str| ("200 OK", body.to_owned());
+    let secret = || ("200 OK", format!("{{\"Token\":\"{SECRET}\"}}"));
+    let not_found = ("404 Not Found", String::new());
+    if let Some(rest) = path.strip_prefix("/latest/") {
+        if method == "PUT" && rest == "api/token" {
+            return if h("x-forwarded-for").is_some() {
+                ("403 Forbidden", String::new())
+            } else if h("x-aws-ec2-metadata-token-ttl-seconds").is_none() {
+                ("400 Bad Request", String::new())
+            } else {
+                ok(TOKEN)
+            };
+        }
+        match h("x-aws-ec2-metadata-token") {
+            Some(t) if t != TOKEN => return ("401 Unauthorized", String::new()),
+            None if behaviour.tokens_required => return ("401 Unauthorized", String::new()),
+            _ => {}
+        }
+        return match rest {
+            "meta-data/instance-id" => ok(INSTANCE_ID),
+            "meta-data/placement/region" => ok("us-east-1"),
+            "meta-data/placement/availability-zone" => ok("us-east-1a"),
+            "meta-data/iam/security-credentials/" => ok("lab-role"),
+            "meta-data/iam/security-credentials/lab-role" | "user-data" => secret(),
+            _ => ok("fake-metadata"),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/computeMetadata/v1/") {
+        if h("metadata-flavor") != Some("Google") || h("x-forwarded-for").is_some() {
+            return ("403 Forbidden", String::new());
+        }
+        return match rest {
+            "instance/zone" => ok("projects/1/zones/us-central1-a"),
+            "instance/id" => ok("1234567890"),
+            "instance/service-accounts/default/token" | "instance/attributes/kube-env" => secret(),
+            _ => not_found,
+        };
+    }
+    if path
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case("/metadata/"))
+    {
+        if h("metadata") != Some("true") {
+            return ("400 Bad Request", String::new());
+        }
+        return match path.to_ascii_lowercase().as_str() {
+            "/metadata/instance/compute/location" => ok("westeurope"),
+            "/metadata/identity/oauth2/token" | "/metadata/instance/compute/userdata" => secret(),
+            _ => not_found,
+        };
+    }
+    ok("fake-metadata")
 }
 
 /// The addresses the lab puts on the namespace's `lo`.

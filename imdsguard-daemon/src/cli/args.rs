@@ -38,6 +38,8 @@ pub enum Command {
     Uninstall(UninstallArgs),
     /// Print the built-in protected destinations.
     Destinations,
+    /// Print the built-in filter profiles and the never-allowed paths.
+    Profiles,
 }
 
 #[derive(Clone, Debug, Args)]
