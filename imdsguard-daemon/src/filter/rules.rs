@@ -117,10 +117,13 @@ fn compile_one(source: &str, rule: &str) -> Result<Pattern> {
     Ok(pattern)
 }
 
-/// Entry cgroup id → its rules. Cheap to clone; all clones share the map.
+/// Entry cgroup id → its rules.
+pub type RulesMap = HashMap<u64, Arc<FilterRules>>;
+
+/// The shared [`RulesMap`]. Cheap to clone; all clones share the map.
 #[derive(Clone, Default)]
 pub struct RulesTable {
-    inner: Arc<RwLock<Arc<HashMap<u64, Arc<FilterRules>>>>>,
+    inner: Arc<RwLock<Arc<RulesMap>>>,
 }
 
 impl RulesTable {
@@ -129,7 +132,7 @@ impl RulesTable {
     }
 
     /// Replaces the whole table.
-    pub fn replace(&self, rules: HashMap<u64, Arc<FilterRules>>) {
+    pub fn replace(&self, rules: RulesMap) {
         let rules = Arc::new(rules);
         // A poisoned lock only means a writer panicked between two
         // pointer writes; the Arc inside is whole either way.
