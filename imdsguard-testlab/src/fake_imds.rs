@@ -487,3 +487,58 @@ pub fn lab_listeners() -> Listeners {
         .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(head: &str, tokens_required: bool) -> (&'static str, String) {
+        respond(head, Behaviour { tokens_required })
+    }
+
+    #[test]
+    fn aws_token_rules() {
+        let put =
+            "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n";
+        assert_eq!(ask(put, true), ("200 OK", TOKEN.to_owned()));
+        let xff = "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n";
+        assert_eq!(ask(xff, false).0, "403 Forbidden");
+        assert_eq!(
+            ask("PUT /latest/api/token HTTP/1.1\r\n\r\n", false).0,
+            "400 Bad Request"
+        );
+        let id = "GET /latest/meta-data/instance-id HTTP/1.1\r\n";
+        assert_eq!(ask(&format!("{id}\r\n"), true).0, "401 Unauthorized");
+        assert_eq!(
+            ask(&format!("{id}\r\n"), false),
+            ("200 OK", INSTANCE_ID.to_owned())
+        );
+        let with = format!("{id}X-aws-ec2-metadata-token: {TOKEN}\r\n\r\n");
+        assert_eq!(ask(&with, true), ("200 OK", INSTANCE_ID.to_owned()));
+        let bad = format!("{id}X-aws-ec2-metadata-token: nope\r\n\r\n");
+        assert_eq!(ask(&bad, false).0, "401 Unauthorized");
+        let creds = "GET /latest/meta-data/iam/security-credentials/lab-role HTTP/1.1\r\n\r\n";
+        assert!(ask(creds, false).1.contains(SECRET));
+        // What the lab's probes expect.
+        assert_eq!(
+            ask("GET /latest/meta-data/ HTTP/1.1\r\n\r\n", false).1,
+            "fake-metadata"
+        );
+    }
+
+    #[test]
+    fn gcp_and_azure_header_rules() {
+        let zone = "GET /computeMetadata/v1/instance/zone HTTP/1.1\r\n";
+        assert_eq!(ask(&format!("{zone}\r\n"), false).0, "403 Forbidden");
+        assert_eq!(
+            ask(&format!("{zone}Metadata-Flavor: Google\r\n\r\n"), false).0,
+            "200 OK"
+        );
+        let loc = "GET /metadata/instance/compute/location?api-version=2021-02-01 HTTP/1.1\r\n";
+        assert_eq!(ask(&format!("{loc}\r\n"), false).0, "400 Bad Request");
+        assert_eq!(
+            ask(&format!("{loc}Metadata: true\r\n\r\n"), false).1,
+            "westeurope"
+        );
+    }
+}

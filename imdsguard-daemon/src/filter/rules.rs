@@ -277,6 +277,52 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever request passes the checks and the broadest rules the
+        /// loader accepts, its path names no credential, in any case.
+        #[test]
+        fn nothing_secret_is_ever_allowed(
+            segs in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "latest", "LATEST", "meta-data", "iam", "IAM", "security-credentials",
+                    "Security-Credentials", "user-data", "computeMetadata", "v1", "instance",
+                    "service-accounts", "default", "token", "identity", "attributes",
+                    "kube-env", "metadata", "Metadata", "compute", "userData", "placement",
+                    "region", "..", ".", "", "%2F", "%2e%2e", "%252F", "a;b", "dynamic",
+                    "api", "opc", "v2", "credentials", "*",
+                ]),
+                1..8,
+            ),
+            query in proptest::sample::select(vec![
+                "", "?recursive=true", "?alt=json&recursive=true", "?api-version=1",
+            ]),
+        ) {
+            let target = format!("/{}{query}", segs.join("/"));
+            let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+            let mut h = HeaderMap::new();
+            h.insert("metadata-flavor", "Google".parse().unwrap());
+            h.insert("metadata", "true".parse().unwrap());
+            h.insert("authorization", "Bearer Oracle".parse().unwrap());
+            let Ok(c) = check(&Method::GET, &uri, Version::HTTP_11, &h) else { return Ok(()) };
+            let r = rules(
+                &["instance-info", "node-lifecycle", "region", "imdsv2-token"],
+                &[
+                    "/latest/meta-data/",
+                    "/latest/meta-data/iam/info",
+                    "/latest/meta-data/placement/**",
+                    "/computeMetadata/v1/instance/",
+                    "/computeMetadata/v1/instance/service-accounts/*/email",
+                ],
+            );
+            if r.decide(&c).is_ok() && c.path != crate::filter::request::TOKEN_PATH {
+                let lower = c.path.to_ascii_lowercase();
+                for secret in ["security-credentials", "user-data", "userdata", "kube-env", "identity", "/token"] {
+                    proptest::prop_assert!(!lower.contains(secret), "{target} allowed");
+                }
+            }
+        }
+    }
+
     #[test]
     fn table_replaces_atomically() {
         let t = RulesTable::new();

@@ -44,6 +44,9 @@ pub struct ProxyConfig {
     pub max_response_bytes: usize,
     /// The interval of denied-path notifications per pod.
     pub event_interval: Duration,
+    /// Connections served at once; one more is closed at accept, so a pod
+    /// opening connections in a loop cannot exhaust the agent.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +58,7 @@ impl Default for ProxyConfig {
             wait_timeout: Duration::from_secs(330),
             max_response_bytes: 1 << 20,
             event_interval: super::events::EVENT_INTERVAL,
+            max_connections: 1024,
         }
     }
 }

@@ -21,7 +21,11 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -104,12 +108,17 @@ impl Proxy {
         }
         drop(tx);
         let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(running.proxy.config.max_connections));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
                 Some(accepted) = rx.recv() => accepted,
                 () = &mut shutdown => break,
                 else => break,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, "filter proxy at its connection limit; closing");
+                continue;
             };
             let Ok(local) = stream.local_addr() else {
                 continue;
@@ -135,6 +144,7 @@ impl Proxy {
                 if let Err(error) = conn.await {
                     debug!(%error, %peer, "filter proxy connection closed with an error");
                 }
+                drop(slot);
             });
         }
         accepts.abort_all();
