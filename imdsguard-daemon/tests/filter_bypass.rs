@@ -393,6 +393,13 @@ async fn slow_clients_time_out() {
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(!String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    // A client that sends nothing at all.
+    let mut silent = lab.connect(Some(INFO)).await;
+    let read = tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the proxy kept a silent client's connection open"
+    );
     assert!(lab.imds.seen().is_empty());
 }
 

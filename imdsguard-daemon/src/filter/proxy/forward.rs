@@ -106,7 +106,11 @@ pub async fn forward(
     }
     if !req.headers().contains_key(header::HOST) {
         // HTTP/1.0 clients may send none; HTTP/1.1 needs one upstream.
-        if let Ok(v) = upstream.ip().to_string().parse() {
+        let host = match upstream {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        };
+        if let Ok(v) = host.parse() {
             req.headers_mut().insert(header::HOST, v);
         }
     }

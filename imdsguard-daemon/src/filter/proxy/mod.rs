@@ -17,14 +17,20 @@
 mod forward;
 mod serve;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::sync::mpsc;
 
 pub use self::forward::ForwardError;
 use super::{events::DeniedPath, identity::ConnIdentity, rules::RulesTable};
-use crate::{decisions::Attribution, metrics::FilterLabels};
+use crate::{
+    decisions::{Attribution, Attributor},
+    metrics::FilterLabels,
+};
 
 /// Limits and timeouts.
 #[derive(Clone, Debug)]
@@ -100,6 +106,17 @@ impl Proxy {
     ) -> Self {
         self.attribute = Some(Arc::new(attribute));
         self
+    }
+
+    /// [`with_attribution`](Self::with_attribution) through an
+    /// [`Attributor`] (the agent's pod attributor), shared behind a lock.
+    pub fn with_attributor<A: Attributor>(self, attributor: Arc<Mutex<A>>) -> Self {
+        self.with_attribution(move |cgroup| {
+            attributor
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .attribute(cgroup)
+        })
     }
 
     /// Counts every request by pod and verdict (e.g. `Metrics::filter_requests`).
