@@ -360,6 +360,27 @@ async fn protocol_tricks_are_denied() {
     assert!(lab.imds.seen().is_empty(), "{:?}", lab.imds.seen());
 }
 
+/// Pipelined requests are each checked: the second, for user-data, is
+/// refused though it shares a write with an allowed one.
+#[tokio::test]
+async fn pipelined_requests_are_each_checked() {
+    let lab = Lab::start().await;
+    let raw = "GET /latest/meta-data/placement/region HTTP/1.1\r\nHost: x\r\n\r\nGET /latest/user-data HTTP/1.1\r\nHost: x\r\n\r\nGET /latest/meta-data/placement/region HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut s = lab.connect(Some(REGION)).await;
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 403"), "{text}");
+    assert!(!text.contains(SECRET));
+    // The refusal closed the connection: the third request was not read.
+    assert_eq!(
+        lab.imds.seen(),
+        ["GET /latest/meta-data/placement/region HTTP/1.1"]
+    );
+}
+
 /// hyper's URI parser drops a fragment before our checks see the target;
 /// harmless, since what is forwarded is exactly what was checked.
 #[tokio::test]

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt as _, Empty, Limited, combinators::BoxBody};
 use hyper::{
     Request, Response, Uri,
     body::Bytes,
-    header::{self, HeaderMap, HeaderName},
+    header::{self, HeaderMap},
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -44,13 +44,15 @@ const PASSED: &[&str] = &[
 
 /// Response headers never passed back: hop-by-hop ones (hyper frames the
 /// body itself).
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-connection",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +141,7 @@ pub async fn forward(
         .map_err(|source| ForwardError::Http { upstream, source })?;
     let (mut parts, body) = resp.into_parts();
     for h in HOP_BY_HOP {
-        parts.headers.remove(h);
+        parts.headers.remove(*h);
     }
     let body = Limited::new(body, config.max_response_bytes).boxed();
     Ok(Response::from_parts(parts, body))
