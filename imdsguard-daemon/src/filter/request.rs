@@ -51,8 +51,11 @@ impl Dialect {
         }
     }
 
-    /// Azure's IMDS matches paths case-insensitively; AWS, GCP, OCI and
-    /// Alibaba compare them byte for byte.
+    /// Azure's IMDS is treated as matching paths case-insensitively (its
+    /// JSON keys are camelCase and clients vary); AWS, GCP, OCI and Alibaba
+    /// compare them byte for byte. Folding is safe either way: the
+    /// never-allowed list is compared case-insensitively for every cloud,
+    /// and a case variant that Azure did not accept would only get a 404.
     pub fn case_insensitive(self) -> bool {
         self == Self::Azure
     }
