@@ -563,6 +563,40 @@ async fn imdsv2_token_flow_end_to_end() {
 }
 
 #[tokio::test]
+async fn only_accepted_upstreams_are_used() {
+    let (imds, upstream) =
+        FakeImds::start_local("127.0.0.1:0".parse().unwrap(), Behaviour::default()).unwrap();
+    let rules = RulesTable::new();
+    rules.replace(HashMap::from([(
+        REGION,
+        Arc::new(
+            FilterRules::compile(&[], &strings(&["/latest/meta-data/placement/region"])).unwrap(),
+        ),
+    )]));
+    let identity = Arc::new(PortIdentity::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let server = Proxy::new(identity.clone(), rules).with_upstreams(move |a| a != upstream);
+    tokio::spawn(server.serve(vec![listener], std::future::pending()));
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    identity.by_port.lock().unwrap().insert(
+        sock.local_addr().unwrap().port(),
+        Origin {
+            caller_cgroup: 7,
+            entry_cgroup: REGION,
+            upstream,
+        },
+    );
+    let mut s = sock.connect(proxy).await.unwrap();
+    s.write_all(get("/latest/meta-data/placement/region", "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await.0, 502);
+    assert!(imds.seen().is_empty());
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_502() {
     let lab = Lab::start().await;
     // A port nothing listens on: bind, note it, close.

@@ -75,6 +75,9 @@ pub enum ForwardError {
     /// would loop.
     #[error("upstream {upstream} is the proxy itself")]
     Loop { upstream: SocketAddr },
+    /// The recorded destination is not a protected metadata destination.
+    #[error("upstream {upstream} is not a protected destination")]
+    NotProtected { upstream: SocketAddr },
     #[error("request target {target:?} is not a valid URI")]
     Target {
         target: String,

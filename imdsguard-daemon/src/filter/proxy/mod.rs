@@ -72,6 +72,9 @@ impl Default for ProxyConfig {
 /// Names the owner of a cgroup id (the agent passes its pod attributor).
 pub type AttributeFn = dyn Fn(u64) -> Attribution + Send + Sync;
 
+/// Whether an upstream is one the proxy may forward to.
+pub type UpstreamFn = dyn Fn(std::net::SocketAddr) -> bool + Send + Sync;
+
 /// The proxy; build it, then [`Proxy::serve`] it.
 pub struct Proxy {
     identity: Arc<dyn ConnIdentity>,
@@ -80,6 +83,7 @@ pub struct Proxy {
     attribute: Option<Arc<AttributeFn>>,
     requests: Option<Family<FilterLabels, Counter>>,
     denied: Option<mpsc::Sender<DeniedPath>>,
+    upstreams: Option<Arc<UpstreamFn>>,
 }
 
 impl Proxy {
@@ -91,6 +95,7 @@ impl Proxy {
             attribute: None,
             requests: None,
             denied: None,
+            upstreams: None,
         }
     }
 
@@ -117,6 +122,18 @@ impl Proxy {
                 .unwrap_or_else(|p| p.into_inner())
                 .attribute(cgroup)
         })
+    }
+
+    /// Forwards only to upstreams `allowed` accepts (the agent passes "is a
+    /// protected metadata destination"): should the kernel's record ever be
+    /// wrong, the proxy, on the host network, must not become a relay to
+    /// anywhere else. Without it, any recorded upstream is used (tests).
+    pub fn with_upstreams(
+        mut self,
+        allowed: impl Fn(std::net::SocketAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.upstreams = Some(Arc::new(allowed));
+        self
     }
 
     /// Counts every request by pod and verdict (e.g. `Metrics::filter_requests`).

@@ -256,6 +256,13 @@ impl Running {
                 upstream: origin.upstream,
             });
         }
+        if let Some(allowed) = &self.proxy.upstreams
+            && !allowed(origin.upstream)
+        {
+            return Outcome::Upstream(ForwardError::NotProtected {
+                upstream: origin.upstream,
+            });
+        }
         match forward::forward(
             origin.upstream,
             &parts.method,
