@@ -95,7 +95,8 @@ pub struct Checked {
     pub waits: bool,
     /// The token PUT (`PUT /latest/api/token`).
     pub token_put: bool,
-    /// Carries `X-aws-ec2-metadata-token` (IMDSv2).
+    /// Carries `X-aws-ec2-metadata-token` (IMDSv2), or Alibaba's
+    /// `X-aliyun-ecs-metadata-token` (its hardened mode).
     pub imds_v2: bool,
 }
 
@@ -175,7 +176,8 @@ pub fn check(
         recursive: q.recursive || dialect.inner_nodes_recursive(),
         waits: q.waits,
         token_put,
-        imds_v2: headers.contains_key("x-aws-ec2-metadata-token"),
+        imds_v2: headers.contains_key("x-aws-ec2-metadata-token")
+            || headers.contains_key("x-aliyun-ecs-metadata-token"),
     })
 }
 
