@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Explain(args) => print!("{}", cli::explain::run(&args).await?),
         Command::Uninstall(args) => print!("{}", cli::uninstall::run(&args)?),
         Command::Destinations => print!("{}", cli::destinations::render()),
+        Command::Profiles => print!("{}", cli::profiles::render()?),
     }
     Ok(())
 }

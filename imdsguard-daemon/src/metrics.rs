@@ -33,6 +33,14 @@ pub struct VerdictLabels {
     pub verdict: String,
 }
 
+/// A filter-mode proxied request: the pod (`namespace/name`, or
+/// `(unattributed)`) and the verdict (`allowed`, `denied`, `upstream_error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilterLabels {
+    pub pod: String,
+    pub verdict: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WatchLabels {
     pub watch: String,
@@ -63,6 +71,8 @@ pub struct Metrics {
     pub connections_revoked: Counter,
     /// Revocation sweeps that hit an error (the rest of the sweep ran).
     pub revocation_errors: Counter,
+    /// Requests through the filter-mode proxy, by pod and verdict.
+    pub filter_requests: Family<FilterLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +99,7 @@ impl Metrics {
             programs_attached: Gauge::default(),
             connections_revoked: Counter::default(),
             revocation_errors: Counter::default(),
+            filter_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,6 +147,11 @@ impl Metrics {
             "revocation_errors",
             "Revocation sweeps that could not do everything",
             m.revocation_errors.clone(),
+        );
+        registry.register(
+            "filter_requests",
+            "Requests through the filter-mode metadata proxy, by pod and verdict",
+            m.filter_requests.clone(),
         );
         registry.register(
             "programs_attached",

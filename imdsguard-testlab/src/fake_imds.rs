@@ -1,28 +1,37 @@
 //! A fake metadata service inside a test network namespace.
 //!
 //! One thread enters the namespace, binds every listener, and serves them
-//! with poll(2): TCP listeners speak just enough IMDSv2 (token PUT, then
-//! GET meta-data/instance-id); UDP sockets echo. Requests are tiny and
-//! sequential, which is all the probes need.
+//! with poll(2): TCP listeners speak just enough of AWS IMDSv2, GCP and
+//! Azure (see [`respond`]); UDP sockets echo. Requests are tiny and
+//! sequential, which is all the probes need. [`FakeImds::start_local`]
+//! serves the same on one loopback listener in the caller's own namespace,
+//! and records every request line, for the filter proxy's tests.
 
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use anyhow::Context as _;
 
 use crate::netns::NetNs;
 
+mod http;
+
+use http::handle_http;
+pub use http::respond;
+
 pub const INSTANCE_ID: &str = "i-0imdsguardlab0";
 const TOKEN: &str = "lab-token-AQAEA";
+/// In every credential, user-data and kube-env answer: a test that finds
+/// it in a response found a leak.
+pub const SECRET: &str = "LAB-SECRET-DO-NOT-LEAK";
 
 /// What to listen on.
 #[derive(Clone, Debug, Default)]
@@ -45,6 +54,15 @@ pub struct Listeners {
 pub struct FakeImds {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+/// How the fake behaves where real instances differ.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// IMDSv2 required (`HttpTokens: required`): an AWS GET without a token
+    /// gets 401. Otherwise (the default, `optional`) only a wrong token does.
+    pub tokens_required: bool,
 }
 
 impl FakeImds {
@@ -53,6 +71,8 @@ impl FakeImds {
         let ns_fd = ns.raw_fd();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let stop2 = stop.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
         let thread = std::thread::spawn(move || {
             type Bound = (Vec<TcpListener>, Vec<UdpSocket>, Vec<TcpListener>);
             let bound = (|| -> anyhow::Result<Bound> {
@@ -96,7 +116,7 @@ impl FakeImds {
             match bound {
                 Ok((tcp, udp, hold)) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(&tcp, &udp, &hold, &stop2);
+                    serve(&tcp, &udp, &hold, &stop2, &seen2, Behaviour::default());
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -107,7 +127,38 @@ impl FakeImds {
         Ok(Self {
             stop,
             thread: Some(thread),
+            seen,
         })
+    }
+
+    /// One HTTP listener on `addr` (e.g. `127.0.0.1:0`) in this process's
+    /// own network namespace; returns the address it got.
+    pub fn start_local(
+        addr: SocketAddr,
+        behaviour: Behaviour,
+    ) -> anyhow::Result<(Self, SocketAddr)> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, seen2) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            serve(&[listener], &[], &[], &stop2, &seen2, behaviour);
+        });
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+                seen,
+            },
+            bound,
+        ))
+    }
+
+    /// The request line of every HTTP request served so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -120,7 +171,14 @@ impl Drop for FakeImds {
     }
 }
 
-fn serve(tcp: &[TcpListener], udp: &[UdpSocket], hold: &[TcpListener], stop: &AtomicBool) {
+fn serve(
+    tcp: &[TcpListener],
+    udp: &[UdpSocket],
+    hold: &[TcpListener],
+    stop: &AtomicBool,
+    seen: &Mutex<Vec<String>>,
+    behaviour: Behaviour,
+) {
     // Connections accepted on `hold` listeners, kept until the peer goes.
     let mut held: Vec<TcpStream> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -149,7 +207,7 @@ fn serve(tcp: &[TcpListener], udp: &[UdpSocket], hold: &[TcpListener], stop: &At
             }
             if i < n_tcp {
                 while let Ok((stream, _)) = tcp[i].accept() {
-                    handle_http(stream);
+                    handle_http(stream, seen, behaviour);
                 }
             } else if i < n_tcp + n_udp {
                 let sock = &udp[i - n_tcp];
@@ -233,47 +291,6 @@ fn bind_mptcp(addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
         .with_context(|| format!("bind mptcp {addr}"))?;
     sock.listen(128)?;
     Ok(Some(sock.into()))
-}
-
-/// Minimal IMDSv2: `PUT /latest/api/token` returns a token;
-/// `GET /latest/meta-data/instance-id` with that token returns the id.
-fn handle_http(mut stream: TcpStream) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if buf.len() > 16 * 1024 {
-            break;
-        }
-    }
-    let req = String::from_utf8_lossy(&buf);
-    let first = req.lines().next().unwrap_or("");
-    let has_token = req.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("x-aws-ec2-metadata-token:")
-            && l.contains(TOKEN)
-    });
-    let (status, body) = if first.starts_with("PUT /latest/api/token ") {
-        ("200 OK", TOKEN)
-    } else if first.starts_with("GET /latest/meta-data/instance-id ") {
-        if has_token {
-            ("200 OK", INSTANCE_ID)
-        } else {
-            ("401 Unauthorized", "")
-        }
-    } else {
-        ("200 OK", "fake-metadata")
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(resp.as_bytes());
 }
 
 /// The addresses the lab puts on the namespace's `lo`.

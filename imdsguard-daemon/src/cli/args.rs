@@ -38,6 +38,8 @@ pub enum Command {
     Uninstall(UninstallArgs),
     /// Print the built-in protected destinations.
     Destinations,
+    /// Print the built-in filter profiles and the never-allowed paths.
+    Profiles,
 }
 
 /// What is attached and where the pins live: the flags `run` and `node`

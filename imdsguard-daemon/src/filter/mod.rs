@@ -16,6 +16,6 @@ pub mod identity;
 pub mod never;
 pub mod pattern;
 pub mod profiles;
-// pub mod proxy;
+pub mod proxy;
 pub mod request;
 pub mod rules;

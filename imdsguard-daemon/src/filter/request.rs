@@ -51,8 +51,11 @@ impl Dialect {
         }
     }
 
-    /// Azure's IMDS matches paths case-insensitively; AWS, GCP, OCI and
-    /// Alibaba compare them byte for byte.
+    /// Azure's IMDS is treated as matching paths case-insensitively (its
+    /// JSON keys are camelCase and clients vary); AWS, GCP, OCI and Alibaba
+    /// compare them byte for byte. Folding is safe either way: the
+    /// never-allowed list is compared case-insensitively for every cloud,
+    /// and a case variant that Azure did not accept would only get a 404.
     pub fn case_insensitive(self) -> bool {
         self == Self::Azure
     }
@@ -92,7 +95,8 @@ pub struct Checked {
     pub waits: bool,
     /// The token PUT (`PUT /latest/api/token`).
     pub token_put: bool,
-    /// Carries `X-aws-ec2-metadata-token` (IMDSv2).
+    /// Carries `X-aws-ec2-metadata-token` (IMDSv2), or Alibaba's
+    /// `X-aliyun-ecs-metadata-token` (its hardened mode).
     pub imds_v2: bool,
 }
 
@@ -172,7 +176,8 @@ pub fn check(
         recursive: q.recursive || dialect.inner_nodes_recursive(),
         waits: q.waits,
         token_put,
-        imds_v2: headers.contains_key("x-aws-ec2-metadata-token"),
+        imds_v2: headers.contains_key("x-aws-ec2-metadata-token")
+            || headers.contains_key("x-aliyun-ecs-metadata-token"),
     })
 }
 

@@ -130,10 +130,13 @@ fn compile_one(source: &str, rule: &str) -> Result<Pattern> {
     Ok(pattern)
 }
 
-/// Entry cgroup id → its rules. Cheap to clone; all clones share the map.
+/// Entry cgroup id → its rules.
+pub type RulesMap = HashMap<u64, Arc<FilterRules>>;
+
+/// The shared [`RulesMap`]. Cheap to clone; all clones share the map.
 #[derive(Clone, Default)]
 pub struct RulesTable {
-    inner: Arc<RwLock<Arc<HashMap<u64, Arc<FilterRules>>>>>,
+    inner: Arc<RwLock<Arc<RulesMap>>>,
 }
 
 impl RulesTable {
@@ -142,7 +145,7 @@ impl RulesTable {
     }
 
     /// Replaces the whole table.
-    pub fn replace(&self, rules: HashMap<u64, Arc<FilterRules>>) {
+    pub fn replace(&self, rules: RulesMap) {
         let rules = Arc::new(rules);
         // A poisoned lock only means a writer panicked between two
         // pointer writes; the Arc inside is whole either way.
@@ -285,6 +288,52 @@ mod tests {
             ))
             .is_err()
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever request passes the checks and the broadest rules the
+        /// loader accepts, its path names no credential, in any case.
+        #[test]
+        fn nothing_secret_is_ever_allowed(
+            segs in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "latest", "LATEST", "meta-data", "iam", "IAM", "security-credentials",
+                    "Security-Credentials", "user-data", "computeMetadata", "v1", "instance",
+                    "service-accounts", "default", "token", "identity", "attributes",
+                    "kube-env", "metadata", "Metadata", "compute", "userData", "placement",
+                    "region", "..", ".", "", "%2F", "%2e%2e", "%252F", "a;b", "dynamic",
+                    "api", "opc", "v2", "credentials", "*",
+                ]),
+                1..8,
+            ),
+            query in proptest::sample::select(vec![
+                "", "?recursive=true", "?alt=json&recursive=true", "?api-version=1",
+            ]),
+        ) {
+            let target = format!("/{}{query}", segs.join("/"));
+            let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+            let mut h = HeaderMap::new();
+            h.insert("metadata-flavor", "Google".parse().unwrap());
+            h.insert("metadata", "true".parse().unwrap());
+            h.insert("authorization", "Bearer Oracle".parse().unwrap());
+            let Ok(c) = check(&Method::GET, &uri, Version::HTTP_11, &h) else { return Ok(()) };
+            let r = rules(
+                &["instance-info", "node-lifecycle", "region", "imdsv2-token"],
+                &[
+                    "/latest/meta-data/",
+                    "/latest/meta-data/iam/info",
+                    "/latest/meta-data/placement/**",
+                    "/computeMetadata/v1/instance/",
+                    "/computeMetadata/v1/instance/service-accounts/*/email",
+                ],
+            );
+            if r.decide(&c).is_ok() && c.path != crate::filter::request::TOKEN_PATH {
+                let lower = c.path.to_ascii_lowercase();
+                for secret in ["security-credentials", "user-data", "userdata", "kube-env", "identity", "/token"] {
+                    proptest::prop_assert!(!lower.contains(secret), "{target} allowed");
+                }
+            }
+        }
     }
 
     #[test]
