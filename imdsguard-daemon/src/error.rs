@@ -180,6 +180,15 @@ pub enum Error {
         source: procfs::ProcError,
     },
 
+    #[error("filter flags: {problem}")]
+    FilterFlags { problem: &'static str },
+
+    #[error("--proxy-listen {addrs:?}: {problem}")]
+    ProxyListen {
+        addrs: Vec<String>,
+        problem: &'static str,
+    },
+
     #[error("filter profile {name:?} does not exist (`imdsguard profiles` lists them)")]
     UnknownProfile { name: String },
 

@@ -17,9 +17,11 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use imdsguard_common::PROTO_TCP;
 use tokio::{
+    net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
-    sync::oneshot,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 use tracing::{error, info};
@@ -28,13 +30,16 @@ use crate::{
     Error, Result,
     bpf::{
         enforcer::{Attachment, Enforcer, MapState},
+        filter_conns::FilterConns,
         hook::Hook,
         owner::{self, EnforcerHandle},
         pins::PinLayout,
     },
     cgroup::mount::CgroupDir,
     cli::args::{EnforcementArgs, RevokeArgs},
-    decisions::{self, Attributor},
+    decisions::{self, Attribution, Attributor},
+    destinations::Compiled,
+    filter::{events::DeniedPath, proxy::Proxy, rules::RulesTable},
     http,
     metrics::{Health, Metrics},
     revoke::{self, task::Revoker},
@@ -146,6 +151,60 @@ impl MetricsServer {
 
     /// Stops accepting and lets responses in flight finish, so that a
     /// scrape racing the exit still gets its answer; `serve` bounds the wait.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Filter mode's proxy, serving while enforcement runs. Started after the
+/// enforcer, whose pinned connection map it reads; its listeners are bound
+/// before, so that no filtered connect is ever sent to a port nobody
+/// listens on because of us.
+pub struct FilterProxy {
+    /// The rules per filter entry; the mode replaces them as its desired
+    /// state changes.
+    pub rules: RulesTable,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl FilterProxy {
+    /// Serves `listeners`. Only protected destinations (`destinations`, over
+    /// TCP) are forwarded to: should a record ever name anything else, the
+    /// proxy must not become a relay. `attribute` names callers in logs and
+    /// metrics; denied paths go to `denied` (at most once a minute per pod).
+    pub fn start(
+        listeners: Vec<TcpListener>,
+        pins: &PinLayout,
+        destinations: Compiled,
+        metrics: &Metrics,
+        attribute: impl Fn(u64) -> Attribution + Send + Sync + 'static,
+        denied: Option<mpsc::Sender<DeniedPath>>,
+    ) -> Result<Self> {
+        let identity = Arc::new(FilterConns::open(pins)?);
+        let rules = RulesTable::new();
+        let mut proxy = Proxy::new(identity, rules.clone())
+            .with_attribution(attribute)
+            .with_metrics(metrics.filter_requests.clone())
+            .with_upstreams(move |a| destinations.protects(a.ip(), a.port(), PROTO_TCP));
+        if let Some(tx) = denied {
+            proxy = proxy.with_denied_events(tx);
+        }
+        let addrs: Vec<String> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.serve(listeners, async {
+            let _ = stopped.await;
+        }));
+        info!(proxy_listen = ?addrs, "filter proxy serving");
+        Ok(Self { rules, stop, task })
+    }
+
+    /// Stops accepting and waits for the server to wind down.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
@@ -278,6 +337,7 @@ mod tests {
             udp,
             deny_raw_sockets,
             judge_socket_creators: judge,
+            proxy_listen: Vec::new(),
         }
     }
 

@@ -6,7 +6,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -20,7 +22,8 @@ use crate::{
     cli::args::RunArgs,
     decisions::{Attribution, Attributor},
     destinations::{self, Destination},
-    runtime::{self, MetricsServer, Signals},
+    filter::{listen, rules::FilterRules},
+    runtime::{self, FilterProxy, MetricsServer, Signals},
     vocabulary::Action,
 };
 
@@ -30,6 +33,16 @@ pub struct Plan {
     pub attachment: Attachment,
     pub desired: MapState,
     pub allowed_paths: BTreeMap<u64, PathBuf>,
+    /// Filter mode, with `--filter-cgroup` or `--proxy-listen`.
+    pub filter: Option<FilterPlan>,
+}
+
+/// The proxy's addresses and what each filter entry may read.
+#[derive(Clone, Debug)]
+pub struct FilterPlan {
+    pub listen: Vec<SocketAddr>,
+    /// Every `--filter-cgroup` reads the same profiles and paths.
+    pub rules: HashMap<u64, Arc<FilterRules>>,
 }
 
 /// Checks every input and resolves cgroup paths. Nothing is loaded yet, so
@@ -43,6 +56,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         (&args.allow_cgroup, Action::Allow),
         (&args.audit_cgroup, Action::Audit),
         (&args.enforce_cgroup, Action::Enforce),
+        (&args.filter_cgroup, Action::Filter),
     ] {
         for path in paths {
             let dir = CgroupDir::open(path)?;
@@ -63,6 +77,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         }
     }
     crate::bpf::sync::level_window(allowed.values().map(|t| t.level))?;
+    let filter = filter_plan(args, &allowed)?;
     let mut list = if args.no_default_destinations {
         Vec::new()
     } else {
@@ -71,15 +86,61 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     for spec in &args.protect {
         list.push(spec.parse::<Destination>()?);
     }
+    let mut attachment = runtime::attachment(&args.enforcement, root)?;
+    attachment.filter = filter
+        .as_ref()
+        .map(|f| listen::target(&f.listen))
+        .transpose()?;
     Ok(Plan {
-        attachment: runtime::attachment(&args.enforcement, root)?,
+        attachment,
         desired: MapState {
             mode: args.mode,
             allowed: Some(allowed),
             destinations: destinations::compile(&list)?,
         },
         allowed_paths,
+        filter,
     })
+}
+
+/// The filter flags, checked: profiles and paths need filter cgroups and
+/// the other way round, every profile must exist and no pattern may reach
+/// a never-allowed path. The proxy listens on loopback unless told.
+fn filter_plan(args: &RunArgs, allowed: &BTreeMap<u64, AllowTarget>) -> Result<Option<FilterPlan>> {
+    let lists = !args.filter_profile.is_empty() || !args.filter_path.is_empty();
+    if args.filter_cgroup.is_empty() {
+        if lists {
+            return Err(Error::FilterFlags {
+                problem: "--filter-profile and --filter-path need a --filter-cgroup to apply to",
+            });
+        }
+        if args.enforcement.proxy_listen.is_empty() {
+            return Ok(None);
+        }
+    } else if !lists {
+        return Err(Error::FilterFlags {
+            problem: "--filter-cgroup needs a --filter-profile or --filter-path: with neither it would read nothing; use --enforce-cgroup",
+        });
+    }
+    let rules = Arc::new(FilterRules::compile(
+        &args.filter_profile,
+        &args.filter_path,
+    )?);
+    let listen = if args.enforcement.proxy_listen.is_empty() {
+        vec![
+            listen::DEFAULT_STANDALONE
+                .parse()
+                .expect("the default is a valid address"),
+        ]
+    } else {
+        args.enforcement.proxy_listen.clone()
+    };
+    let rules = allowed
+        .iter()
+        .filter(|(_, t)| t.action == Action::Filter)
+        .map(|(id, _)| (*id, rules.clone()))
+        .collect();
+    Ok(Some(FilterPlan { listen, rules }))
 }
 
 /// Runs until SIGINT/SIGTERM: the shared runtime ([`runtime`]) with a
@@ -88,13 +149,19 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
 pub async fn run(args: RunArgs) -> Result<()> {
     let plan = plan(&args)?;
     let mut signals = Signals::install()?;
-    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement).len());
+    let filtering = plan.filter.is_some();
+    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement, filtering).len());
+    // Bound before anything is attached: see `FilterProxy`.
+    let listeners = match &plan.filter {
+        Some(f) => Some(listen::bind(&f.listen).await?),
+        None => None,
+    };
     let server = match args.metrics_addr {
         Some(addr) => Some(MetricsServer::bind(addr, endpoints.clone()).await?),
         None => None,
     };
     let root = plan.attachment.cgroup_root.clone();
-    let hooks: Vec<&str> = runtime::wanted_hooks(&args.enforcement)
+    let hooks: Vec<&str> = runtime::wanted_hooks(&args.enforcement, filtering)
         .iter()
         .map(|h| h.name())
         .collect();
@@ -103,6 +170,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         plan.desired.destinations.entries.len(),
     );
     let names = CgroupNames::new(root.path.clone(), plan.allowed_paths);
+    let pins = plan.attachment.pins.clone();
+    let destinations = plan.desired.destinations.clone();
+    let proxy_names = Arc::new(Mutex::new(names.clone()));
     let running = runtime::start(
         plan.attachment,
         plan.desired,
@@ -114,6 +184,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
         names.clone(),
         Box::new(names),
     )?;
+    let proxy = match (listeners, plan.filter) {
+        (Some(listeners), Some(f)) => {
+            let proxy = FilterProxy::start(
+                listeners,
+                &pins,
+                destinations,
+                &endpoints.metrics,
+                move |id| {
+                    proxy_names
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .attribute(id)
+                },
+                None,
+            )?;
+            proxy.rules.replace(f.rules);
+            Some(proxy)
+        }
+        _ => None,
+    };
     // The whole allow set is in the map from the start.
     endpoints.health.set_synced();
     info!(
@@ -127,6 +217,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "ready"
     );
     running.until_stopped(Vec::new(), &mut signals).await;
+    if let Some(proxy) = proxy {
+        proxy.stop().await;
+    }
     if let Some(server) = server {
         server.stop().await;
     }

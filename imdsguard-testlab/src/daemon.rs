@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+use crate::netns::NetNs;
+
 /// A running `imdsguard run`. Drop SIGKILLs it (enforcement stays pinned;
 /// the lab's private bpffs takes the pins away).
 pub struct Daemon {
@@ -46,7 +48,27 @@ impl Daemon {
         args: &[String],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
+        Self::spawn_command(Command::new(bin), bin, subcommand, args, envs)
+    }
+
+    /// Starts `bin run ARGS` inside `netns` (filter mode: its proxy must
+    /// listen where the probes are) and waits for its `ready` line.
+    pub fn start_in(netns: &NetNs, bin: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let program = bin.to_str().context("daemon path is not UTF-8")?;
+        let mut d = Self::spawn_command(netns.command(program), bin, "run", args, &[])?;
+        d.wait_for(Duration::from_secs(30), |v| message(v) == Some("ready"))
+            .context("daemon did not become ready")?;
+        Ok(d)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        bin: &Path,
+        subcommand: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut child = command
             .arg("--log-format")
             .arg("json")
             .arg(subcommand)

@@ -90,6 +90,23 @@ impl Lab {
         )
     }
 
+    /// Every request line the fake metadata service has answered.
+    pub fn imds_seen(&self) -> Vec<String> {
+        self._server.seen()
+    }
+
+    /// IMDSv2 GET of `path` at `target` from `cgroup`: the detail of a
+    /// reached service is `"<status> <body>"`.
+    pub fn imds_get(
+        &self,
+        cgroup: Option<&TestCgroup>,
+        target: &str,
+        path: &str,
+    ) -> anyhow::Result<Outcome> {
+        let child = self.spawn_probe(cgroup, &["imds-get", target, path])?;
+        probe::wait(child, std::time::Duration::from_secs(20))
+    }
+
     /// Starts a probe without waiting (for loops that span a daemon restart).
     pub fn spawn_probe(&self, cgroup: Option<&TestCgroup>, args: &[&str]) -> anyhow::Result<Child> {
         probe::spawn(

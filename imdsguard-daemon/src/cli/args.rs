@@ -75,6 +75,12 @@ pub struct EnforcementArgs {
     /// pod that is not allowed (see BENCHMARKS.md for the cost).
     #[arg(long)]
     pub judge_socket_creators: bool,
+    /// Filter mode: where the proxy listens (repeatable: one IPv4 and one
+    /// IPv6 address at most, on one port). Filtered callers' metadata
+    /// connections are sent there; without it they are denied. `run`
+    /// defaults to 127.0.0.1:8169 when it has `--filter-cgroup`s.
+    #[arg(long = "proxy-listen", value_name = "ADDR:PORT")]
+    pub proxy_listen: Vec<SocketAddr>,
 }
 
 /// Closing open connections that lost their allow: the flags `run` and
@@ -108,6 +114,20 @@ pub struct RunArgs {
     /// cgroup that is enforced even when the global mode is audit.
     #[arg(long = "enforce-cgroup", value_name = "PATH")]
     pub enforce_cgroup: Vec<PathBuf>,
+    /// cgroup whose processes reach the metadata service through the
+    /// filtering proxy, for the `--filter-profile`s and `--filter-path`s
+    /// only; everything else is denied.
+    #[arg(long = "filter-cgroup", value_name = "PATH")]
+    pub filter_cgroup: Vec<PathBuf>,
+    /// A built-in profile the `--filter-cgroup`s may read (`imdsguard
+    /// profiles` lists them).
+    #[arg(long = "filter-profile", value_name = "NAME")]
+    pub filter_profile: Vec<String>,
+    /// A path pattern the `--filter-cgroup`s may read: an exact path, `*`
+    /// for one segment, a final `/**` for a subtree. Never-allowed paths
+    /// (credentials, user-data) are refused.
+    #[arg(long = "filter-path", value_name = "PATTERN")]
+    pub filter_path: Vec<String>,
     #[command(flatten)]
     pub enforcement: EnforcementArgs,
     /// What happens to cgroups without an entry.
@@ -260,6 +280,9 @@ mod tests {
                 "check-interval-secs",
                 "deny-raw-sockets",
                 "enforce-cgroup",
+                "filter-cgroup",
+                "filter-path",
+                "filter-profile",
                 "judge-socket-creators",
                 "metrics-addr",
                 "mode",
@@ -268,6 +291,7 @@ mod tests {
                 "no-revoke",
                 "pin-dir",
                 "protect",
+                "proxy-listen",
                 "revoke-interval-secs",
                 "udp",
             ]
@@ -286,6 +310,7 @@ mod tests {
                 "pin-dir",
                 "policy",
                 "policy-poll-ms",
+                "proxy-listen",
                 "remove-startup-taint",
                 "revoke-interval-secs",
                 "udp",

@@ -60,7 +60,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 
     // The endpoints serve from the start: an agent that waits for its
     // cgroup is alive (/healthz) but not ready (/readyz).
-    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement).len());
+    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement, false).len());
     // Dropping the server (any return from here on) also stops it.
     let server = MetricsServer::bind(args.metrics_addr, endpoints.clone()).await?;
     let metrics_addr = server.addr();

@@ -22,8 +22,8 @@ use imdsguard::{
     },
     cgroup::mount::CgroupDir,
     destinations,
+    vocabulary::Action,
 };
-use imdsguard_common::action;
 use imdsguard_testlab::{cgroups::TestCgroup, fake_imds::INSTANCE_ID, lab::Lab, probe::Outcome};
 use libtest_mimic::Trial;
 
@@ -38,6 +38,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "filtered_cgroups_stay_denied_elsewhere",
             filtered_cgroups_stay_denied_elsewhere,
+        ),
+        trial(
+            "filter_run_proxies_the_profile_and_nothing_else",
+            filter_run_proxies_the_profile_and_nothing_else,
         ),
         trial(
             "filter_without_a_proxy_is_denied",
@@ -117,7 +121,7 @@ fn enforce(
     lab: &Lab,
     filter: Option<ProxyTarget>,
     udp: bool,
-    entries: &[(&TestCgroup, u32)],
+    entries: &[(&TestCgroup, Action)],
 ) -> Enforcer {
     let attachment = Attachment {
         cgroup_root: CgroupDir::open(lab.root().path()).unwrap(),
@@ -167,7 +171,7 @@ fn filtered_connects_reach_the_proxy_with_their_origin() {
         &lab,
         Some(standin.target()),
         false,
-        &[(&report, action::FILTER), (&prod, action::ALLOW)],
+        &[(&report, Action::Filter), (&prod, Action::Allow)],
     );
     let st = status(&lab);
     assert_eq!(hooks(&st), ["connect4", "connect6", "sock_ops"]);
@@ -222,7 +226,7 @@ fn filtered_cgroups_stay_denied_elsewhere() {
         &lab,
         Some(standin.target()),
         true,
-        &[(&report, action::FILTER)],
+        &[(&report, Action::Filter)],
     );
     // Other protected ports, UDP, IPv4-compatible and NAT64 forms: denied.
     for (kind, target) in [
@@ -243,7 +247,7 @@ fn filtered_cgroups_stay_denied_elsewhere() {
 fn filter_without_a_proxy_is_denied() {
     let lab = lab("filter-noproxy");
     let report = lab.cgroup("imds/report").unwrap();
-    let _enforcer = enforce(&lab, None, false, &[(&report, action::FILTER)]);
+    let _enforcer = enforce(&lab, None, false, &[(&report, Action::Filter)]);
     assert_eq!(hooks(&status(&lab)), ["connect4", "connect6"]);
     assert_eperm(&lab, Some(&report), "http", "169.254.169.254:80");
     assert_eperm(&lab, Some(&report), "http", "[fd00:ec2::254]:80");
@@ -260,7 +264,7 @@ fn filter_proxy_down_fails_the_connect_at_once() {
         v6: None,
         port,
     };
-    let _enforcer = enforce(&lab, Some(target), false, &[(&report, action::FILTER)]);
+    let _enforcer = enforce(&lab, Some(target), false, &[(&report, Action::Filter)]);
     // Refused by the proxy's address, never passed on to the real service.
     match probe(&lab, Some(&report), "http", "169.254.169.254:80") {
         Outcome::Failed { errno, detail } => {
@@ -270,4 +274,104 @@ fn filter_proxy_down_fails_the_connect_at_once() {
     }
     // Without an IPv6 proxy address, native IPv6 is denied.
     assert_eperm(&lab, Some(&report), "http", "[fd00:ec2::254]:80");
+}
+
+/// The whole path with the real binary: `run --filter-cgroup` in the lab's
+/// namespace (its proxy on the lab's loopback), the kernel's redirect, the
+/// proxy's rules, the fake AWS service behind it.
+fn filter_run_proxies_the_profile_and_nothing_else() {
+    let lab = lab("filter-run");
+    let report = lab.cgroup("imds/report").unwrap();
+    let prod = lab.cgroup("imds/prod").unwrap();
+    let test = lab.cgroup("imds/test").unwrap();
+    let args = args([
+        &flag("filter-cgroup", &report),
+        &[s("--filter-profile"), s("region")],
+        &flag("allow-cgroup", &prod),
+        &[
+            s("--proxy-listen"),
+            s("127.0.0.1:8169"),
+            s("--proxy-listen"),
+            s("[::1]:8169"),
+            s("--cgroup-root"),
+            lab.root().path().display().to_string(),
+            s("--pin-dir"),
+            lab.pin_dir().display().to_string(),
+        ],
+    ]);
+    let mut d = imdsguard_testlab::daemon::Daemon::start_in(lab.netns(), bin(), &args)
+        .expect("start imdsguard in the lab's namespace");
+    assert_eq!(hooks(&status(&lab)), ["connect4", "connect6", "sock_ops"]);
+    let get = |cg: &TestCgroup, target: &str, path: &str| {
+        lab.imds_get(Some(cg), target, path)
+            .unwrap_or_else(|e| panic!("imds-get {target}{path}: {e:#}"))
+    };
+    let reached = |detail: &str| Outcome::Reached {
+        detail: detail.into(),
+    };
+    let region = "/latest/meta-data/placement/region";
+    // The profile's path, over IPv4 and IPv6, with the IMDSv2 token the
+    // proxy let through.
+    for target in ["169.254.169.254:80", "[fd00:ec2::254]:80"] {
+        assert_eq!(
+            get(&report, target, region),
+            reached("200 us-east-1"),
+            "{target}"
+        );
+    }
+    // Not in the profile, or never allowed: refused by the proxy, never
+    // asked of the service.
+    let creds = "/latest/meta-data/iam/security-credentials/node-role";
+    for path in [
+        "/latest/meta-data/instance-id",
+        creds,
+        "/latest/user-data",
+        "/latest/meta-data/placement/region/../../iam/security-credentials/node-role",
+        "/latest/meta-data/placement/%72egion",
+    ] {
+        match get(&report, "169.254.169.254:80", path) {
+            Outcome::Reached { detail } => assert!(detail.starts_with("403 "), "{path}: {detail}"),
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    assert!(
+        !lab.imds_seen()
+            .iter()
+            .any(|l| l.contains("security-credentials")
+                || l.contains("user-data")
+                || l.contains("instance-id")),
+        "the service saw a refused request: {:?}",
+        lab.imds_seen()
+    );
+    // The allowed pod reads anything, the denied one nothing, the filtered
+    // one no other port.
+    assert_eq!(
+        get(&prod, "169.254.169.254:80", "/latest/meta-data/instance-id"),
+        reached(&format!("200 {INSTANCE_ID}"))
+    );
+    assert_eperm(&lab, Some(&test), "http", "169.254.169.254:80");
+    assert_eperm(&lab, Some(&report), "tcp", "169.254.169.254:8080");
+    // Straight to the proxy, without the kernel's record: refused, whoever
+    // asks.
+    match get(&test, "127.0.0.1:8169", region) {
+        Outcome::Reached { detail } => assert!(detail.starts_with("403 "), "{detail}"),
+        other => panic!("direct: {other:?}"),
+    }
+    // Each request is logged with its caller, path and verdict.
+    let line = d
+        .wait_for(std::time::Duration::from_secs(5), |v| {
+            imdsguard_testlab::daemon::message(v) == Some("filter proxy request")
+        })
+        .expect("a proxied request is logged");
+    assert!(line.to_string().contains("caller_cgroup"), "{line}");
+    // The proxy goes with the daemon; the kernel keeps sending filtered
+    // connects to it, where they are refused at once, and never to the
+    // service.
+    d.kill();
+    match get(&report, "169.254.169.254:80", region) {
+        Outcome::Failed { errno, detail } => {
+            assert_eq!(errno, Some(libc::ECONNREFUSED), "{detail}")
+        }
+        other => panic!("proxy down: {other:?}"),
+    }
 }

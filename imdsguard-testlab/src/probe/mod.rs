@@ -116,6 +116,10 @@ fn probe_main(args: &[String]) -> anyhow::Result<String> {
         .context("probe target")?;
     let out = match kind.as_str() {
         "http" => serde_json::to_string(&imds_http(target))?,
+        "imds-get" => {
+            let path = args.get(2).context("path missing")?;
+            serde_json::to_string(&plain::imds_get(target, path))?
+        }
         "tcp" => serde_json::to_string(&tcp_connect(target))?,
         "udp-sendto" => serde_json::to_string(&udp(target, false))?,
         "udp-connect" => serde_json::to_string(&udp(target, true))?,

@@ -72,6 +72,47 @@ pub(super) fn imds_http(target: SocketAddr) -> Outcome {
     }
 }
 
+/// One status line and body of a raw HTTP exchange: `"<code> <body>"`, for
+/// any status (filter mode answers 403 with a reason).
+fn http_status(target: SocketAddr, request: &str) -> Result<String, Outcome> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .map_err(|e| Outcome::from_io(&e, "connect"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    s.write_all(request.as_bytes())
+        .map_err(|e| Outcome::from_io(&e, "write"))?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .map_err(|e| Outcome::from_io(&e, "read"))?;
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let code = head.split(' ').nth(1).unwrap_or("none");
+    Ok(format!("{code} {}", body.trim()))
+}
+
+/// IMDSv2 with any path: PUT a token (a refused PUT leaves none, as a v1
+/// client would have), then GET `path` with it. The detail is the GET's
+/// `"<code> <body>"`.
+pub(super) fn imds_get(target: SocketAddr, path: &str) -> Outcome {
+    let host = target.ip();
+    let put = format!(
+        "PUT /latest/api/token HTTP/1.1\r\nHost: {host}\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n"
+    );
+    let token = match http_status(target, &put) {
+        Ok(r) => r.strip_prefix("200 ").map(str::to_string),
+        Err(o) => return o,
+    };
+    let token = token
+        .map(|t| format!("X-aws-ec2-metadata-token: {t}\r\n"))
+        .unwrap_or_default();
+    match http_status(
+        target,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{token}Connection: close\r\n\r\n"),
+    ) {
+        Ok(detail) => Outcome::Reached { detail },
+        Err(o) => o,
+    }
+}
+
 /// UDP to `target`: with `connect`, connect() first (the connect hook
 /// judges it); without, an unconnected sendto (the sendmsg hook judges it).
 pub(super) fn udp(target: SocketAddr, connect: bool) -> Outcome {
