@@ -233,7 +233,7 @@ fn compile_filter(
         .map(|r| Some(Arc::new(r)))
         .map_err(|error| PolicyError::Filter {
             rule: rule.clone(),
-            error,
+            error: Box::new(error),
         })
 }
 

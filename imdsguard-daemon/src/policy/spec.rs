@@ -114,8 +114,12 @@ pub enum PolicyError {
 
     /// A profile that does not exist, a pattern that does not parse, or one
     /// that reaches a never-allowed path (credentials, user-data, ...).
+    /// Boxed: `crate::Error` is large and every other variant small.
     #[error("{rule}: {error}")]
-    Filter { rule: RuleRef, error: crate::Error },
+    Filter {
+        rule: RuleRef,
+        error: Box<crate::Error>,
+    },
 
     #[error(
         "{rule}.namespaces: an empty list matches no namespace; omit the field to match every namespace"
