@@ -1,9 +1,8 @@
 //! `access: filter` rules in the policy file: what they compile to, and the
 //! errors that name what is wrong.
 
-use imdsguard_common::action;
-
 use super::{file::PolicyFile, spec::PolicyError};
+use crate::vocabulary::Action;
 
 fn load(rules: &str) -> Result<PolicyFile, PolicyError> {
     PolicyFile::from_yaml(&format!("rules:\n{rules}"))
@@ -30,7 +29,7 @@ fn a_filter_rule_gives_its_pods_the_filter_action_and_its_rules() {
     .unwrap();
     let labels = [("app".to_string(), "report".to_string())].into();
     let d = p.evaluate("imds", &Default::default(), &labels).unwrap();
-    assert_eq!(d.action, action::FILTER);
+    assert_eq!(d.action, Action::Filter);
     let rules = d.filter.expect("a filter rule carries its allow list");
     assert_eq!(rules.profiles(), ["instance-info"]);
     assert_eq!(rules.paths(), ["/latest/meta-data/tags/instance/team"]);

@@ -49,7 +49,8 @@ fn seed_example_decides_as_documented() {
         RuleMatch {
             action: Action::Allow,
             rule_index: 0,
-            rule_name: "prod-reads-imds"
+            rule_name: "prod-reads-imds",
+            filter: None,
         }
     );
     let test = p
@@ -60,7 +61,8 @@ fn seed_example_decides_as_documented() {
         RuleMatch {
             action: Action::Enforce,
             rule_index: 1,
-            rule_name: "test-denied"
+            rule_name: "test-denied",
+            filter: None,
         }
     );
     assert_eq!(action_of(&p, "default", &[], &[("app", "prod")]), None);

@@ -65,6 +65,7 @@ pub(super) fn comparison(node: &Node, o: &Options) -> anyhow::Result<String> {
         udp: false,
         deny_raw_sockets: false,
         judge_socket_creators: false,
+        filter: None,
     };
     let desired = MapState {
         mode: Mode::Enforce,
