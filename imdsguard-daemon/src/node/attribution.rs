@@ -188,6 +188,13 @@ impl Attributor for PodAttributor {
                     d.destination
                 ),
             ),
+            Verdict::Denied if d.decided_by == Cause::NotFilterable => (
+                "MetadataAccessDenied",
+                format!(
+                    "metadata access denied to {} by imdsguard: the pod is filtered, and only TCP port 80 through the filter is open to it",
+                    d.destination
+                ),
+            ),
             Verdict::Denied => (
                 "MetadataAccessDenied",
                 format!("metadata access denied to {} by imdsguard", d.destination),

@@ -372,6 +372,8 @@ fn filter_run_proxies_the_profile_and_nothing_else() {
     );
     assert_eperm(&lab, Some(&test), "http", "169.254.169.254:80");
     assert_eperm(&lab, Some(&report), "tcp", "169.254.169.254:8080");
+    let line = wait_decision(&mut d, report.id(), "169.254.169.254:8080", "denied");
+    assert_eq!(line["decided_by"], "not-filterable", "{line}");
     // Straight to the proxy, without the kernel's record: refused, whoever
     // asks.
     match get(&test, "127.0.0.1:8169", region) {
