@@ -31,16 +31,29 @@
 //! Rules are evaluated in order and the first that applies decides:
 //! `access: allow` lets the pod reach the metadata service, `access: deny`
 //! denies it in `mode` (`enforce`: EPERM and a report; `audit`: allowed but
-//! reported), which defaults to `defaultMode`. A pod no rule applies to gets
+//! reported), which defaults to `defaultMode`, and `access: filter` sends
+//! the pod's metadata requests through the agent's proxy, which passes only
+//! the rule's `profile` and `paths`. A pod no rule applies to gets
 //! no entry of its own, so the daemon's global default covers it. An empty
 //! document is the empty policy: no rules, `defaultMode: enforce`, and the
 //! built-in destinations.
 //!
+//! Presets (`imdsguard presets`) add the rules for a cloud's node
+//! components, named `<preset>/<entry>`, after the file's own rules, so an
+//! own rule for the same pods decides first:
+//!
+//! ```yaml
+//! include: [eks]                # eks | gke | aks | generic
+//! presetAccess: least           # least (default): filter entries need the
+//!                               # agent's proxy; allow: they become allow rules
+//! defaultMode: audit
+//! ```
+//!
 //! Mistakes are errors, never a silently different policy: unknown fields
 //! (a misspelt `podSelector` would otherwise select every pod), `mode` on an
 //! allow rule, duplicate or malformed rule names, names that could never
-//! match a namespace, invalid selectors, and destinations that do not parse
-//! or do not fit the kernel's maps. Each error names the rule and the field,
+//! match a namespace, invalid selectors, unknown or repeated presets, and
+//! destinations that do not parse or do not fit the kernel's maps. Each error names the rule and the field,
 //! e.g. `rules[1] (test-denied).podSelector.matchExpressions[0].operator`.
 
 use std::{
@@ -52,6 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     names,
+    presets::{self, PresetAccess},
     selector::{LabelSelector, LabelSelectorSpec},
     spec::{PolicyError, RuleRef, RuleSpec, parse_spec},
 };
@@ -303,12 +317,15 @@ impl PolicyFile {
     pub fn from_yaml(yaml: &str) -> Result<Self, PolicyError> {
         let spec = parse_spec(yaml)?;
         let mut seen = BTreeMap::new();
-        let rules = spec
+        let mut rules = spec
             .rules
             .into_iter()
             .enumerate()
             .map(|(i, r)| Rule::from_spec(i, r, &mut seen))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        // After the own rules, so that an own rule matching the same pods
+        // decides first: a preset is a default, the file is the operator's word.
+        rules.extend(included_rules(&spec.include, spec.preset_access)?);
         let destinations = spec.destinations.map(parse_destinations).transpose()?;
         Ok(Self {
             default_mode: spec.default_mode.into(),
@@ -350,6 +367,43 @@ impl PolicyFile {
     pub fn destinations(&self) -> Option<&[Destination]> {
         self.destinations.as_deref()
     }
+}
+
+/// The rules of the included presets, in `include` order, named
+/// `<preset>/<entry>`: an own rule's name is a DNS label, so it can never
+/// clash with one.
+fn included_rules(include: &[String], access: PresetAccess) -> Result<Vec<Rule>, PolicyError> {
+    let mut first_seen = BTreeMap::new();
+    let mut rules = Vec::new();
+    for (index, name) in include.iter().enumerate() {
+        if let Some(&first) = first_seen.get(name.as_str()) {
+            return Err(PolicyError::DuplicateInclude {
+                index,
+                name: name.clone(),
+                first,
+            });
+        }
+        first_seen.insert(name.as_str(), index);
+        let preset = presets::get(name)?.ok_or_else(|| PolicyError::UnknownPreset {
+            index,
+            name: name.clone(),
+            known: presets::names().join(", "),
+        })?;
+        let mut seen = BTreeMap::new();
+        for (i, entry) in preset.rules.iter().enumerate() {
+            let mut rule =
+                Rule::from_spec(i, entry.to_spec(access), &mut seen).map_err(|error| {
+                    PolicyError::Preset {
+                        index,
+                        name: name.clone(),
+                        error: Box::new(error),
+                    }
+                })?;
+            rule.name = format!("{}/{}", preset.name, rule.name);
+            rules.push(rule);
+        }
+    }
+    Ok(rules)
 }
 
 fn parse_destinations(specs: Vec<String>) -> Result<Vec<Destination>, PolicyError> {

@@ -6,6 +6,7 @@
 pub mod desired;
 pub mod file;
 pub mod names;
+pub mod presets;
 pub mod selector;
 pub mod spec;
 

@@ -7,6 +7,7 @@ use serde_path_to_error::Segment;
 use super::file::Access;
 use super::{
     names::Malformed,
+    presets::PresetAccess,
     selector::{LabelSelectorSpec, SelectorError},
 };
 use crate::bpf::enforcer::Mode;
@@ -37,6 +38,11 @@ pub(super) struct PolicySpec {
     #[serde(default)]
     pub(super) rules: Vec<RuleSpec>,
     pub(super) destinations: Option<Vec<String>>,
+    /// Presets whose rules follow the file's own (`imdsguard presets`).
+    #[serde(default)]
+    pub(super) include: Vec<String>,
+    #[serde(default)]
+    pub(super) preset_access: PresetAccess,
 }
 
 #[derive(Deserialize)]
@@ -148,6 +154,32 @@ pub enum PolicyError {
 
     #[error("destinations[{index}]: {error}")]
     Destination { index: usize, error: crate::Error },
+
+    #[error("include[{index}]: unknown preset {name:?}; the presets are {known}")]
+    UnknownPreset {
+        index: usize,
+        name: String,
+        known: String,
+    },
+
+    #[error("include[{index}]: preset {name:?} is already included by include[{first}]")]
+    DuplicateInclude {
+        index: usize,
+        name: String,
+        first: usize,
+    },
+
+    /// A preset's rule does not compile: a broken build, which the unit
+    /// tests catch.
+    #[error("include[{index}] ({name}): {error}")]
+    Preset {
+        index: usize,
+        name: String,
+        error: Box<PolicyError>,
+    },
+
+    #[error("the built-in presets (presets.yaml) do not parse")]
+    PresetsData(#[source] Box<serde_saphyr::Error>),
 
     /// Each destination parses, but together they do not fit the kernel's maps.
     #[error("destinations: {error}")]
