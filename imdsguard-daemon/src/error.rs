@@ -181,7 +181,7 @@ pub enum Error {
     },
 
     #[error(
-        "the policy has filter rules ({rules:?}) but the agent has no proxy: start it with --proxy-listen (chart: filter.enabled=true), or those pods would be denied everything"
+        "the policy has filter rules ({rules:?}) but the agent has no proxy: start it with --proxy-listen (chart: filter.enabled=true), or those pods would be denied everything; rules from `include` become allow rules with `presetAccess: allow`"
     )]
     FilterWithoutProxy { rules: Vec<String> },
 
@@ -196,6 +196,9 @@ pub enum Error {
 
     #[error("filter profile {name:?} does not exist (`imdsguard profiles` lists them)")]
     UnknownProfile { name: String },
+
+    #[error("list the built-in presets")]
+    Presets(#[source] Box<crate::policy::spec::PolicyError>),
 
     #[error("the built-in filter profiles (profiles.yaml) do not parse")]
     ProfilesData(#[source] Box<serde_saphyr::Error>),

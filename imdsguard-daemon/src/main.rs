@@ -20,6 +20,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Uninstall(args) => print!("{}", cli::uninstall::run(&args)?),
         Command::Destinations => print!("{}", cli::destinations::render()),
         Command::Profiles => print!("{}", cli::profiles::render()?),
+        Command::Presets(args) => print!("{}", cli::presets::render(args.output)?),
     }
     Ok(())
 }

@@ -40,6 +40,14 @@ pub enum Command {
     Destinations,
     /// Print the built-in filter profiles and the never-allowed paths.
     Profiles,
+    /// Print the presets a policy can include: each cloud's node components and their access.
+    Presets(PresetsArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct PresetsArgs {
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: Output,
 }
 
 /// What is attached and where the pins live: the flags `run` and `node`

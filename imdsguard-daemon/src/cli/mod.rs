@@ -4,6 +4,7 @@
 pub mod args;
 pub mod destinations;
 pub mod explain;
+pub mod presets;
 pub mod profiles;
 pub mod status;
 pub mod uninstall;

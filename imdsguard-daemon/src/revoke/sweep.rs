@@ -131,6 +131,13 @@ pub fn must_go(s: &DiagSocket, tree: &JudgedSubtree, enforced: &EnforcedState) -
     if s.dst.port() == 0 && s.dst.ip().is_unspecified() {
         return false;
     }
+    // A policy that audits by default is a rollout being watched: nothing
+    // open is taken away, not even from pods a rule denies in enforce mode
+    // (their new connections are refused all the same). Closing live
+    // connections waits until the default is enforce.
+    if enforced.mode == Mode::Audit {
+        return false;
+    }
     let Some(owner) = s.cgroup_id else {
         return false;
     };
@@ -378,5 +385,23 @@ mod tests {
         // Audit never revokes.
         let audit = policy(&[], Mode::Audit);
         assert!(!must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &audit));
+    }
+
+    /// An audit default revokes nothing, even where an entry enforces or
+    /// filters (a deny rule with `mode: enforce`, a filter rule): the
+    /// kernel still refuses their new connections.
+    #[test]
+    fn an_audit_default_never_revokes() {
+        let t = tree();
+        let imds = "169.254.169.254:80";
+        let p = policy(&[(2, Action::Enforce), (4, Action::Filter)], Mode::Audit);
+        assert_eq!(t.action_of(3, &p), Some(Action::Enforce));
+        for owner in [1, 2, 3, 4] {
+            assert!(!must_go(&socket(Protocol::Tcp, imds, Some(owner)), &t, &p));
+        }
+        // The same entries under an enforce default do revoke.
+        let p = policy(&[(2, Action::Enforce), (4, Action::Filter)], Mode::Enforce);
+        assert!(must_go(&socket(Protocol::Tcp, imds, Some(3)), &t, &p));
+        assert!(must_go(&socket(Protocol::Tcp, imds, Some(4)), &t, &p));
     }
 }
