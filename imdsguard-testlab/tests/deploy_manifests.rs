@@ -487,6 +487,75 @@ fn seccomp_profile_allows_bpf_and_setns_only_into_network_namespaces() {
     );
 }
 
+/// The README's seed policy: the first YAML block under "**Policy file.**".
+fn readme_seed_policy() -> String {
+    let readme = fs::read_to_string(repo().join("README.md")).expect("read README.md");
+    let section = &readme[readme
+        .find("**Policy file.**")
+        .expect("Policy file section")..];
+    let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let len = section[start..].find("```").expect("the block's end");
+    section[start..start + len].to_owned()
+}
+
+/// The policy in a rendering's ConfigMap, parsed by the agent's own parser.
+fn configmap_policy(docs: &[Json]) -> imdsguard::policy::file::PolicyFile {
+    let text = find(docs, "ConfigMap")["data"]["policy.yaml"]
+        .as_str()
+        .expect("policy.yaml")
+        .to_owned();
+    imdsguard::policy::file::PolicyFile::from_yaml(&text)
+        .unwrap_or_else(|e| panic!("the chart's policy does not parse: {e}\n{text}"))
+}
+
+/// A first install is safe: the default policy audits every pod it does
+/// not name, and names only the chosen cloud's node components (never
+/// filter rules, which would need the proxy).
+#[test]
+fn chart_default_policy_includes_the_clouds_preset_and_audits() {
+    use imdsguard::{bpf::enforcer::Mode, policy::file::Access};
+    for cloud in ["generic", "eks", "gke", "aks"] {
+        let docs = docs(&render(&["--set", &format!("cloud={cloud}")]));
+        let policy = configmap_policy(&docs);
+        assert_eq!(policy.default_mode(), Mode::Audit, "{cloud}");
+        for rule in policy.rules() {
+            assert!(
+                rule.name().starts_with(&format!("{cloud}/")),
+                "{cloud}: {}",
+                rule.name()
+            );
+            assert_eq!(rule.access(), Access::Allow, "{cloud}: {}", rule.name());
+        }
+        assert_eq!(policy.rules().is_empty(), cloud == "generic");
+    }
+    // The shipped plain manifests carry the same default.
+    assert_eq!(configmap_policy(&plain_docs()).default_mode(), Mode::Audit);
+    // The README's seed parses, and a policy given as a value replaces the default.
+    let seed = readme_seed_policy();
+    imdsguard::policy::file::PolicyFile::from_yaml(&seed).expect("the seed parses");
+    let dir = ScratchDir::new("seed-policy").expect("scratch dir");
+    let file = dir.path().join("policy.yaml");
+    fs::write(&file, &seed).expect("write");
+    let set_file = format!("policy={}", file.display());
+    let rendered = configmap_policy(&docs(&render(&["--set-file", &set_file])));
+    assert_eq!(rendered.default_mode(), Mode::Enforce);
+    assert_eq!(rendered.rules()[0].name(), "prod-reads-imds");
+}
+
+#[test]
+fn chart_refuses_an_unknown_cloud() {
+    let out = run(Command::new(helm_bin()).current_dir(repo()).args([
+        "template",
+        "imdsguard",
+        "deploy/helm/imdsguard",
+        "--set",
+        "cloud=ecs",
+    ]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cloud must be one of"), "{stderr}");
+}
+
 #[test]
 fn admission_policy_parses_and_names_the_seed_policys_allow_rule() {
     let text = fs::read_to_string(repo().join("deploy/admission/allow-labels.yaml")).expect("read");
@@ -512,10 +581,9 @@ fn admission_policy_parses_and_names_the_seed_policys_allow_rule() {
             .unwrap()
             .to_owned()
     };
-    // The policy's allow rule, from the ConfigMap the manifests ship.
-    let configmap = find(&plain_docs(), "ConfigMap").clone();
-    let policy: Json =
-        serde_saphyr::from_str(configmap["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+    // The seed policy's allow rule, from the README (the shipped policy is
+    // the chart's default, which has no labels of its own).
+    let policy: Json = serde_saphyr::from_str(&readme_seed_policy()).unwrap();
     let allow = policy["rules"]
         .as_array()
         .unwrap()

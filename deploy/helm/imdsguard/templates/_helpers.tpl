@@ -24,3 +24,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end }}
+
+{{/*
+The policy file: .Values.policy, or the default for a first install, which
+lets the cloud's node components through (their preset) and audits every
+other pod. presetAccess is allow so that the default never needs the filter
+proxy and never narrows a component before its traffic has been seen.
+*/}}
+{{- define "imdsguard.policy" -}}
+{{- if .Values.policy -}}
+{{ .Values.policy }}
+{{- else -}}
+# The chart's default policy: the node components of the {{ .Values.cloud }}
+# preset (`imdsguard presets`) may reach the metadata service; every other
+# pod is audited, that is reported and not denied. deploy/README.md,
+# "Audit, then enforce", walks from here to enforce.
+include: [{{ .Values.cloud }}]
+presetAccess: allow
+defaultMode: audit
+{{- end -}}
+{{- end }}
