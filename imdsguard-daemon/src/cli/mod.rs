@@ -5,6 +5,8 @@ pub mod args;
 pub mod destinations;
 pub mod explain;
 pub mod profiles;
+pub mod report;
+mod report_fetch;
 pub mod status;
 pub mod uninstall;
 
