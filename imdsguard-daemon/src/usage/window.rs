@@ -261,7 +261,8 @@ mod tests {
         }
     }
 
-    const T0: u64 = 1_800_000_000 - 1_800_000_000 % 60;
+    /// A whole minute (1_800_000_000 is one).
+    const T0: u64 = 1_800_000_000;
 
     #[test]
     fn counts_per_key_with_first_and_last_seen() {
