@@ -39,7 +39,9 @@ impl Cli {
             .is_some_and(|p| p.file_name().is_some_and(|n| n == KUBECTL_PLUGIN));
         let mut cmd = Self::command();
         if plugin {
-            cmd = cmd.bin_name("kubectl imdsguard").display_name("kubectl imdsguard");
+            cmd = cmd
+                .bin_name("kubectl imdsguard")
+                .display_name("kubectl imdsguard");
         }
         Self::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
     }

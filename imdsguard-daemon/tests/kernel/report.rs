@@ -1,0 +1,124 @@
+//! `imdsguard report` against a real daemon: standalone `run` in audit mode
+//! with its endpoint on loopback, an audited and a denied caller, and the
+//! report read back through the CLI, as JSON and as a table.
+
+use std::time::{Duration, Instant};
+
+use imdsguard_testlab::{cgroups::TestCgroup, daemon};
+use libtest_mimic::Trial;
+use serde_json::Value;
+
+use crate::{support::*, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial(
+        "report_lists_audit_hits_and_denials_by_caller",
+        report_lists_audit_hits_and_denials_by_caller,
+    )]
+}
+
+const IMDS: &str = "169.254.169.254:80";
+
+/// `imdsguard report --agent URL ARGS`; its stdout, after checking it
+/// succeeded.
+pub fn report(agent: &str, extra: &[&str]) -> String {
+    let mut a = vec!["report", "--agent", agent];
+    a.extend_from_slice(extra);
+    let out = daemon::command(bin(), &a).unwrap();
+    assert!(
+        out.status.success(),
+        "report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The report's row for `cg` (standalone rows name the cgroup).
+fn row_of<'v>(report: &'v Value, cg: &TestCgroup) -> Option<&'v Value> {
+    let path = cg.path().display().to_string();
+    report["rows"]
+        .as_array()?
+        .iter()
+        .find(|r| r["cgroup"].as_str() == Some(&path))
+}
+
+fn report_lists_audit_hits_and_denials_by_caller() {
+    let lab = lab("report");
+    let (prod, test) = pods(&lab);
+    let stray = lab.cgroup("stray").unwrap();
+    let mut d = start(
+        &lab,
+        &args([
+            &flag("allow-cgroup", &prod),
+            &flag("enforce-cgroup", &test),
+            &[
+                s("--mode"),
+                s("audit"),
+                s("--metrics-addr"),
+                s("127.0.0.1:0"),
+            ],
+        ]),
+    );
+    let ready = d
+        .wait_for(Duration::from_secs(5), |v| {
+            daemon::message(v) == Some("ready")
+        })
+        .unwrap();
+    let addr = ready["metrics_addr"].as_str().unwrap().to_string();
+    let agent = format!("http://{addr}");
+
+    // Denied twice (enforced even in audit mode), audited once (no entry),
+    // allowed once (only the kernel's totals know).
+    assert_eperm(&lab, Some(&test), "tcp", IMDS);
+    assert_eperm(&lab, Some(&test), "tcp", IMDS);
+    assert_reached(&lab, Some(&stray), "tcp", IMDS);
+    assert_reached(&lab, Some(&prod), "tcp", IMDS);
+    wait_decision(&mut d, test.id(), IMDS, "denied");
+    wait_decision(&mut d, stray.id(), IMDS, "audited");
+
+    // The second denial is summarised in the logs, not logged: wait for
+    // the report to count it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let json = loop {
+        let json: Value =
+            serde_json::from_str(&report(&agent, &["-o", "json", "--minutes", "5"])).unwrap();
+        if row_of(&json, &test).is_some_and(|r| r["denied"] == 2) {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "{json:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let denied = row_of(&json, &test).unwrap();
+    assert_eq!(denied["destination"], IMDS, "{denied}");
+    assert_eq!(denied["kind"], "connect4", "{denied}");
+    assert_eq!(denied["audited"], 0, "{denied}");
+    assert_eq!(denied["namespace"], "(unattributed)", "{denied}");
+    let audited = row_of(&json, &stray).unwrap_or_else(|| panic!("{json:#}"));
+    assert_eq!(
+        (&audited["audited"], &audited["denied"], &audited["kind"]),
+        (&Value::from(1), &Value::from(0), &Value::from("connect4")),
+        "{audited}"
+    );
+    assert!(row_of(&json, &prod).is_none(), "allowed uses are no rows");
+    assert_eq!(json["minutes"], 5);
+    let kernel = &json["agents"][0]["kernel_counters"];
+    assert!(kernel["allowed"].as_u64().unwrap() >= 1, "{json:#}");
+    assert!(kernel["denied"].as_u64().unwrap() >= 2, "{json:#}");
+    assert!(json["unreachable"].as_array().unwrap().is_empty());
+
+    let table = report(&agent, &[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].starts_with("NAMESPACE"), "{table}");
+    let stray_line = lines
+        .iter()
+        .find(|l| l.contains(&*stray.path().display().to_string()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(stray_line.contains("connect4"), "{table}");
+    assert!(
+        table.contains("Allowed connects are not reported one by one"),
+        "{table}"
+    );
+
+    let exit = d.terminate().unwrap();
+    assert!(exit.success(), "{exit}");
+}
