@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use imdsguard_testlab::{cgroups::TestCgroup, daemon};
+use imdsguard_testlab::{cgroups::TestCgroup, daemon, lab::Lab};
 use libtest_mimic::Trial;
 use serde_json::Value;
 
@@ -121,4 +121,59 @@ fn report_lists_audit_hits_and_denials_by_caller() {
 
     let exit = d.terminate().unwrap();
     assert!(exit.success(), "{exit}");
+}
+
+/// Filter mode (the daemon in the lab's namespace, `report` run there
+/// too): the filtered cgroup's requests are listed with their paths and
+/// IMDS version, a request without the kernel's record under no
+/// destination, and the kernel's not-filterable denial as its own row.
+pub fn assert_filter_report(lab: &Lab, d: &daemon::Daemon, filtered: &TestCgroup) {
+    let ready = d
+        .logs()
+        .into_iter()
+        .find(|v| daemon::message(v) == Some("ready"))
+        .unwrap();
+    let agent = format!("http://{}", ready["metrics_addr"].as_str().unwrap());
+    let out = lab
+        .netns()
+        .command(bin().to_str().unwrap())
+        .args(["report", "--agent", &agent, "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = filtered.path().display().to_string();
+    let rows = json["rows"].as_array().unwrap();
+    let row = |kind: &str, destination: &str| {
+        rows.iter()
+            .find(|r| {
+                r["cgroup"].as_str() == Some(&path)
+                    && r["kind"] == kind
+                    && r["destination"] == destination
+            })
+            .unwrap_or_else(|| panic!("no {kind} row to {destination}: {json:#}"))
+    };
+    let v4 = row("filter", "169.254.169.254:80");
+    for p in [
+        "/latest/meta-data/placement/region",
+        "/latest/user-data",
+        "PUT /latest/api/token",
+    ] {
+        assert!(v4["paths"][p].as_u64().unwrap_or(0) >= 1, "{p}: {v4:#}");
+    }
+    assert_eq!(v4["filter_denied"], 5, "{v4:#}");
+    assert!(v4["filter_allowed"].as_u64().unwrap() >= 2, "{v4:#}");
+    assert_eq!(v4["imds"], serde_json::json!(["v2"]), "{v4:#}");
+    assert!(row("filter", "[fd00:ec2::254]:80")["filter_allowed"].as_u64() >= Some(2));
+    assert_eq!(row("connect4", "169.254.169.254:8080")["denied"], 1);
+    let direct = rows
+        .iter()
+        .find(|r| r["destination"] == "-")
+        .unwrap_or_else(|| panic!("no row for the request without a record: {json:#}"));
+    assert_eq!(direct["kind"], "filter");
+    assert!(direct["filter_denied"].as_u64() >= Some(1), "{direct:#}");
 }
