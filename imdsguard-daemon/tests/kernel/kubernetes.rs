@@ -132,6 +132,7 @@ fn node_agent_follows_labels_policy_and_outages() {
     assert!(row["denied"].as_u64() >= Some(1), "{row}");
     assert!(row["node"].is_string(), "{row}");
     assert_eq!(row["node"], r["agents"][0]["node"], "{r:#}");
+    crate::report::assert_cluster_report(&cluster, &dir.join("admin.kubeconfig"));
 
     // `explain --pod` names the rule and reads the verdict from the maps.
     let pins = lab.pin_dir().display().to_string();

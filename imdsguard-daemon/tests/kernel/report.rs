@@ -2,9 +2,18 @@
 //! with its endpoint on loopback, an audited and a denied caller, and the
 //! report read back through the CLI, as JSON and as a table.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use imdsguard_testlab::{cgroups::TestCgroup, daemon, lab::Lab};
+use imdsguard_testlab::{
+    cgroups::TestCgroup,
+    cluster::{Cluster, pod_manifest},
+    daemon,
+    lab::Lab,
+};
 use libtest_mimic::Trial;
 use serde_json::Value;
 
@@ -176,4 +185,65 @@ pub fn assert_filter_report(lab: &Lab, d: &daemon::Daemon, filtered: &TestCgroup
         .unwrap_or_else(|| panic!("no row for the request without a record: {json:#}"));
     assert_eq!(direct["kind"], "filter");
     assert!(direct["filter_denied"].as_u64() >= Some(1), "{direct:#}");
+}
+
+/// `report` through a real API server: the agent pods are found by the
+/// chart's label and asked through the pod proxy. The one here has no
+/// kubelet behind it (no pod IP), so it is listed as unreachable with its
+/// node, and the command still succeeds; a node without agents is an
+/// error. Nothing is ever proxied: the pod has no address.
+pub fn assert_cluster_report(cluster: &Cluster, admin_kubeconfig: &Path) {
+    use k8s_openapi::api::core::v1::{ContainerPort, Pod};
+    use kube::api::{Api, PostParams};
+
+    cluster.create_namespace("imdsguard-system");
+    let mut pod = pod_manifest("imdsguard-abcde", "agent", None);
+    pod.metadata.labels = Some(BTreeMap::from([(
+        "app.kubernetes.io/name".to_string(),
+        "imdsguard".to_string(),
+    )]));
+    let spec = pod.spec.as_mut().unwrap();
+    // Another node: the agent under test watches only its own.
+    spec.node_name = Some("other-node".into());
+    spec.containers[0].ports = Some(vec![ContainerPort {
+        name: Some("metrics".into()),
+        container_port: 9191,
+        ..Default::default()
+    }]);
+    cluster
+        .rt
+        .block_on(
+            Api::<Pod>::namespaced(cluster.admin.clone(), "imdsguard-system")
+                .create(&PostParams::default(), &pod),
+        )
+        .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .arg("report")
+            .args(args)
+            .env("KUBECONFIG", admin_kubeconfig)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["-o", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["agents"], serde_json::json!([]), "{json:#}");
+    let u = &json["unreachable"][0];
+    assert_eq!(u["source"], "imdsguard-system/imdsguard-abcde", "{json:#}");
+    assert_eq!(u["node"], "other-node", "{json:#}");
+    assert!(!u["error"].as_str().unwrap().is_empty(), "{json:#}");
+    let table = String::from_utf8(run(&[]).stdout).unwrap();
+    assert!(
+        table.contains("could not ask imdsguard-system/imdsguard-abcde (node other-node)"),
+        "{table}"
+    );
+    let out = run(&["--node", "elsewhere"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no imdsguard agent pods") && stderr.contains("on node elsewhere"),
+        "{stderr}"
+    );
 }
