@@ -59,6 +59,12 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Who used the metadata service in the last minutes, and what enforce
     /// would have done: per namespace, pod and container, from the agents.
+    ///
+    /// Rows count audit hits (would be denied under enforce) and denials,
+    /// per destination and hook, and under filter mode the proxy's allowed
+    /// and denied requests with their paths and IMDS version. The kernel
+    /// reports audit hits and denials one by one; allowed connects are only
+    /// counted, so they are no rows: the report prints each node's totals.
     Report(ReportArgs),
     /// Detach every program and remove all pins.
     Uninstall(UninstallArgs),

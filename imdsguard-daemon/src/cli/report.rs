@@ -239,8 +239,10 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Asks the agent(s) and renders the answer. Fails only when no agent
-/// could be asked at all; an unreachable one among several is listed.
+/// Asks the agent(s) and renders the answer. Fails when `--agent` does
+/// not answer or the agent pods cannot be listed; an agent pod that does
+/// not answer is listed in the output, so one broken node does not hide
+/// the others.
 pub async fn run(args: &ReportArgs) -> Result<String> {
     let answers = match &args.agent {
         Some(url) => {
