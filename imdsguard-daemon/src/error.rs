@@ -218,6 +218,47 @@ pub enum Error {
         never: &'static str,
     },
 
+    #[error("--agent {url:?}: {problem}")]
+    AgentUrl { url: String, problem: &'static str },
+
+    #[error("connect to the agent at {url}")]
+    AgentConnect {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("GET {url}")]
+    AgentHttp {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+
+    #[error("GET {url}: no answer within {secs}s")]
+    AgentTimeout { url: String, secs: u64 },
+
+    #[error("GET {url}: HTTP {status}: {body}")]
+    AgentStatus {
+        url: String,
+        status: u16,
+        body: String,
+    },
+
+    #[error("the report from {from} does not parse")]
+    ReportDecode {
+        from: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("no imdsguard agent pods (label {selector}) in namespace {namespace}{on_node}")]
+    NoAgents {
+        namespace: String,
+        selector: &'static str,
+        on_node: String,
+    },
+
     #[error("encode the output as JSON")]
     Json(#[source] serde_json::Error),
 

@@ -1,4 +1,5 @@
-//! `/metrics`, `/healthz` and `/readyz` over HTTP/1.1, served with hyper.
+//! `/metrics`, `/healthz`, `/readyz` and `/report` (the usage report, JSON)
+//! over HTTP/1.1, served with hyper.
 //!
 //! GET and HEAD only (405 with `Allow` otherwise), 404 for other paths. The
 //! port is often reachable from the whole cluster network, so a client gets
@@ -13,7 +14,7 @@ use std::{
 
 use http_body_util::Full;
 use hyper::{
-    Method, Response, StatusCode,
+    Method, Response, StatusCode, Uri,
     body::Bytes,
     header::{self, HeaderValue},
     server::conn::http1,
@@ -29,6 +30,7 @@ use tracing::debug;
 use crate::{
     bpf::owner::EnforcerHandle,
     metrics::{Health, Metrics},
+    usage,
 };
 
 /// How long a client may take to send a request head, and how long an idle
@@ -49,6 +51,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
 
 #[derive(Clone)]
 pub struct Endpoints {
@@ -98,7 +101,7 @@ async fn serve_with(
         let e = endpoints.clone();
         let service = service_fn(move |req| {
             let e = e.clone();
-            async move { Ok::<_, Infallible>(respond(&e, req.method(), req.uri().path()).await) }
+            async move { Ok::<_, Infallible>(respond(&e, req.method(), req.uri()).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -117,10 +120,10 @@ async fn serve_with(
     }
 }
 
-async fn respond(e: &Endpoints, method: &Method, path: &str) -> Response<Full<Bytes>> {
+async fn respond(e: &Endpoints, method: &Method, uri: &Uri) -> Response<Full<Bytes>> {
     let read_only = matches!(*method, Method::GET | Method::HEAD);
-    match path {
-        "/metrics" | "/healthz" | "/readyz" if !read_only => {
+    match uri.path() {
+        "/metrics" | "/healthz" | "/readyz" | "/report" if !read_only => {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -137,10 +140,42 @@ async fn respond(e: &Endpoints, method: &Method, path: &str) -> Response<Full<By
             }
             response(StatusCode::OK, OPENMETRICS, e.metrics.render())
         }
+        "/report" => {
+            let Some(minutes) = report_minutes(uri.query()) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "minutes must be a whole number from 1 to 60\n",
+                );
+            };
+            let counters = match e.enforcer.get() {
+                Some(enforcer) => enforcer.counters().await.ok(),
+                None => None,
+            };
+            match serde_json::to_vec(&e.metrics.usage.report(minutes, counters)) {
+                Ok(json) => response(StatusCode::OK, JSON, json),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "report not encodable\n"),
+            }
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if e.health.ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `minutes=N` from the query (default the whole window); None when it is
+/// not a number in the window.
+fn report_minutes(query: Option<&str>) -> Option<u32> {
+    let value = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("minutes="));
+    match value {
+        None => Some(usage::window::MINUTES),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|m| (1..=usage::window::MINUTES).contains(m)),
     }
 }
 
@@ -283,6 +318,31 @@ mod tests {
             let r = srv.request("GET", path).await;
             assert_eq!(status(&r), "HTTP/1.1 404 Not Found", "{path}: {r}");
         }
+    }
+
+    #[tokio::test]
+    async fn report_serves_the_usage_window_as_json() {
+        let srv = Server::start(HEADER_READ_TIMEOUT).await;
+        let r = srv.request("GET", "/report?minutes=5").await;
+        assert_eq!(status(&r), "HTTP/1.1 200 OK", "{r}");
+        assert_eq!(header(&r, "content-type"), Some(JSON));
+        let report: usage::Report = serde_json::from_str(body(&r)).unwrap();
+        assert_eq!(report.minutes, 5);
+        assert!(report.rows.is_empty());
+        assert_eq!(report.kernel_counters.map(|c| c.denied), Some(3));
+        let whole: usage::Report =
+            serde_json::from_str(body(&srv.request("GET", "/report").await)).unwrap();
+        assert_eq!(whole.minutes, usage::window::MINUTES);
+        for bad in [
+            "/report?minutes=0",
+            "/report?minutes=61",
+            "/report?minutes=x",
+        ] {
+            let r = srv.request("GET", bad).await;
+            assert_eq!(status(&r), "HTTP/1.1 400 Bad Request", "{bad}: {r}");
+        }
+        let r = srv.request("POST", "/report").await;
+        assert_eq!(status(&r), "HTTP/1.1 405 Method Not Allowed", "{r}");
     }
 
     #[tokio::test]

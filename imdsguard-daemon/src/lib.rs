@@ -14,6 +14,7 @@
 //! - [`decisions`]: the kernel's verdicts from the ring buffer;
 //! - [`filter`]: filter mode's HTTP proxy and its allow lists;
 //! - [`cli`]: arguments and the inspection commands' output;
+//! - [`usage`]: who used the metadata service lately, for `/report`;
 //! - [`runtime`]: what both modes run: the enforcer task, the link check,
 //!   decision reporting, revocation, the `/metrics` endpoints and signals;
 //! - [`standalone`]: the static allow list, without Kubernetes;
@@ -34,6 +35,7 @@ pub mod revoke;
 pub mod runtime;
 pub mod standalone;
 pub mod telemetry;
+pub mod usage;
 pub mod vocabulary;
 
 pub use error::{Error, Result};

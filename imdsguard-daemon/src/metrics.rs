@@ -73,6 +73,10 @@ pub struct Metrics {
     pub revocation_errors: Counter,
     /// Requests through the filter-mode proxy, by pod and verdict.
     pub filter_requests: Family<FilterLabels, Counter>,
+    /// Per-caller usage over the last hour, behind `/report` (not in the
+    /// registry: its labels would be unbounded). Here because everything
+    /// that counts decisions and requests already holds the metrics.
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 impl Default for Metrics {
@@ -100,6 +104,7 @@ impl Metrics {
             connections_revoked: Counter::default(),
             revocation_errors: Counter::default(),
             filter_requests: Family::default(),
+            usage: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(

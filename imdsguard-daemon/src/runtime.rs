@@ -187,6 +187,7 @@ impl FilterProxy {
         let mut proxy = Proxy::new(identity, rules.clone())
             .with_attribution(attribute)
             .with_metrics(metrics.filter_requests.clone())
+            .with_usage(metrics.usage.clone())
             .with_upstreams(move |a| destinations.protects(a.ip(), a.port(), PROTO_TCP));
         if let Some(tx) = denied {
             proxy = proxy.with_denied_events(tx);

@@ -104,7 +104,7 @@ impl Attachment {
 }
 
 /// Counter totals across CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Counters {
     pub allowed: u64,
     pub denied: u64,

@@ -24,6 +24,29 @@ pub struct Cli {
     pub log_level: String,
 }
 
+/// The name krew gives the `kubectl imdsguard` plugin's executable: the
+/// same binary, linked or copied under that name.
+pub const KUBECTL_PLUGIN: &str = "kubectl-imdsguard";
+
+impl Cli {
+    /// Parses the process's arguments. Run as [`KUBECTL_PLUGIN`], usage and
+    /// errors name the command as the user typed it, `kubectl imdsguard`.
+    pub fn parse_args() -> Self {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let plugin = std::env::args_os()
+            .next()
+            .map(std::path::PathBuf::from)
+            .is_some_and(|p| p.file_name().is_some_and(|n| n == KUBECTL_PLUGIN));
+        let mut cmd = Self::command();
+        if plugin {
+            cmd = cmd
+                .bin_name("kubectl imdsguard")
+                .display_name("kubectl imdsguard");
+        }
+        Self::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach (or re-adopt) enforcement and run in the foreground, logging decisions.
@@ -34,6 +57,15 @@ pub enum Command {
     Status(StatusArgs),
     /// Say whether a pod or cgroup may reach each protected destination, and why.
     Explain(ExplainArgs),
+    /// Who used the metadata service in the last minutes, and what enforce
+    /// would have done: per namespace, pod and container, from the agents.
+    ///
+    /// Rows count audit hits (would be denied under enforce) and denials,
+    /// per destination and hook, and under filter mode the proxy's allowed
+    /// and denied requests with their paths and IMDS version. The kernel
+    /// reports audit hits and denials one by one; allowed connects are only
+    /// counted, so they are no rows: the report prints each node's totals.
+    Report(ReportArgs),
     /// Detach every program and remove all pins.
     Uninstall(UninstallArgs),
     /// Print the built-in protected destinations.
@@ -245,6 +277,40 @@ pub struct ExplainArgs {
     pub output: Output,
 }
 
+/// The label every agent pod of the chart (and of deploy/manifests) has.
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=imdsguard";
+
+/// `report`: from one agent's URL, or through the API server from every
+/// agent pod (the default, so that `kubectl imdsguard report` needs no flag).
+///
+/// The kernel reports audit hits and denials one by one; allowed connects
+/// are only counted (the report prints the kernel's totals per node). Under
+/// filter mode each request is reported with its path and IMDS version.
+#[derive(Clone, Debug, Args)]
+pub struct ReportArgs {
+    /// How far back to look, in minutes (the agents keep an hour).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=60))]
+    pub minutes: u32,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: Output,
+    /// Ask this agent's endpoint directly, e.g. http://127.0.0.1:9090 after
+    /// `kubectl -n imdsguard-system port-forward pod/AGENT 9090`.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kubernetes", "namespace", "node"])]
+    pub agent: Option<String>,
+    /// Ask every agent pod (label app.kubernetes.io/name=imdsguard) through
+    /// the API server's pod proxy (KUBECONFIG or in-cluster). The default
+    /// without --agent. Needs `list pods` and `get pods/proxy` in the
+    /// agents' namespace.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The agents' namespace.
+    #[arg(long, default_value = "imdsguard-system")]
+    pub namespace: String,
+    /// Only the agent on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
 #[derive(Clone, Debug, Args)]
 pub struct UninstallArgs {
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -324,6 +390,37 @@ mod tests {
                 "udp",
             ]
         );
+    }
+
+    #[test]
+    fn report_asks_the_cluster_unless_given_an_agent() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["imdsguard", "report"].iter().chain(args)).map(|c| {
+                match c.command {
+                    Command::Report(r) => r,
+                    _ => panic!("not report"),
+                }
+            })
+        };
+        let r = parse(&[]).unwrap();
+        assert_eq!((r.minutes, r.agent, r.output), (60, None, Output::Table));
+        assert_eq!(r.namespace, "imdsguard-system");
+        let r = parse(&[
+            "--agent",
+            "http://127.0.0.1:9090",
+            "--minutes",
+            "5",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(r.agent.as_deref(), Some("http://127.0.0.1:9090"));
+        assert_eq!((r.minutes, r.output), (5, Output::Json));
+        assert!(parse(&["--agent", "http://x:1", "--node", "n"]).is_err());
+        assert!(parse(&["--agent", "http://x:1", "--kubernetes"]).is_err());
+        assert!(parse(&["--minutes", "0"]).is_err());
+        assert!(parse(&["--minutes", "61"]).is_err());
+        assert!(parse(&["--kubernetes", "--node", "n", "--namespace", "x"]).is_ok());
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod destinations;
 pub mod explain;
 pub mod presets;
 pub mod profiles;
+pub mod report;
+mod report_fetch;
 pub mod status;
 pub mod uninstall;
 

@@ -108,6 +108,7 @@ impl<A: Attributor> Reporter<A> {
                     destination: d.destination.to_string(),
                 })
                 .inc();
+            m.usage.decision(&d, &who);
         }
         if self.summarizer.observe(&d) {
             if who.awaits_container_name() && self.naming.len() < NAMING_MAX {

@@ -72,6 +72,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // The endpoints serve from the start: an agent that waits for its
     // cgroup is alive (/healthz) but not ready (/readyz).
     let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement, filtering).len());
+    endpoints.metrics.usage.set_node(args.node_name.clone());
     // Bound before anything is attached (see `FilterProxy`), and before the
     // wait for kubepods, so that a port in use fails the start at once.
     let listeners = match filtering {

@@ -293,6 +293,8 @@ fn filter_run_proxies_the_profile_and_nothing_else() {
             s("127.0.0.1:8169"),
             s("--proxy-listen"),
             s("[::1]:8169"),
+            s("--metrics-addr"),
+            s("127.0.0.1:0"),
             s("--cgroup-root"),
             lab.root().path().display().to_string(),
             s("--pin-dir"),
@@ -387,6 +389,8 @@ fn filter_run_proxies_the_profile_and_nothing_else() {
         })
         .expect("a proxied request is logged");
     assert!(line.to_string().contains("caller_cgroup"), "{line}");
+    // And recorded for `imdsguard report`, with paths and IMDS version.
+    crate::report::assert_filter_report(&lab, &d, &report);
     // The proxy goes with the daemon; the kernel keeps sending filtered
     // connects to it, where they are refused at once, and never to the
     // service.

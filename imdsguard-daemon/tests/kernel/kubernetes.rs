@@ -116,6 +116,23 @@ fn node_agent_follows_labels_policy_and_outages() {
     ] {
         assert!(m.contains(needle), "{needle:?} not in /metrics:\n{m}");
     }
+    // `report` names the denied pod by namespace and name, on this node.
+    let r: serde_json::Value = serde_json::from_str(&crate::report::report(
+        &format!("http://{addr}"),
+        &["-o", "json"],
+    ))
+    .unwrap();
+    let row = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["pod"] == "test-1")
+        .unwrap_or_else(|| panic!("no row for test-1: {r:#}"));
+    assert_eq!(row["namespace"], "imds", "{row}");
+    assert!(row["denied"].as_u64() >= Some(1), "{row}");
+    assert!(row["node"].is_string(), "{row}");
+    assert_eq!(row["node"], r["agents"][0]["node"], "{r:#}");
+    crate::report::assert_cluster_report(&cluster, &dir.join("admin.kubeconfig"));
 
     // `explain --pod` names the rule and reads the verdict from the maps.
     let pins = lab.pin_dir().display().to_string();

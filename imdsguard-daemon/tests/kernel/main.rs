@@ -14,6 +14,7 @@ mod lifecycle;
 mod modes;
 mod raw_sockets;
 mod refusals;
+mod report;
 mod revocation;
 mod socket_identity;
 
@@ -37,6 +38,7 @@ fn main() {
     trials.extend(revocation::trials());
     trials.extend(filter::trials());
     trials.extend(endpoints::trials());
+    trials.extend(report::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

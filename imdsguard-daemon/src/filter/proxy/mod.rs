@@ -30,6 +30,7 @@ use super::{events::DeniedPath, identity::ConnIdentity, rules::RulesTable};
 use crate::{
     decisions::{Attribution, Attributor},
     metrics::FilterLabels,
+    usage::Usage,
 };
 
 /// Limits and timeouts.
@@ -84,6 +85,7 @@ pub struct Proxy {
     requests: Option<Family<FilterLabels, Counter>>,
     denied: Option<mpsc::Sender<DeniedPath>>,
     upstreams: Option<Arc<UpstreamFn>>,
+    usage: Option<Arc<Usage>>,
 }
 
 impl Proxy {
@@ -96,6 +98,7 @@ impl Proxy {
             requests: None,
             denied: None,
             upstreams: None,
+            usage: None,
         }
     }
 
@@ -133,6 +136,13 @@ impl Proxy {
         allowed: impl Fn(std::net::SocketAddr) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.upstreams = Some(Arc::new(allowed));
+        self
+    }
+
+    /// Records every request, with its path and IMDS version, for the
+    /// usage report (`Metrics::usage`).
+    pub fn with_usage(mut self, usage: Arc<Usage>) -> Self {
+        self.usage = Some(usage);
         self
     }
 

@@ -41,6 +41,7 @@ use crate::{
         rules::Denial,
     },
     metrics::FilterLabels,
+    usage::FilterVerdict,
 };
 
 /// The request head limit (hyper's minimum buffer). Metadata requests are
@@ -192,7 +193,7 @@ impl Running {
                     imds,
                     "filter proxy request"
                 );
-                self.count(&who, "denied");
+                self.count(&who, "denied", origin, &parts, &path, imds);
                 return text(StatusCode::FORBIDDEN, &reason);
             }
             Outcome::Upstream(error) => {
@@ -207,7 +208,7 @@ impl Running {
                     imds,
                     "filter proxy request"
                 );
-                self.count(&who, "upstream_error");
+                self.count(&who, "upstream_error", origin, &parts, &path, imds);
                 return text(StatusCode::BAD_GATEWAY, "metadata service unreachable");
             }
         };
@@ -223,7 +224,7 @@ impl Running {
             status = response.status().as_u16(),
             "filter proxy request"
         );
-        self.count(&who, verdict);
+        self.count(&who, verdict, origin, &parts, &path, imds);
         response
     }
 
@@ -288,7 +289,26 @@ impl Running {
         }
     }
 
-    fn count(&self, who: &Attribution, verdict: &str) {
+    /// Counts the request for the metrics and records it for the usage
+    /// report.
+    fn count(
+        &self,
+        who: &Attribution,
+        verdict: &str,
+        origin: Option<Origin>,
+        parts: &Parts,
+        path: &str,
+        imds: &'static str,
+    ) {
+        if let Some(usage) = &self.proxy.usage {
+            let v = match verdict {
+                "allowed" => FilterVerdict::Allowed,
+                "denied" => FilterVerdict::Denied,
+                _ => FilterVerdict::UpstreamError,
+            };
+            let upstream = origin.map(|o| o.upstream);
+            usage.request(who, upstream, v, parts.method.as_str(), path, imds);
+        }
         if let Some(requests) = &self.proxy.requests {
             requests
                 .get_or_create(&FilterLabels {
