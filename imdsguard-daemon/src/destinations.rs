@@ -329,7 +329,7 @@ pub fn defaults() -> Vec<Destination> {
         // metadata to IPv6-only networks at the same link-local address
         // (bugs.launchpad.net/neutron/+bug/1460177, referenced by the
         // neutron-specs distributed-metadata spec).
-        "fe80::a9fe:a9fe/128 any name=linode-openstack-metadata-v6",
+        "fe80::a9fe:a9fe/128 any name=linode-openstack-v6",
     ]
     .iter()
     .map(|s| s.parse().expect("built-in destination spec is valid"))
