@@ -257,21 +257,79 @@ impl Destination {
     }
 }
 
-/// The set that ships with imdsguard. Every entry covers TCP and UDP: no
-/// metadata service answers over UDP, but denying it costs nothing and UDP
-/// is only checked on sendmsg with `--udp` anyway. DNS (53) stays open where
-/// a resolver shares the address.
+/// The set that ships with imdsguard: every address at which a cloud's
+/// metadata service hands out credentials (IAM/RAM/CAM role keys, service
+/// account tokens) or secrets (user-data, SSH keys, WireServer goal state).
+/// Every entry covers TCP and UDP: no metadata service answers over UDP, but
+/// denying it costs nothing and UDP is only checked on sendmsg with `--udp`
+/// anyway. DNS (53) and NTP (123) stay open where a resolver or time server
+/// shares the address; those on addresses of their own (169.254.169.253,
+/// 169.254.169.123, fd00:ec2::123, fd00:ec2::253, 169.254.20.10) are simply
+/// not listed.
+///
+/// Clouds whose IPv4 endpoint is 169.254.169.254 are covered by its entry:
+/// AWS, GCP, Azure IMDS, OCI, OpenStack, DigitalOcean, Huawei (its
+/// OpenStack-style `securitykey` serves temporary AK/SK), Linode, Brightbox,
+/// JD Cloud, and (from their docs, not re-read here) Hetzner and IBM VPC.
+///
+/// Each added entry names its source; "evidence" marks an address that the
+/// provider's own pages, as far as they could be read, do not state.
 pub fn defaults() -> Vec<Destination> {
     [
-        "169.254.169.254/32 any except=53 name=aws-gcp-azure-oci-imds",
+        // AWS docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html,
+        // OCI docs.oracle.com/en-us/iaas/Content/Compute/Tasks/gettingmetadata.htm,
+        // and the others above. 53: GCP's resolver answers here; 123: GCP's
+        // NTP server is metadata.google.internal
+        // (cloud.google.com/compute/docs/instances/configure-ntp).
+        "169.254.169.254/32 any except=53,123 name=aws-gcp-azure-oci-imds",
+        // AWS IMDS over IPv6 (same page as above; Nitro instances).
         "fd00:ec2::254/128 any except=53 name=aws-imds-v6",
         "169.254.170.2/32 any name=aws-ecs-task-metadata",
         "169.254.170.23/32 any name=aws-eks-pod-identity",
         "fd00:ec2::23/128 any name=aws-eks-pod-identity-v6",
         "169.254.169.252/32 any name=gke-metadata-server",
+        // GCP metadata server for IPv6-only VMs (service-account tokens).
+        // Evidence: Google's IPv6 pages read here only say dual-stack VMs
+        // reach it over IPv4; fd20:ce::254 is the address several SSRF
+        // denylists in public code agree on. Kept open like the IPv4
+        // address: 53 and 123.
+        "fd20:ce::254/128 any except=53,123 name=gcp-metadata-v6",
+        // www.alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata
         "100.100.100.200/32 any name=alibaba-metadata",
+        // 80 and 32526 serve the goal state (certificates, extensions); 53
+        // is the VNet resolver and stays open.
         "168.63.129.16/32 any ports=80,32526 name=azure-wireserver",
         "fd00:c1::a9fe:a9fe/128 any name=oci-metadata-v6",
+        // Oracle Cloud Classic / Cloud at Customer (SSH keys, user attributes):
+        // docs.oracle.com/en/cloud/cloud-at-customer/occ-get-started/retrieve-predefined-instance-metadata.html
+        // vArmor's block-access-to-oci-metadata-service blocks it too.
+        "192.0.0.192/32 any name=oracle-classic-metadata",
+        // Volcano Engine / BytePlus ECS: www.volcengine.com/docs/6396/113780;
+        // role credentials at /volcstack/latest/iam/security_credentials/
+        // (Volcano Engine's own CNI, volcengine/cello). Also in vArmor's rule.
+        "100.96.0.96/32 any name=volcengine-metadata",
+        // Tencent Cloud CVM: metadata.tencentyun.com
+        // (www.tencentcloud.com/document/product/213/4934), CAM role keys at
+        // /latest/meta-data/cam/security-credentials/ (document/product/213/45917).
+        // Evidence for the address behind the name: the Datadog agent's
+        // Tencent cloud provider uses http://169.254.0.23. No resolver or
+        // time server is documented at this address.
+        "169.254.0.23/32 any name=tencent-metadata",
+        // Scaleway Instances: user data (cloud-init) and /conf (SSH keys,
+        // tags) at www.scaleway.com/en/developers/api/instance/user-data and
+        // docs.cloud-init.io/en/latest/reference/datasources/scaleway.html.
+        // Scaleway answers user_data only from source ports below 1024,
+        // which a container gets by default (CAP_NET_BIND_SERVICE).
+        "169.254.42.42/32 any name=scaleway-metadata",
+        "fd00:42::42/128 any name=scaleway-metadata-v6",
+        // Linode / Akamai: techdocs.akamai.com/cloud-computing/docs/metadata-service-api
+        // (user data behind a PUT token); IPv4 is 169.254.169.254 above.
+        "fd00:a9fe:a9fe::1/128 any name=linode-metadata-v6",
+        // Linode's second IPv6 address (same page); OpenStack Neutron serves
+        // metadata to IPv6-only networks at the same link-local address
+        // (bugs.launchpad.net/neutron/+bug/1460177, referenced by the
+        // neutron-specs distributed-metadata spec).
+        "fe80::a9fe:a9fe/128 any name=linode-openstack-v6",
     ]
     .iter()
     .map(|s| s.parse().expect("built-in destination spec is valid"))

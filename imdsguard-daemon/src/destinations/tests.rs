@@ -120,6 +120,9 @@ fn defaults_keep_dns_and_ntp_open() {
     assert!(covered("168.63.129.16", PROTO_TCP, 32526));
     for (addr, port) in [
         ("169.254.169.254", 53),
+        ("169.254.169.254", 123),
+        ("fd20:ce::254", 53),
+        ("fd20:ce::254", 123),
         ("169.254.169.253", 53),
         ("168.63.129.16", 53),
         ("169.254.20.10", 53),
@@ -130,6 +133,44 @@ fn defaults_keep_dns_and_ntp_open() {
         assert!(!covered(addr, PROTO_TCP, port), "{addr}:{port}/tcp");
     }
     assert!(!covered("168.63.129.16", PROTO_TCP, 443));
+}
+
+#[test]
+fn defaults_cover_every_clouds_endpoints() {
+    let c = compile(&defaults()).unwrap();
+    for addr in [
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "169.254.170.2",
+        "169.254.170.23",
+        "fd00:ec2::23",
+        "169.254.169.252",
+        "fd20:ce::254",
+        "100.100.100.200",
+        "fd00:c1::a9fe:a9fe",
+        "192.0.0.192",
+        "100.96.0.96",
+        "169.254.0.23",
+        "169.254.42.42",
+        "fd00:42::42",
+        "fd00:a9fe:a9fe::1",
+        "fe80::a9fe:a9fe",
+    ] {
+        let ip = addr.parse().unwrap();
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            assert!(c.protects(ip, 80, proto), "{addr}:80/{proto}");
+            assert!(c.protects(ip, 443, proto), "{addr}:443/{proto}");
+        }
+    }
+    // Every default is its own host prefix: one trie entry each.
+    assert_eq!(c.entries.len(), defaults().len());
+    assert_eq!(c.entries.len(), 17);
+    // Names are unique, so each line of `imdsguard destinations` says which
+    // entry it is.
+    let mut names: Vec<String> = defaults().into_iter().map(|d| d.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), defaults().len());
 }
 
 #[test]

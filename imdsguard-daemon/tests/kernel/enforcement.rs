@@ -102,17 +102,40 @@ fn other_metadata_services_and_ports() {
     let test = lab.cgroup("test").unwrap();
     let _d = start(&lab, &[]);
     for target in [
-        "169.254.170.2:80",    // ECS task metadata
-        "169.254.170.23:80",   // EKS Pod Identity
-        "169.254.169.252:988", // GKE metadata server
-        "100.100.100.200:80",  // Alibaba
-        "168.63.129.16:80",    // Azure WireServer
-        "168.63.129.16:32526", // Azure WireServer (guest agent)
+        "169.254.170.2:80",       // ECS task metadata
+        "169.254.170.23:80",      // EKS Pod Identity
+        "169.254.169.252:988",    // GKE metadata server
+        "100.100.100.200:80",     // Alibaba
+        "168.63.129.16:80",       // Azure WireServer
+        "168.63.129.16:32526",    // Azure WireServer (guest agent)
+        "192.0.0.192:80",         // Oracle Cloud Classic
+        "100.96.0.96:80",         // Volcano Engine / BytePlus
+        "169.254.0.23:80",        // Tencent Cloud
+        "169.254.42.42:80",       // Scaleway
+        "[fd20:ce::254]:80",      // GCP, IPv6-only VMs
+        "[fd00:42::42]:80",       // Scaleway over IPv6
+        "[fd00:a9fe:a9fe::1]:80", // Linode over IPv6
+        // Linode and OpenStack over IPv6 (link-local): nothing listens, the
+        // hook answers before the kernel would ask for a scope id.
+        "[fe80::a9fe:a9fe]:80",
     ] {
         assert_eperm(&lab, Some(&test), "tcp", target);
     }
     // WireServer is only protected on its two ports.
     assert_reached(&lab, Some(&test), "tcp", "168.63.129.16:443");
+    // The new services answer when no pod cgroup is in the way: the denials
+    // above are the hook's, not a missing listener's.
+    for target in [
+        "192.0.0.192:80",
+        "100.96.0.96:80",
+        "169.254.0.23:80",
+        "169.254.42.42:80",
+        "[fd20:ce::254]:80",
+        "[fd00:42::42]:80",
+        "[fd00:a9fe:a9fe::1]:80",
+    ] {
+        assert_reached(&lab, None, "tcp", target);
+    }
 }
 
 fn dns_and_ntp_keep_working() {
@@ -126,19 +149,27 @@ fn dns_and_ntp_keep_working() {
         "168.63.129.16:53",
         "169.254.20.10:53",
         "[fd00:ec2::254]:53",
+        "[fd20:ce::254]:53",
     ] {
         assert_reached(&lab, Some(&test), "udp-sendto", target);
         assert_reached(&lab, Some(&test), "udp-connect", target);
         assert_reached(&lab, Some(&test), "tcp", target);
     }
     assert_reached(&lab, Some(&test), "udp-sendto", "[fd00:ec2::253]:53");
-    for target in ["169.254.169.123:123", "[fd00:ec2::123]:123"] {
+    // GCP's time server is its metadata server, on both families.
+    for target in [
+        "169.254.169.123:123",
+        "[fd00:ec2::123]:123",
+        "169.254.169.254:123",
+        "[fd20:ce::254]:123",
+    ] {
         assert_reached(&lab, Some(&test), "udp-sendto", target);
         assert_reached(&lab, Some(&test), "udp-connect", target);
     }
     // ... while the metadata port on the same address stays closed.
     assert_eperm(&lab, Some(&test), "udp-sendto", "169.254.169.254:80");
     assert_eperm(&lab, Some(&test), "tcp", "169.254.169.254:80");
+    assert_eperm(&lab, Some(&test), "tcp", "[fd20:ce::254]:80");
 }
 
 fn udp_sends_are_only_judged_with_udp_flag() {

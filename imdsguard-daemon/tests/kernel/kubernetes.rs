@@ -107,7 +107,7 @@ fn node_agent_follows_labels_policy_and_outages() {
     for needle in [
         "imdsguard_programs_attached 2",
         "imdsguard_allow_map_entries 2",
-        "imdsguard_protected_prefixes 9",
+        "imdsguard_protected_prefixes 17",
         "imdsguard_reconcile_duration_seconds_count",
         r#"imdsguard_kernel_verdicts_total{verdict="denied"}"#,
         "# TYPE imdsguard_kernel_verdicts counter",
