@@ -190,11 +190,15 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Installs the Debian packages for commands that are missing.
+/// Installs the Debian packages for commands that are missing. A "command"
+/// with a `/` is a path, checked for existence (a header file, a plugin).
 pub fn ensure_commands(commands: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = commands
         .iter()
         .filter(|(cmd, _)| {
+            if cmd.contains('/') {
+                return !std::path::Path::new(cmd).exists();
+            }
             !Command::new("sh")
                 .args(["-c", &format!("command -v {cmd}")])
                 .output()
