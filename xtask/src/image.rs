@@ -749,6 +749,74 @@ mod tests {
         h
     }
 
+    /// A BPF object with the sections (name, type, data), after a null
+    /// section and the section-name table, which comes first.
+    fn bpf_object(sections: &[(&str, u32, &[u8])]) -> Vec<u8> {
+        let mut names = b"\0.shstrtab\0".to_vec();
+        let mut all = vec![(0usize, 0u32, Vec::new()), (1, 3, Vec::new())];
+        for (name, kind, data) in sections {
+            all.push((names.len(), *kind, data.to_vec()));
+            names.extend(name.as_bytes());
+            names.push(0);
+        }
+        all[1].2 = names;
+        let mut object = bpf_elf(0)[..64].to_vec();
+        let mut headers = Vec::new();
+        for (name, kind, data) in &all {
+            let mut h = [0u8; 64];
+            h[..4].copy_from_slice(&(*name as u32).to_le_bytes());
+            h[4..8].copy_from_slice(&kind.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&(object.len() as u64).to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            if *kind != 8 {
+                object.extend(data);
+            }
+            headers.extend(h);
+        }
+        let shoff = object.len() as u64;
+        object[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        object[0x3c..0x3e].copy_from_slice(&(all.len() as u16).to_le_bytes());
+        object[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        object.extend(headers);
+        object
+    }
+
+    #[test]
+    fn program_sections_leave_out_debug_info_and_btf() {
+        let x86 = bpf_object(&[
+            ("cgroup/connect4", 1, b"code"),
+            (".debug_str", 1, b"x86_64/helpers.rs"),
+            (".BTF", 1, b"x86_64"),
+            (".bss", 8, b"12345678"),
+        ]);
+        let arm = bpf_object(&[
+            ("cgroup/connect4", 1, b"code"),
+            (".debug_str", 1, b"aarch64/helpers.rs"),
+            (".BTF", 1, b"aarch64"),
+            (".bss", 8, b"12345678"),
+        ]);
+        let other = bpf_object(&[("cgroup/connect4", 1, b"Code"), (".bss", 8, b"")]);
+        let sections = program_sections(&x86).unwrap();
+        assert_eq!(
+            sections.keys().collect::<Vec<_>>(),
+            [".bss", ".shstrtab", "cgroup/connect4"]
+        );
+        assert_eq!(
+            embedded_bpf_object(&[b"prefix".as_slice(), &x86].concat()).unwrap(),
+            &x86[..]
+        );
+        assert_eq!(
+            sections["cgroup/connect4"],
+            program_sections(&arm).unwrap()["cgroup/connect4"]
+        );
+        assert_ne!(
+            sections["cgroup/connect4"],
+            program_sections(&other).unwrap()["cgroup/connect4"]
+        );
+        // Cut inside the last section header.
+        assert!(program_sections(&x86[..x86.len() - 40]).is_err());
+    }
+
     #[test]
     fn finds_the_embedded_bpf_object() {
         let object = bpf_elf(7);
