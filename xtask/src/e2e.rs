@@ -1,7 +1,9 @@
 //! `cargo xtask e2e`: the seed story on a real node. Builds (once, cached)
-//! kubelet, containerd's peers and the control plane, the static agent and
-//! probe binaries for the images, and runs `imdsguard-e2e` as root. It
-//! installs imdsguard from deploy/helm/imdsguard.
+//! kubelet, containerd's peers and the control plane, the agent images
+//! (`cargo xtask image`: both architectures are built and checked, the
+//! amd64 OCI archive is imported into the node's containerd), the static
+//! probe binary for the workload image, and runs `imdsguard-e2e` as root.
+//! It installs imdsguard from deploy/helm/imdsguard.
 //!
 //! `--simulated` runs the older story against a bare kube-apiserver where
 //! the test plays kubelet (the systemd driver's layout, which this host
@@ -53,19 +55,22 @@ pub fn run_real_node(race_rounds: u32) -> anyhow::Result<()> {
     ensure_commands(NODE_COMMANDS)?;
     crate::kubernetes::ensure_built()?;
     let tools = crate::deploy::prepare()?;
-    let imdsguard = crate::deploy::build_image_binary()?;
+    let images = crate::image::build(&crate::image::ALL)?;
+    let agent = images
+        .iter()
+        .find(|b| b.arch == crate::image::Arch::Amd64)
+        .expect("image::ALL has amd64");
+    let musl = crate::image::Arch::Amd64.rust_target();
     status(cargo().args([
         "build",
         "--release",
         "--locked",
         "--target",
-        crate::deploy::MUSL_TARGET,
+        musl,
         "-p",
         "imdsguard-podprobe",
     ]))?;
-    let podprobe = target_dir()
-        .join(crate::deploy::MUSL_TARGET)
-        .join("release/imdsguard-podprobe");
+    let podprobe = target_dir().join(musl).join("release/imdsguard-podprobe");
     status(cargo().args([
         "build",
         "--release",
@@ -77,8 +82,10 @@ pub fn run_real_node(race_rounds: u32) -> anyhow::Result<()> {
     let root = workspace_root();
     status(
         Command::new(target_dir().join("release/imdsguard-e2e"))
-            .arg("--imdsguard")
-            .arg(&imdsguard)
+            .arg("--agent-image")
+            .arg(&agent.archive)
+            .arg("--agent-image-name")
+            .arg(&agent.name)
             .arg("--podprobe")
             .arg(&podprobe)
             .arg("--kubectl")

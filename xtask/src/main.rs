@@ -7,6 +7,7 @@ mod bench_scale;
 mod demo;
 mod deploy;
 mod e2e;
+mod image;
 mod kubernetes;
 mod setup;
 mod test;
@@ -40,6 +41,8 @@ enum Command {
     Kubernetes(kubernetes::Options),
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
     Deploy(deploy::Options),
+    /// Build the agent image for amd64 and arm64: one OCI archive each, under target/image/.
+    Image(image::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEnforce(o) => bench_enforce::run(o),
         Command::BenchScale(o) => bench_scale::run(o),
         Command::Deploy(o) => deploy::run(o),
+        Command::Image(o) => image::run(o),
     }
 }

@@ -42,9 +42,21 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // iptables/nft for the scale bench's comparison arms (inside its own
     // network namespace only).
     crate::bench_scale::ensure_netfilter_tools()?;
+    // The agent images for amd64 and arm64, each binary checked (arm64
+    // under qemu-user); the image_import test imports the amd64 archive,
+    // and the real-node e2e below runs it.
+    let images = crate::image::build(&crate::image::ALL)?;
+    let amd64 = images
+        .iter()
+        .find(|b| b.arch == crate::image::Arch::Amd64)
+        .expect("image::ALL has amd64");
     // Unit tests, the testlab's tests and the root kernel tests (which run
     // one at a time by their own harness).
-    status(cargo().args(["test", "--workspace", "--exclude", "imdsguard-ebpf"]))?;
+    status(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "imdsguard-ebpf"])
+            .env("IMDSGUARD_AGENT_OCI", &amd64.archive),
+    )?;
     // The demo and the benchmark are programs people run: keep them working.
     status(cargo().args([
         "build",
@@ -190,11 +202,15 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Installs the Debian packages for commands that are missing.
+/// Installs the Debian packages for commands that are missing. A "command"
+/// with a `/` is a path, checked for existence (a header file, a plugin).
 pub fn ensure_commands(commands: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = commands
         .iter()
         .filter(|(cmd, _)| {
+            if cmd.contains('/') {
+                return !std::path::Path::new(cmd).exists();
+            }
             !Command::new("sh")
                 .args(["-c", &format!("command -v {cmd}")])
                 .output()

@@ -537,6 +537,20 @@ impl RealNode {
         crate::image::import(archive, files::containerd_socket(&self.dir))
     }
 
+    /// Imports an OCI archive's image for `platform` (`linux/amd64`) and
+    /// gives it the further names `tags`.
+    pub fn import_oci_image(
+        &self,
+        archive: &Path,
+        platform: &str,
+        name: &str,
+        tags: &[&str],
+    ) -> anyhow::Result<()> {
+        let socket = files::containerd_socket(&self.dir);
+        crate::image::import_platform(archive, platform, &socket)?;
+        crate::image::tag(name, tags, &socket)
+    }
+
     /// The node's private work directory (0700: it holds keys and tokens).
     pub fn dir(&self) -> &Path {
         &self.dir

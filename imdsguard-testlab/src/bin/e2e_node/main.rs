@@ -33,9 +33,14 @@ use imdsguard_testlab::{
 #[derive(clap::Parser, Debug)]
 #[command(name = "imdsguard-e2e")]
 struct Args {
-    /// The static (musl) imdsguard binary for the agent image.
+    /// The agent image: the amd64 OCI archive `cargo xtask image` writes.
     #[arg(long)]
-    imdsguard: PathBuf,
+    agent_image: PathBuf,
+    /// The name the archive gives the image (its index's
+    /// `io.containerd.image.name`), which the test tags as
+    /// [`AGENT_IMAGE`]`:e2e-1` and `:e2e-2`.
+    #[arg(long)]
+    agent_image_name: String,
     /// The static imdsguard-podprobe binary for the workload image.
     #[arg(long)]
     podprobe: PathBuf,
@@ -91,16 +96,18 @@ fn main() -> anyhow::Result<()> {
 
     let images = node.dir().join("images");
     std::fs::create_dir_all(&images)?;
-    for tag in ["e2e-1", "e2e-2"] {
-        let archive = images.join(format!("imdsguard-{tag}.tar"));
-        ImageBuilder::new(format!("{AGENT_IMAGE}:{tag}"))
-            .file("/usr/local/bin/imdsguard", args.imdsguard.as_path(), 0o755)
-            // Two images that differ, for `helm upgrade` to a new image.
-            .file("/usr/share/imdsguard/build", tag.as_bytes(), 0o644)
-            .entrypoint(["/usr/local/bin/imdsguard"])
-            .write(&archive)?;
-        node.import_image(&archive)?;
-    }
+    // The release image, under two names: `helm upgrade` to a new image
+    // changes the tag, which is what replaces the agent's pods.
+    node.import_oci_image(
+        &args.agent_image,
+        "linux/amd64",
+        &args.agent_image_name,
+        &[
+            &format!("{AGENT_IMAGE}:e2e-1"),
+            &format!("{AGENT_IMAGE}:e2e-2"),
+        ],
+    )
+    .with_context(|| format!("import {}", args.agent_image.display()))?;
     let archive = images.join("podprobe.tar");
     ImageBuilder::new(workloads::PROBE_IMAGE)
         .file("/podprobe", args.podprobe.as_path(), 0o755)
@@ -163,7 +170,8 @@ mod tests {
     #[test]
     fn takes_the_flags_xtask_passes() {
         let flags = [
-            "--imdsguard",
+            "--agent-image",
+            "--agent-image-name",
             "--podprobe",
             "--kubectl",
             "--helm",
