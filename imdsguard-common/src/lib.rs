@@ -22,6 +22,8 @@ pub mod map_names {
     pub const FILTER_PENDING: &str = "IMDSG_FILTER_PENDING";
     /// Filter mode: rewritten connections by 4-tuple, read by the proxy.
     pub const FILTER_CONNS: &str = "IMDSG_FILTER_CONNS";
+    /// Per-CPU event limiter, by (cgroup, destination, hook, verdict).
+    pub const REPORT_LIMIT: &str = "IMDSG_REPORT_LIMIT";
 }
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps of
@@ -234,6 +236,47 @@ pub struct Event {
     pub addr_form: u32,
     /// One of [`cause`]: whose action decided.
     pub cause: u32,
+    /// Decisions of the same key on this CPU that were counted but not
+    /// reported since its last event (see [`ReportBucket`]): this event
+    /// stands for `1 + suppressed` of them.
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+
+/// Events per key (cgroup, destination, hook, verdict) and CPU in one
+/// [`REPORT_WINDOW_NS`]: a per-CPU token bucket that refills each window.
+/// A flood then costs a map lookup per denial instead of a ring-buffer
+/// record, and every denial is still counted (the per-CPU counters, and
+/// the `suppressed` count of the key's next event).
+pub const REPORT_BURST: u32 = 4;
+/// The limiter's window.
+pub const REPORT_WINDOW_NS: u64 = 1_000_000_000;
+/// Keys the limiter tracks per CPU (LRU: an evicted key's pending count
+/// stays in the counters only).
+pub const MAX_REPORT_KEYS: u32 = 4_096;
+
+/// Key of the per-CPU event limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReportKey {
+    pub cgroup_id: u64,
+    pub addr: AddrKey,
+    pub port: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    pub _pad: u32,
+}
+
+/// Value of the per-CPU event limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportBucket {
+    /// `bpf_ktime_get_ns()` when the current window began.
+    pub window_start: u64,
+    /// Events sent in the current window.
+    pub sent: u32,
+    /// Decisions counted but not reported since the key's last event.
+    pub suppressed: u32,
 }
 
 /// Whose action decided a verdict. connect() and sendmsg() are judged on
@@ -318,6 +361,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::ProxyConfig {}
     unsafe impl aya::Pod for super::FilterOrigin {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ReportKey {}
+    unsafe impl aya::Pod for super::ReportBucket {}
 }
 
 #[cfg(test)]
@@ -331,7 +376,9 @@ mod tests {
         assert_eq!(size_of::<Protected>(), 8 * MAX_PORT_RANGES);
         assert_eq!(size_of::<AllowEntry>(), 8);
         assert_eq!(size_of::<Config>(), 16);
-        assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 6 * 4);
+        assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 8 * 4);
+        assert_eq!(size_of::<ReportKey>(), 8 + 16 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<ReportBucket>(), 16);
         assert_eq!(size_of::<SocketOwner>(), 4);
         assert_eq!(size_of::<Scope>(), 16);
         assert_eq!(size_of::<ProxyConfig>(), 16 + 4 + 2 + 2);

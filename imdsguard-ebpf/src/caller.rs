@@ -3,17 +3,17 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-    bpf_get_current_pid_tgid,
+    bpf_get_current_pid_tgid, bpf_ktime_get_ns,
 };
 use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{
-    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, Scope, action, cause, counter,
-    scope_flag, verdict,
+    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, REPORT_BURST, REPORT_WINDOW_NS,
+    ReportBucket, ReportKey, Scope, action, cause, counter, scope_flag, verdict,
 };
 
 use crate::{
     filter, identity,
-    maps::{ALLOWED, CONFIG, EVENTS, SCOPE, count},
+    maps::{ALLOWED, CONFIG, EVENTS, REPORT_LIMIT, SCOPE, count},
 };
 
 /// Return value that lets the operation proceed.
@@ -203,11 +203,57 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
     found(cfg.default_action, 0)
 }
 
+/// Reports a decision through the ring buffer, at most `REPORT_BURST`
+/// times per key and CPU in each `REPORT_WINDOW_NS`. A decision over the
+/// limit is only counted in its key's bucket and carried by the key's next
+/// event; the verdict and the per-CPU counters never depend on it. Building
+/// a ring-buffer record (comm, pid, reserve, submit) is most of the deny
+/// path's cost, so a flood pays a lookup instead.
 #[inline(always)]
 fn report(subject: &Subject, verdict: u32, cause: u32) {
+    // SAFETY: helper calls without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ReportKey {
+        cgroup_id,
+        addr: subject.addr,
+        port: subject.port,
+        hook: subject.hook as u8,
+        verdict: verdict as u8,
+        _pad: 0,
+    };
+    let carried = match REPORT_LIMIT.get_ptr_mut(&key) {
+        Some(bucket) => {
+            // SAFETY: a map value pointer checked by the verifier, this
+            // CPU's copy, written with migration disabled.
+            let b = unsafe { &mut *bucket };
+            if now.wrapping_sub(b.window_start) >= REPORT_WINDOW_NS {
+                b.window_start = now;
+                b.sent = 0;
+            }
+            if b.sent >= REPORT_BURST {
+                b.suppressed = b.suppressed.saturating_add(1);
+                return;
+            }
+            b.sent += 1;
+            let carried = b.suppressed;
+            b.suppressed = 0;
+            carried
+        }
+        None => {
+            let fresh = ReportBucket {
+                window_start: now,
+                sent: 1,
+                suppressed: 0,
+            };
+            // A failed insert (out of memory) only means no limiting for
+            // this event: it is still sent.
+            let _ = REPORT_LIMIT.insert(&key, &fresh, 0);
+            0
+        }
+    };
     let event = Event {
-        // SAFETY: helper calls without pointer arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id,
         pid_tgid: bpf_get_current_pid_tgid(),
         addr: subject.addr,
         comm: bpf_get_current_comm().unwrap_or_default(),
@@ -217,6 +263,8 @@ fn report(subject: &Subject, verdict: u32, cause: u32) {
         verdict,
         addr_form: subject.form,
         cause,
+        suppressed: carried,
+        _pad: 0,
     };
     if EVENTS.output::<Event>(&event, 0).is_err() {
         count(counter::EVENTS_DROPPED);

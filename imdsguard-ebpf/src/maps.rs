@@ -4,11 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, ConnKey, EVENTS_BYTES, FilterOrigin, MAX_ALLOWED,
-    MAX_FILTER_CONNS, MAX_PROTECTED, PREFILTER_WORDS, Protected, ProxyConfig, Scope, counter,
+    MAX_FILTER_CONNS, MAX_PROTECTED, MAX_REPORT_KEYS, PREFILTER_WORDS, Protected, ProxyConfig,
+    ReportBucket, ReportKey, Scope, counter,
 };
 
 /// One bit per 16-bit address prefix that has any protected destination.
@@ -57,6 +58,12 @@ pub static FILTER_PENDING: LruHashMap<u64, FilterOrigin> =
 #[map(name = "IMDSG_FILTER_CONNS")]
 pub static FILTER_CONNS: LruHashMap<ConnKey, FilterOrigin> =
     LruHashMap::with_max_entries(MAX_FILTER_CONNS, 0);
+
+/// The event limiter (see `caller::report`). Per CPU, so the bucket is
+/// updated without atomics: a program runs with migration disabled.
+#[map(name = "IMDSG_REPORT_LIMIT")]
+pub static REPORT_LIMIT: LruPerCpuHashMap<ReportKey, ReportBucket> =
+    LruPerCpuHashMap::with_max_entries(MAX_REPORT_KEYS, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -145,6 +145,17 @@ pub struct Decision {
     /// Whose action decided: the calling task's cgroup, which `cgroup_id`
     /// names, or the socket's creator.
     pub decided_by: Cause,
+    /// Identical decisions the kernel counted but did not report since the
+    /// last one (its per-CPU event limiter): this one stands for
+    /// `1 + suppressed`.
+    pub suppressed: u32,
+}
+
+impl Decision {
+    /// How many decisions this record stands for.
+    pub fn count(&self) -> u64 {
+        1 + u64::from(self.suppressed)
+    }
 }
 
 impl Decision {
@@ -171,6 +182,7 @@ impl Decision {
             verdict: Verdict::try_from(e.verdict).ok()?,
             address_form: AddressForm::from(e.addr_form),
             decided_by: Cause::try_from(e.cause).ok()?,
+            suppressed: e.suppressed,
         })
     }
 }
@@ -223,15 +235,17 @@ impl Summarizer {
             hook: d.hook,
             address_form: d.address_form,
         };
+        // What the kernel's limiter held back counts as repeats too.
+        let held_back = u64::from(d.suppressed);
         if let Some(n) = self.repeats.get_mut(&key) {
-            *n += 1;
+            *n += 1 + held_back;
             return false;
         }
         if self.repeats.len() >= MAX_KEYS {
-            self.overflow += 1;
+            self.overflow += 1 + held_back;
             return false;
         }
-        self.repeats.insert(key, 0);
+        self.repeats.insert(key, held_back);
         true
     }
 
@@ -349,6 +363,8 @@ mod tests {
             verdict: verdict::DENIED,
             addr_form: addr_form::V4_MAPPED,
             cause: cause::CALLER,
+            suppressed: 0,
+            _pad: 0,
         }
     }
 
@@ -360,11 +376,17 @@ mod tests {
 
     #[test]
     fn decodes_every_field() {
-        let d = Decision::decode(&bytes(&event(80))).unwrap();
+        let d = Decision::decode(&bytes(&Event {
+            suppressed: 3,
+            ..event(80)
+        }))
+        .unwrap();
         assert_eq!(d.cgroup_id, 42);
         assert_eq!((d.tgid, d.pid), (7, 8));
         assert_eq!(d.comm, "curl");
         assert_eq!(d.destination, "169.254.169.254:80".parse().unwrap());
+        // The kernel's limiter held back 3: this record stands for 4.
+        assert_eq!((d.suppressed, d.count()), (3, 4));
         assert_eq!(
             (d.protocol, d.hook, d.verdict, d.address_form, d.decided_by),
             (
@@ -405,6 +427,24 @@ mod tests {
             field(&mut e);
             assert!(Decision::decode(&bytes(&e)).is_none());
         }
+    }
+
+    #[test]
+    fn what_the_kernel_held_back_counts_as_repeats() {
+        let mut s = Summarizer::new(Duration::from_secs(10), Instant::now());
+        let held = |n| {
+            Decision::decode(&bytes(&Event {
+                suppressed: n,
+                ..event(80)
+            }))
+            .unwrap()
+        };
+        assert!(s.observe(&held(2)), "the first of its key is logged");
+        assert!(!s.observe(&held(5)));
+        let out = s.flush(Instant::now() + Duration::from_secs(11));
+        // 2 held back before the first, then the second and its 5.
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].suppressed, 2 + 1 + 5);
     }
 
     #[test]

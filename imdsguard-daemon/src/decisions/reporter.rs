@@ -91,7 +91,7 @@ impl<A: Attributor> Reporter<A> {
                 return;
             }
             if let Some(m) = &self.metrics {
-                m.decisions_held_overflow.inc();
+                m.decisions_held_overflow.inc_by(d.count());
             }
         }
         self.account(d, now);
@@ -107,7 +107,7 @@ impl<A: Attributor> Reporter<A> {
                     namespace: who.namespace().into(),
                     destination: d.destination.to_string(),
                 })
-                .inc();
+                .inc_by(d.count());
             m.usage.decision(&d, &who);
         }
         if self.summarizer.observe(&d) {

@@ -43,8 +43,9 @@ pub enum FilterVerdict {
 /// One observation.
 #[derive(Clone, Copy, Debug)]
 pub enum Seen<'a> {
-    /// A ring-buffer decision.
-    Kernel(Verdict),
+    /// A ring-buffer decision, standing for this many (the kernel's event
+    /// limiter carries what it held back in the next event).
+    Kernel(Verdict, u64),
     /// A request through the filter proxy.
     Filter {
         verdict: FilterVerdict,
@@ -101,16 +102,16 @@ pub struct Counts {
 
 impl Counts {
     fn add(&mut self, seen: &Seen<'_>) {
-        let n = match seen {
-            Seen::Kernel(Verdict::Audited) => &mut self.audited,
-            Seen::Kernel(Verdict::Denied) => &mut self.denied,
+        let (n, by) = match seen {
+            Seen::Kernel(Verdict::Audited, by) => (&mut self.audited, *by),
+            Seen::Kernel(Verdict::Denied, by) => (&mut self.denied, *by),
             Seen::Filter { verdict, .. } => match verdict {
-                FilterVerdict::Allowed => &mut self.filter_allowed,
-                FilterVerdict::Denied => &mut self.filter_denied,
-                FilterVerdict::UpstreamError => &mut self.filter_errors,
+                FilterVerdict::Allowed => (&mut self.filter_allowed, 1),
+                FilterVerdict::Denied => (&mut self.filter_denied, 1),
+                FilterVerdict::UpstreamError => (&mut self.filter_errors, 1),
             },
         };
-        *n += 1;
+        *n += by;
     }
 
     pub fn merge(&mut self, o: &Counts) {
@@ -201,7 +202,7 @@ impl Usage {
     /// A kernel decision and its owner.
     pub fn decision(&self, d: &Decision, who: &Attribution) {
         let key = Key::new(who, d.destination.to_string(), d.hook.name());
-        self.record(key, &Seen::Kernel(d.verdict));
+        self.record(key, &Seen::Kernel(d.verdict, d.count()));
     }
 
     /// A filter-proxy request; `destination` is the service it was for

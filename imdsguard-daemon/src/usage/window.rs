@@ -249,8 +249,8 @@ mod tests {
         }
     }
 
-    const DENIED: Seen<'static> = Seen::Kernel(Verdict::Denied);
-    const AUDITED: Seen<'static> = Seen::Kernel(Verdict::Audited);
+    const DENIED: Seen<'static> = Seen::Kernel(Verdict::Denied, 1);
+    const AUDITED: Seen<'static> = Seen::Kernel(Verdict::Audited, 1);
 
     fn get(path: &'static str, imds: &'static str, verdict: FilterVerdict) -> Seen<'static> {
         Seen::Filter {

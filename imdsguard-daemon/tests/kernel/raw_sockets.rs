@@ -11,12 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, RingBuf};
 use imdsguard::{
     bpf::sys,
     bpf::{hook::Hook, pins::PinLayout},
 };
-use imdsguard_common::{Event, PROTO_ANY, hook, map_names, verdict};
+use imdsguard_common::{Event, PROTO_ANY, hook, verdict};
 use imdsguard_testlab::{
     cgroups::TestCgroup,
     daemon,
@@ -109,21 +108,6 @@ fn wait_no_sock_create_programs(lab: &Lab) {
         assert!(Instant::now() < deadline, "sock_create still attached");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The records waiting in the pinned ring buffer, read while no daemon
-/// consumes it.
-fn pending_events(lab: &Lab) -> Vec<Event> {
-    let path = PinLayout::new(lab.pin_dir()).map(map_names::EVENTS);
-    let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
-    let mut ring = RingBuf::try_from(map).unwrap();
-    let mut out = Vec::new();
-    while let Some(item) = ring.next() {
-        assert!(item.len() >= size_of::<Event>(), "short record");
-        // SAFETY: Event is repr(C) plain integers; any bit pattern is valid.
-        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
-    }
-    out
 }
 
 /// Asserts that `events` hold exactly `n` sock_create records for `cg`, all

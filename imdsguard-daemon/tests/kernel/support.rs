@@ -11,6 +11,10 @@ use imdsguard_testlab::{
 };
 use serde_json::Value;
 
+use aya::maps::{Map, MapData, RingBuf};
+use imdsguard::bpf::pins::PinLayout;
+use imdsguard_common::{Event, map_names};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_imdsguard");
 
 pub fn bin() -> &'static Path {
@@ -250,5 +254,20 @@ pub fn http_get(addr: &str, path: &str) -> String {
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The records waiting in the pinned ring buffer, read while no daemon
+/// consumes it.
+pub fn pending_events(lab: &Lab) -> Vec<Event> {
+    let path = PinLayout::new(lab.pin_dir()).map(map_names::EVENTS);
+    let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
+    let mut ring = RingBuf::try_from(map).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert!(item.len() >= size_of::<Event>(), "short record");
+        // SAFETY: Event is repr(C) plain integers; any bit pattern is valid.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+    }
     out
 }

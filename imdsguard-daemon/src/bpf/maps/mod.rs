@@ -9,14 +9,14 @@ pub use handles::{
 
 use aya::maps::MapInfo;
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, ConnKey, FilterOrigin, PortRange, Protected, ProxyConfig, Scope,
-    SocketOwner, map_names,
+    AddrKey, AllowEntry, Config, ConnKey, FilterOrigin, PortRange, Protected, ProxyConfig,
+    ReportBucket, ReportKey, Scope, SocketOwner, map_names,
 };
 
 use crate::{Error, Result, bpf::pins::PinLayout};
 
 /// Every map of the object, all pinned.
-pub const NAMES: [&str; 11] = [
+pub const NAMES: [&str; 12] = [
     map_names::ALLOWED,
     map_names::PROTECTED,
     map_names::PREFILTER,
@@ -28,6 +28,7 @@ pub const NAMES: [&str; 11] = [
     map_names::PROXY,
     map_names::FILTER_PENDING,
     map_names::FILTER_CONNS,
+    map_names::REPORT_LIMIT,
 ];
 
 /// Expected (key, value) sizes of each pinned map; the ring buffer has none.
@@ -46,6 +47,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         map_names::PROXY => Some((4, s(size_of::<ProxyConfig>()))),
         map_names::FILTER_PENDING => Some((8, s(size_of::<FilterOrigin>()))),
         map_names::FILTER_CONNS => Some((s(size_of::<ConnKey>()), s(size_of::<FilterOrigin>()))),
+        map_names::REPORT_LIMIT => Some((s(size_of::<ReportKey>()), s(size_of::<ReportBucket>()))),
         _ => None,
     }
 }
