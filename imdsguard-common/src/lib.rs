@@ -251,9 +251,10 @@ pub struct Event {
 pub const REPORT_BURST: u32 = 4;
 /// The limiter's window.
 pub const REPORT_WINDOW_NS: u64 = 1_000_000_000;
-/// Keys the limiter tracks per CPU (LRU: an evicted key's pending count
-/// stays in the counters only).
-pub const MAX_REPORT_KEYS: u32 = 4_096;
+/// Slots of the limiter per CPU (a power of two). A key hashes to one
+/// slot; a key that takes over a slot from another starts afresh, and the
+/// other key's pending count stays in the counters only.
+pub const REPORT_SLOTS: u32 = 1_024;
 
 /// Key of the per-CPU event limiter.
 #[repr(C)]
@@ -267,10 +268,12 @@ pub struct ReportKey {
     pub _pad: u32,
 }
 
-/// Value of the per-CPU event limiter.
+/// One slot of the per-CPU event limiter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReportBucket {
+    /// The key this slot counts for.
+    pub key: ReportKey,
     /// `bpf_ktime_get_ns()` when the current window began.
     pub window_start: u64,
     /// Events sent in the current window.
@@ -378,7 +381,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 8 * 4);
         assert_eq!(size_of::<ReportKey>(), 8 + 16 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<ReportBucket>(), 16);
+        assert_eq!(size_of::<ReportBucket>(), 32 + 16);
         assert_eq!(size_of::<SocketOwner>(), 4);
         assert_eq!(size_of::<Scope>(), 16);
         assert_eq!(size_of::<ProxyConfig>(), 16 + 4 + 2 + 2);

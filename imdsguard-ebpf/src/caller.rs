@@ -3,12 +3,12 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-    bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    bpf_get_current_pid_tgid, bpf_ktime_get_coarse_ns,
 };
 use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{
-    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, REPORT_BURST, REPORT_WINDOW_NS,
-    ReportBucket, ReportKey, Scope, action, cause, counter, scope_flag, verdict,
+    AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, REPORT_BURST, REPORT_SLOTS,
+    REPORT_WINDOW_NS, ReportKey, Scope, action, cause, counter, scope_flag, verdict,
 };
 
 use crate::{
@@ -203,6 +203,17 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
     found(cfg.default_action, 0)
 }
 
+/// The limiter slot of `key`: a multiplicative hash of its words.
+#[inline(always)]
+fn slot(key: &ReportKey) -> u32 {
+    let mut h = key.cgroup_id
+        ^ (u64::from(key.addr[2]) << 32 | u64::from(key.addr[3]))
+        ^ (u64::from(key.addr[0]) << 32 | u64::from(key.addr[1])).rotate_left(17)
+        ^ (u64::from(key.port) << 16 | u64::from(key.hook) << 8 | u64::from(key.verdict));
+    h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 54) as u32 & (REPORT_SLOTS - 1)
+}
+
 /// Reports a decision through the ring buffer, at most `REPORT_BURST`
 /// times per key and CPU in each `REPORT_WINDOW_NS`. A decision over the
 /// limit is only counted in its key's bucket and carried by the key's next
@@ -211,9 +222,10 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
 /// path's cost, so a flood pays a lookup instead.
 #[inline(always)]
 fn report(subject: &Subject, verdict: u32, cause: u32) {
-    // SAFETY: helper calls without pointer arguments.
+    // SAFETY: helper calls without pointer arguments. The coarse clock
+    // (tick resolution) is enough for a one-second window and cheaper.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = ReportKey {
         cgroup_id,
         addr: subject.addr,
@@ -222,12 +234,19 @@ fn report(subject: &Subject, verdict: u32, cause: u32) {
         verdict: verdict as u8,
         _pad: 0,
     };
-    let carried = match REPORT_LIMIT.get_ptr_mut(&key) {
+    let carried = match REPORT_LIMIT.get_ptr_mut(slot(&key)) {
         Some(bucket) => {
             // SAFETY: a map value pointer checked by the verifier, this
             // CPU's copy, written with migration disabled.
             let b = unsafe { &mut *bucket };
-            if now.wrapping_sub(b.window_start) >= REPORT_WINDOW_NS {
+            if b.key != key {
+                // Another key had the slot (or none yet): start afresh. The
+                // other key's pending count stays in the counters.
+                b.key = key;
+                b.window_start = now;
+                b.sent = 0;
+                b.suppressed = 0;
+            } else if now.wrapping_sub(b.window_start) >= REPORT_WINDOW_NS {
                 b.window_start = now;
                 b.sent = 0;
             }
@@ -240,17 +259,8 @@ fn report(subject: &Subject, verdict: u32, cause: u32) {
             b.suppressed = 0;
             carried
         }
-        None => {
-            let fresh = ReportBucket {
-                window_start: now,
-                sent: 1,
-                suppressed: 0,
-            };
-            // A failed insert (out of memory) only means no limiting for
-            // this event: it is still sent.
-            let _ = REPORT_LIMIT.insert(&key, &fresh, 0);
-            0
-        }
+        // Unreachable (the slot is always in bounds): report unlimited.
+        None => 0,
     };
     let event = Event {
         cgroup_id,

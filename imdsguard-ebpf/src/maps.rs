@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, ConnKey, EVENTS_BYTES, FilterOrigin, MAX_ALLOWED,
-    MAX_FILTER_CONNS, MAX_PROTECTED, MAX_REPORT_KEYS, PREFILTER_WORDS, Protected, ProxyConfig,
-    ReportBucket, ReportKey, Scope, counter,
+    MAX_FILTER_CONNS, MAX_PROTECTED, PREFILTER_WORDS, Protected, ProxyConfig, REPORT_SLOTS,
+    ReportBucket, Scope, counter,
 };
 
 /// One bit per 16-bit address prefix that has any protected destination.
@@ -59,11 +59,13 @@ pub static FILTER_PENDING: LruHashMap<u64, FilterOrigin> =
 pub static FILTER_CONNS: LruHashMap<ConnKey, FilterOrigin> =
     LruHashMap::with_max_entries(MAX_FILTER_CONNS, 0);
 
-/// The event limiter (see `caller::report`). Per CPU, so the bucket is
+/// The event limiter (see `caller::report`): a per-CPU array of slots the
+/// key hashes to, not a hash map, because the verifier inlines an array
+/// lookup into a bounds check and a load, where a hash map lookup is a
+/// helper call and a hash of the 32-byte key. Per CPU, so a slot is
 /// updated without atomics: a program runs with migration disabled.
 #[map(name = "IMDSG_REPORT_LIMIT")]
-pub static REPORT_LIMIT: LruPerCpuHashMap<ReportKey, ReportBucket> =
-    LruPerCpuHashMap::with_max_entries(MAX_REPORT_KEYS, 0);
+pub static REPORT_LIMIT: PerCpuArray<ReportBucket> = PerCpuArray::with_max_entries(REPORT_SLOTS, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

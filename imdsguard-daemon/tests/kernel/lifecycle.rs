@@ -144,9 +144,9 @@ fn restart_readopts_pins_without_a_gap() {
 }
 
 fn a_denial_flood_is_counted_exactly() {
-    use aya::maps::{Map, MapData, PerCpuHashMap};
+    use aya::maps::{Map, MapData, PerCpuArray};
     use imdsguard::bpf::pins::PinLayout;
-    use imdsguard_common::{REPORT_BURST, ReportBucket, ReportKey, map_names};
+    use imdsguard_common::{REPORT_BURST, ReportBucket, map_names};
 
     let lab = lab("flood");
     let test = lab.cgroup("test").unwrap();
@@ -183,17 +183,13 @@ fn a_denial_flood_is_counted_exactly() {
     let reported: u64 = events.iter().map(|e| 1 + u64::from(e.suppressed)).sum();
     let path = PinLayout::new(lab.pin_dir()).map(map_names::REPORT_LIMIT);
     let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
-    let buckets: PerCpuHashMap<_, ReportKey, ReportBucket> = PerCpuHashMap::try_from(map).unwrap();
+    let buckets: PerCpuArray<_, ReportBucket> = PerCpuArray::try_from(map).unwrap();
     let pending: u64 = buckets
         .iter()
         .map(|r| r.unwrap())
-        .filter(|(k, _)| k.cgroup_id == test.id())
-        .flat_map(|(_, per_cpu)| {
-            per_cpu
-                .iter()
-                .map(|b| u64::from(b.suppressed))
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>())
+        .filter(|b| b.key.cgroup_id == test.id())
+        .map(|b| u64::from(b.suppressed))
         .sum();
     assert_eq!(
         reported + pending,

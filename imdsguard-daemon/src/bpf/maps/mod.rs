@@ -10,7 +10,7 @@ pub use handles::{
 use aya::maps::MapInfo;
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, ConnKey, FilterOrigin, PortRange, Protected, ProxyConfig,
-    ReportBucket, ReportKey, Scope, SocketOwner, map_names,
+    ReportBucket, Scope, SocketOwner, map_names,
 };
 
 use crate::{Error, Result, bpf::pins::PinLayout};
@@ -47,7 +47,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         map_names::PROXY => Some((4, s(size_of::<ProxyConfig>()))),
         map_names::FILTER_PENDING => Some((8, s(size_of::<FilterOrigin>()))),
         map_names::FILTER_CONNS => Some((s(size_of::<ConnKey>()), s(size_of::<FilterOrigin>()))),
-        map_names::REPORT_LIMIT => Some((s(size_of::<ReportKey>()), s(size_of::<ReportBucket>()))),
+        map_names::REPORT_LIMIT => Some((4, s(size_of::<ReportBucket>()))),
         _ => None,
     }
 }
