@@ -255,9 +255,12 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
 ///   some are named (by [`Workload::key`]); prints [`Timings`];
 /// * `udp-connect ADDR ITERATIONS`: repeated UDP connect() to one
 ///   destination, for per-run program cost; prints the EPERM count;
-/// * `hold-connections COUNT`: [`hold_connections`]; never ends by itself.
+/// * `hold-connections COUNT`: [`hold_connections`]; never ends by itself;
+/// * `http-get ...`, `http-rps ...`: metadata GETs, see
+///   [`crate::bench_http::worker_main`].
 pub fn worker_main(args: &[String]) -> anyhow::Result<String> {
     match args.first().map(String::as_str) {
+        Some(kind @ ("http-get" | "http-rps")) => crate::bench_http::worker_main(kind, &args[1..]),
         Some("udp-connect") => {
             let target: SocketAddr = args.get(1).context("target missing")?.parse()?;
             let iterations: u32 = args.get(2).context("iterations missing")?.parse()?;

@@ -10,6 +10,7 @@
 //!   private bpffs mount go away even when a test panics.
 
 pub mod bench;
+pub mod bench_http;
 pub mod bpffs;
 pub mod cgroups;
 pub mod cluster;

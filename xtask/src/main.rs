@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_enforce;
+mod bench_proxy;
 mod bench_scale;
 mod demo;
 mod deploy;
@@ -37,6 +38,8 @@ enum Command {
     BenchEnforce(bench_enforce::Options),
     /// Start-up, footprint, soak, denial flood and an iptables comparison.
     BenchScale(bench_scale::Options),
+    /// Filter mode: a metadata GET through the proxy against direct, GETs per second, memory.
+    BenchProxy(bench_proxy::Options),
     /// Build (once, cached) the Kubernetes binaries: the control-plane tests and the real node.
     Kubernetes(kubernetes::Options),
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::E2e(o) => e2e::run(o),
         Command::BenchEnforce(o) => bench_enforce::run(o),
         Command::BenchScale(o) => bench_scale::run(o),
+        Command::BenchProxy(o) => bench_proxy::run(o),
         Command::Deploy(o) => deploy::run(o),
         Command::Image(o) => image::run(o),
     }

@@ -116,6 +116,21 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "--iterations",
         "200",
     ]))?;
+    status(Command::new(bin.join("imdsguard-bench")).args([
+        "proxy",
+        "--imdsguard",
+        &imdsguard,
+        "--rounds",
+        "1",
+        "--requests",
+        "200",
+        "--rps-secs",
+        "1",
+        "--floor-rounds",
+        "1",
+        "--floor-iterations",
+        "200",
+    ]))?;
     // The seed story on a real node: kubelet, containerd, the chart.
     crate::e2e::run_real_node(crate::e2e::DEFAULT_RACE_ROUNDS)?;
     Ok(())

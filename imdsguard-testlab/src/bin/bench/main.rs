@@ -1,9 +1,10 @@
 //! `imdsguard-bench`: the benchmarks of BENCHMARKS.md, one subcommand each.
-//! `cargo xtask bench`, `bench-enforce` and `bench-scale` run them on a
-//! release build.
+//! `cargo xtask bench`, `bench-enforce`, `bench-scale` and `bench-proxy`
+//! run them on a release build.
 
 mod enforce;
 mod overhead;
+mod proxy;
 mod scale;
 
 use std::path::PathBuf;
@@ -35,6 +36,10 @@ enum Command {
     /// Start-up, footprint, soak, denial flood and the iptables comparison
     /// (`cargo xtask bench-scale`).
     Scale(scale::Options),
+    /// Filter mode: a metadata GET through the proxy against direct (p50,
+    /// p99), GETs per second, the daemon's memory, and the fast path with
+    /// filter mode configured (`cargo xtask bench-proxy`).
+    Proxy(proxy::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Overhead(o) => overhead::run(&o),
         Command::Enforce(ref o) => enforce::run(o, bin()?),
         Command::Scale(o) => scale::run(o, bin()?),
+        Command::Proxy(ref o) => proxy::run(o, bin()?),
     }
 }
 
@@ -75,5 +81,18 @@ mod tests {
         };
         assert_eq!(o.pods, [20, 10]);
         assert!(Cli::try_parse_from(["imdsguard-bench", "overhead", "--rounds", "0"]).is_err());
+        let cli = Cli::try_parse_from([
+            "imdsguard-bench",
+            "proxy",
+            "--requests",
+            "200",
+            "--clients",
+            "2",
+        ])
+        .unwrap();
+        let Command::Proxy(o) = cli.command else {
+            panic!("not proxy");
+        };
+        assert_eq!((o.requests, o.clients, o.floor_rounds), (200, 2, 7));
     }
 }

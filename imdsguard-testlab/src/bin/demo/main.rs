@@ -1,10 +1,14 @@
 //! The seed scenario on this machine's kernel, no cluster needed.
 //!
-//! Namespace `imds` has two deployments of two replicas each: `prod` is
-//! allowed to reach the metadata service, `test` is not. Each "pod" is a
+//! Namespace `imds` has three deployments of two replicas each: `prod` is
+//! allowed to reach the metadata service, `test` is not, and `report` may
+//! read only the region (filter mode, profile `region`: its connects go to
+//! imdsguard's proxy, which forwards only the profile's paths). Each "pod" is a
 //! cgroup laid out as kubelet's systemd driver does, with a process inside
 //! an isolated network namespace that holds a fake IMDS on
 //! 169.254.169.254:80 and [fd00:ec2::254]:80.
+
+mod filter;
 
 use std::time::Duration;
 
@@ -17,10 +21,10 @@ use imdsguard_testlab::{
     probe::{self, Outcome},
 };
 
-struct Pod {
-    name: String,
-    deployment: &'static str,
-    cgroup: TestCgroup,
+pub(crate) struct Pod {
+    pub(crate) name: String,
+    pub(crate) deployment: &'static str,
+    pub(crate) cgroup: TestCgroup,
 }
 
 #[derive(clap::Parser, Debug)]
@@ -41,7 +45,11 @@ fn main() -> anyhow::Result<()> {
     // kubepods-besteffort-pod<uid with _>.slice. We attach at kubepods.slice.
     let kubepods = lab.cgroup("kubepods.slice")?;
     let mut pods = Vec::new();
-    for (deployment, hash) in [("prod", "7f9c6d5b8"), ("test", "5d2b4c7f1")] {
+    for (deployment, hash) in [
+        ("prod", "7f9c6d5b8"),
+        ("test", "5d2b4c7f1"),
+        ("report", "3c8e9a6d2"),
+    ] {
         for (i, suffix) in ["x2k4q", "m8z7w"].iter().enumerate() {
             let uid = format!("{hash}-0000-4000-8000-00000000000{i}").replace('-', "_");
             let cgroup = lab.cgroup(&format!(
@@ -56,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "imdsguard demo: namespace `imds`, deployment `prod` (2 replicas, allowed) and `test` (2 replicas, not allowed)"
+        "imdsguard demo: namespace `imds`, deployment `prod` (2 replicas, allowed), `test` (2 replicas, not allowed) and `report` (2 replicas, app=report, filtered: profile `region`)"
     );
     println!("cgroup root (kubepods): {}", kubepods.path().display());
     println!(
@@ -74,13 +82,31 @@ fn main() -> anyhow::Result<()> {
         "--pin-dir".to_string(),
         lab.pin_dir().display().to_string(),
     ];
-    for p in pods.iter().filter(|p| p.deployment == "prod") {
-        args.push("--allow-cgroup".into());
+    for p in &pods {
+        let flag = match p.deployment {
+            "prod" => "--allow-cgroup",
+            "report" => "--filter-cgroup",
+            _ => continue,
+        };
+        args.push(flag.into());
         args.push(p.cgroup.path().display().to_string());
     }
-    let daemon = Daemon::start(&bin, &args)?;
+    // The proxy listens on loopback, one port for both families.
+    for a in [
+        "--filter-profile",
+        "region",
+        "--proxy-listen",
+        "127.0.0.1:8169",
+        "--proxy-listen",
+        "[::1]:8169",
+    ] {
+        args.push(a.into());
+    }
+    // In the lab's namespace: the proxy's loopback must be the pods'
+    // loopback, where the kernel sends their filtered connects.
+    let daemon = Daemon::start_in(lab.netns(), &bin, &args)?;
     println!(
-        "imdsguard is running (pid {}), programs attached to kubepods.slice\n",
+        "imdsguard is running (pid {}), programs attached to kubepods.slice, filter proxy on 127.0.0.1:8169 and [::1]:8169\n",
         daemon.pid()
     );
 
@@ -94,24 +120,39 @@ fn main() -> anyhow::Result<()> {
         ),
     ];
     let mut failures = Vec::new();
-    let header = format!("{:<28} {:<8}", "POD", "ALLOWED");
+    let header = format!("{:<28} {:<8}", "POD", "ACCESS");
     let cols: Vec<String> = targets.iter().map(|(t, _, _)| format!("{t:<26}")).collect();
     println!("{header} {}", cols.join(" "));
     println!("{}", "-".repeat(header.len() + 27 * targets.len()));
     for pod in &pods {
-        let allowed = pod.deployment == "prod";
         let mut cells = Vec::new();
         for (_, kind, target) in targets {
-            let o = lab.probe(Some(&pod.cgroup), kind, target)?;
-            if allowed != o.reached() || (!allowed && !o.eperm()) {
-                failures.push(format!("{} -> {target}: {o:?}", pod.name));
+            let (ok, shown) = match pod.deployment {
+                "prod" => {
+                    let o = lab.probe(Some(&pod.cgroup), kind, target)?;
+                    (o.reached(), cell(&o))
+                }
+                // A filtered pod reaches the service only through the
+                // proxy, and only for its profile's paths.
+                "report" => {
+                    let o = lab.imds_get(Some(&pod.cgroup), target, REGION)?;
+                    let ok = o == reached("200 us-east-1");
+                    (ok, format!("proxy: {}", filter::cell_short(&o)))
+                }
+                _ => {
+                    let o = lab.probe(Some(&pod.cgroup), kind, target)?;
+                    (o.eperm(), cell(&o))
+                }
+            };
+            if !ok {
+                failures.push(format!("{} -> {target}: {shown}", pod.name));
             }
-            cells.push(format!("{:<26}", cell(&o)));
+            cells.push(format!("{shown:<26}"));
         }
         println!(
             "{:<28} {:<8} {}",
             pod.name,
-            if allowed { "yes" } else { "no" },
+            access(pod.deployment),
             cells.join(" ")
         );
     }
@@ -122,8 +163,10 @@ fn main() -> anyhow::Result<()> {
         "n/a",
         cell(&host)
     );
+
+    failures.extend(filter::read_table(&lab, &pods)?);
     println!(
-        "\nNo NetworkPolicy, CNI or iptables rule is involved: the verdict is made in the kernel at connect().\n"
+        "\nNo NetworkPolicy, CNI or iptables rule is involved: the verdict is made in the kernel at connect(), and a filtered pod is identified by the kernel's record of its connection, never by its IP.\n"
     );
 
     // What connect() alone would miss: a connection opened before the
@@ -182,20 +225,34 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    filter::print_proxy_log(&daemon);
+
     // Fail closed: kill the daemon with SIGKILL; enforcement stays pinned.
     daemon.kill();
     let after_kill = lab.probe(Some(&pods[2].cgroup), "http", "169.254.169.254:80")?;
     let prod_after_kill = lab.probe(Some(&pods[0].cgroup), "http", "169.254.169.254:80")?;
+    // The proxy died with the daemon: a filtered connect is refused at once
+    // and never falls through to the real service.
+    let report_after_kill = lab.imds_get(Some(&pods[4].cgroup), "169.254.169.254:80", REGION)?;
     println!(
-        "\nafter SIGKILL of the daemon: {} -> {}, {} -> {}",
+        "\nafter SIGKILL of the daemon: {} -> {}, {} -> {}, {} -> {}",
         pods[2].name,
         cell(&after_kill),
         pods[0].name,
-        cell(&prod_after_kill)
+        cell(&prod_after_kill),
+        pods[4].name,
+        cell(&report_after_kill)
     );
-    if !after_kill.eperm() || !prod_after_kill.reached() {
+    let refused = matches!(
+        report_after_kill,
+        Outcome::Failed {
+            errno: Some(libc::ECONNREFUSED),
+            ..
+        }
+    );
+    if !after_kill.eperm() || !prod_after_kill.reached() || !refused {
         failures.push(format!(
-            "after SIGKILL: test {after_kill:?}, prod {prod_after_kill:?}"
+            "after SIGKILL: test {after_kill:?}, prod {prod_after_kill:?}, report {report_after_kill:?}"
         ));
     }
 
@@ -243,7 +300,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cell(o: &Outcome) -> String {
+pub(crate) const REGION: &str = "/latest/meta-data/placement/region";
+
+pub(crate) fn reached(detail: &str) -> Outcome {
+    Outcome::Reached {
+        detail: detail.into(),
+    }
+}
+
+pub(crate) fn access(deployment: &str) -> &'static str {
+    match deployment {
+        "prod" => "allow",
+        "report" => "filter",
+        _ => "deny",
+    }
+}
+
+pub(crate) fn cell(o: &Outcome) -> String {
     match o {
         Outcome::Reached { detail } => format!("reached ({detail})"),
         Outcome::Eperm => "EPERM (denied)".into(),
