@@ -243,7 +243,7 @@ pub struct Event {
     pub _pad: u32,
 }
 
-/// Events per key (cgroup, destination, hook, verdict) and CPU in one
+/// Events per key (cgroup, destination, hook, verdict, address form) and CPU in one
 /// [`REPORT_WINDOW_NS`]: a per-CPU token bucket that refills each window.
 /// A flood then costs a map lookup per denial instead of a ring-buffer
 /// record, and every denial is still counted (the per-CPU counters, and
@@ -265,7 +265,11 @@ pub struct ReportKey {
     pub port: u16,
     pub hook: u8,
     pub verdict: u8,
-    pub _pad: u32,
+    /// How the destination was written ([`addr_form`]): a new way of
+    /// writing the same destination (a bypass attempt) is reported, not
+    /// folded into the old one's count.
+    pub form: u8,
+    pub _pad: [u8; 3],
 }
 
 /// One slot of the per-CPU event limiter.

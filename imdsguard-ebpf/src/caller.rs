@@ -209,7 +209,10 @@ fn slot(key: &ReportKey) -> u32 {
     let mut h = key.cgroup_id
         ^ (u64::from(key.addr[2]) << 32 | u64::from(key.addr[3]))
         ^ (u64::from(key.addr[0]) << 32 | u64::from(key.addr[1])).rotate_left(17)
-        ^ (u64::from(key.port) << 16 | u64::from(key.hook) << 8 | u64::from(key.verdict));
+        ^ (u64::from(key.form) << 32
+            | u64::from(key.port) << 16
+            | u64::from(key.hook) << 8
+            | u64::from(key.verdict));
     h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (h >> 54) as u32 & (REPORT_SLOTS - 1)
 }
@@ -232,7 +235,8 @@ fn report(subject: &Subject, verdict: u32, cause: u32) {
         port: subject.port,
         hook: subject.hook as u8,
         verdict: verdict as u8,
-        _pad: 0,
+        form: subject.form as u8,
+        _pad: [0; 3],
     };
     let carried = match REPORT_LIMIT.get_ptr_mut(slot(&key)) {
         Some(bucket) => {

@@ -135,23 +135,24 @@ pub fn connected(ctx: &SockOpsContext) {
 // loads; reading the array whole could be lowered to wider ones.
 #[inline(always)]
 fn local_ip6(ctx: &SockOpsContext) -> AddrKey {
-    // SAFETY: context field loads, rewritten by the verifier.
-    unsafe {
-        let p = &raw const (*ctx.ops).local_ip6;
-        [
-            core::ptr::read_volatile(&raw const (*p)[0]),
-            core::ptr::read_volatile(&raw const (*p)[1]),
-            core::ptr::read_volatile(&raw const (*p)[2]),
-            core::ptr::read_volatile(&raw const (*p)[3]),
-        ]
-    }
+    // SAFETY: a context field, read by `words`.
+    unsafe { words(&raw const (*ctx.ops).local_ip6) }
 }
 
 #[inline(always)]
 fn remote_ip6(ctx: &SockOpsContext) -> AddrKey {
     // SAFETY: as in `local_ip6`.
+    unsafe { words(&raw const (*ctx.ops).remote_ip6) }
+}
+
+/// Four 32-bit context loads, rewritten by the verifier.
+///
+/// # Safety
+/// `p` points at an IPv6 address field of the sock_ops context.
+#[inline(always)]
+unsafe fn words(p: *const [u32; 4]) -> AddrKey {
+    // SAFETY: the caller's pointer is a context field.
     unsafe {
-        let p = &raw const (*ctx.ops).remote_ip6;
         [
             core::ptr::read_volatile(&raw const (*p)[0]),
             core::ptr::read_volatile(&raw const (*p)[1]),
