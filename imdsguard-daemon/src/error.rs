@@ -180,6 +180,11 @@ pub enum Error {
         source: procfs::ProcError,
     },
 
+    #[error(
+        "the policy has filter rules ({rules:?}) but the agent has no proxy: start it with --proxy-listen (chart: filter.enabled=true), or those pods would be denied everything"
+    )]
+    FilterWithoutProxy { rules: Vec<String> },
+
     #[error("filter flags: {problem}")]
     FilterFlags { problem: &'static str },
 

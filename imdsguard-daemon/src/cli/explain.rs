@@ -26,7 +26,8 @@ use crate::{
 pub struct DestinationVerdict {
     pub destination: String,
     pub ports: Vec<String>,
-    /// `reachable`, `reachable (audited)` or `EPERM`.
+    /// `reachable`, `reachable (audited)`, `EPERM`, or for a filtered
+    /// cgroup `filtered (tcp/80 through the proxy), else EPERM`.
     pub verdict: &'static str,
 }
 
@@ -41,6 +42,8 @@ pub struct Explanation {
     pub decided_by: String,
     pub pod: Option<String>,
     pub policy_rule: Option<String>,
+    /// A filtered pod's profiles and paths, from its policy rule.
+    pub filter: Option<String>,
     pub destinations: Vec<DestinationVerdict>,
 }
 
@@ -105,6 +108,7 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
     let verdict = match Action::try_from(act) {
         Ok(Action::Allow) => "reachable",
         Ok(Action::Audit) => "reachable (audited)",
+        Ok(Action::Filter) => "filtered (tcp/80 through the proxy), else EPERM",
         _ => "EPERM",
     };
 
@@ -128,6 +132,7 @@ pub fn for_cgroup(pins: &PinLayout, cgroup: &CgroupDir) -> Result<Explanation> {
         decided_by,
         pod: None,
         policy_rule: None,
+        filter: None,
         destinations: destinations.into_iter().map(|(_, d)| d).collect(),
     })
 }
@@ -159,6 +164,9 @@ pub fn render(e: &Explanation) -> String {
     let _ = writeln!(o, "cgroup:     {} (id {})", e.cgroup.display(), e.cgroup_id);
     if let Some(rule) = &e.policy_rule {
         let _ = writeln!(o, "policy:     {rule}");
+    }
+    if let Some(filter) = &e.filter {
+        let _ = writeln!(o, "filter:     {filter}");
     }
     let _ = writeln!(o, "decided by: {}", e.decided_by);
     let _ = writeln!(o, "action:     {}\n", e.action);
@@ -220,19 +228,28 @@ pub async fn for_pod(
         layout: &layout,
     };
     let cgroup = desired::pod_cgroup(&pod, &uid, &cgroups);
-    let rule = match policy {
+    let (rule, filter) = match policy {
         Some(path) => {
             let (_, policy) = PolicyFile::load(path)?;
             let labels = |m: &kube::api::ObjectMeta| m.labels.clone().unwrap_or_default();
-            Some(
-                match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {
-                    Some(d) => format!("rule {} ({}) -> {}", d.rule_index, d.rule_name, d.action),
-                    None => format!("no rule matches -> default {:?}", policy.default_mode())
-                        .to_lowercase(),
-                },
-            )
+            match policy.evaluate(ns, &labels(&namespace.metadata), &labels(&pod.metadata)) {
+                Some(d) => (
+                    Some(format!(
+                        "rule {} ({}) -> {}",
+                        d.rule_index, d.rule_name, d.action
+                    )),
+                    d.filter.map(|f| f.describe()),
+                ),
+                None => (
+                    Some(
+                        format!("no rule matches -> default {:?}", policy.default_mode())
+                            .to_lowercase(),
+                    ),
+                    None,
+                ),
+            }
         }
-        None => None,
+        None => (None, None),
     };
     let mut e = match cgroup {
         Some(c) => for_cgroup(pins, &c)?,
@@ -246,5 +263,6 @@ pub async fn for_pod(
     };
     e.pod = Some(pod_ref.to_string());
     e.policy_rule = rule;
+    e.filter = filter;
     Ok(e)
 }

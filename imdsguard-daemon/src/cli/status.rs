@@ -11,7 +11,7 @@ use crate::{
     bpf::sys,
     bpf::{
         enforcer::Counters,
-        maps::{AllowMap, ConfigMap, CounterMap, ProtectedMap, ScopeMap, ports_text},
+        maps::{AllowMap, ConfigMap, CounterMap, ProtectedMap, ProxyMap, ScopeMap, ports_text},
     },
     bpf::{hook::Hook, pins::PinLayout},
     cgroup::mount::primary_cgroup2_mount,
@@ -78,6 +78,9 @@ pub struct Status {
     pub pin_dir: PathBuf,
     pub default_action: &'static str,
     pub scope: ScopeStatus,
+    /// Filter mode: where filtered callers' connections go (`None`: no
+    /// proxy, filtered callers are denied).
+    pub proxy: Option<Vec<String>>,
     pub links: Vec<LinkStatus>,
     pub protected: Vec<ProtectedStatus>,
     pub allowed: Vec<AllowedStatus>,
@@ -92,6 +95,21 @@ pub fn action_name(raw: u32) -> &'static str {
 
 fn proto_name(mask: u16) -> &'static str {
     Protocol::try_from(u32::from(mask)).map_or("tcp+udp", Protocol::name)
+}
+
+/// The pinned proxy entry as addresses; an installation from before filter
+/// mode has none, which means the same as no proxy.
+fn read_proxy(pins: &PinLayout) -> Option<Vec<String>> {
+    let p = ProxyMap::read_pinned(pins).ok()?;
+    if p.port == 0 {
+        return None;
+    }
+    let v4 = (p.addr4 != 0).then(|| {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(p.addr4)), p.port))
+    });
+    let v6 = (p.addr6 != [0; 4])
+        .then(|| std::net::SocketAddr::from((crate::destinations::addr_of_words(p.addr6), p.port)));
+    Some(v4.into_iter().chain(v6).map(|a| a.to_string()).collect())
 }
 
 /// Reads the installation under `pins`.
@@ -208,6 +226,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         pin_dir: pins.dir.clone(),
         default_action,
         scope,
+        proxy: read_proxy(pins),
         links,
         protected: protected.into_iter().map(|(_, s)| s).collect(),
         allowed,
@@ -260,6 +279,13 @@ pub fn render(s: &Status) -> String {
     }
     if s.scope.records_socket_creators {
         let _ = writeln!(o, "socket creators: recorded and judged too");
+    }
+    if let Some(proxy) = &s.proxy {
+        let _ = writeln!(
+            o,
+            "filter proxy: {} (filtered cgroups' tcp/80 metadata connections go there)",
+            proxy.join(", ")
+        );
     }
     let _ = writeln!(o);
     let _ = writeln!(
@@ -400,6 +426,7 @@ mod tests {
             pin_dir: "/sys/fs/bpf/imdsguard".into(),
             default_action: "enforce",
             scope: ScopeStatus::default(),
+            proxy: None,
             links: Vec::new(),
             protected: Vec::new(),
             allowed: vec![

@@ -43,6 +43,9 @@ kernel_enum! {
         /// The cgroup that created the socket, judged more strictly (a
         /// socket passed over SCM_RIGHTS, say).
         Creator = cause::CREATOR => "socket-creator",
+        /// The caller is filtered, and this operation cannot go through
+        /// the proxy (another port, UDP, no proxy for the family).
+        NotFilterable = cause::NOT_FILTERABLE => "not-filterable",
     }
 }
 

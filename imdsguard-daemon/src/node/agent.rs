@@ -41,6 +41,11 @@ use crate::{
     runtime::{self, MetricsServer, Signals},
 };
 use crate::{
+    bpf::enforcer::AllowTarget,
+    filter::{listen, rules::RulesTable},
+    node::filter,
+};
+use crate::{
     cgroup::kubepods_wait::{self, Kubepods},
     cgroup::pod::KubepodsLayout,
     node::attribution::PodAttributor,
@@ -53,6 +58,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     // Everything that can be wrong with the input is checked before any
     // program is loaded: a bad policy refuses to start.
     let (policy_text, policy) = load_policy(&args)?;
+    let proxy_listen = args.enforcement.proxy_listen.clone();
+    let filtering = !proxy_listen.is_empty();
+    filter::check_policy(&policy, filtering)?;
+    let proxy_target = filtering
+        .then(|| listen::target(&proxy_listen))
+        .transpose()?;
     bpffs::check_pin_mount(&args.enforcement.pin_dir)?;
     let source = Kubepods::of(args.kubepods_root.as_deref())?;
     let client = Client::try_default().await.map_err(Error::Kube)?;
@@ -60,7 +71,13 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 
     // The endpoints serve from the start: an agent that waits for its
     // cgroup is alive (/healthz) but not ready (/readyz).
-    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement, false).len());
+    let endpoints = runtime::endpoints(runtime::wanted_hooks(&args.enforcement, filtering).len());
+    // Bound before anything is attached (see `FilterProxy`), and before the
+    // wait for kubepods, so that a port in use fails the start at once.
+    let listeners = match filtering {
+        true => Some(listen::bind(&proxy_listen).await?),
+        false => None,
+    };
     // Dropping the server (any return from here on) also stops it.
     let server = MetricsServer::bind(args.metrics_addr, endpoints.clone()).await?;
     let metrics_addr = server.addr();
@@ -111,8 +128,12 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             instance: Some(args.node_name.clone()),
         },
     );
+    let destinations = desired.destinations.clone();
+    let mut attachment = runtime::attachment(&args.enforcement, root.clone())?;
+    attachment.filter = proxy_target;
+    let pins = attachment.pins.clone();
     let running = runtime::start(
-        runtime::attachment(&args.enforcement, root.clone())?,
+        attachment,
         desired,
         runtime::Settings {
             check_every: Duration::from_secs(2),
@@ -127,6 +148,23 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         )),
     )?;
     let handle = running.handle().clone();
+    let proxy = match listeners {
+        Some(listeners) => Some(filter::start(
+            listeners,
+            &pins,
+            destinations,
+            &metrics,
+            PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
+        )?),
+        None => None,
+    };
+    let filtered = match &proxy {
+        Some(p) => Some(Filtered {
+            rules: p.rules.clone(),
+            own: filter::own_entry(&root)?,
+        }),
+        None => None,
+    };
 
     let trigger = Arc::new(Notify::new());
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
@@ -196,6 +234,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
                 trigger: trigger.clone(),
                 observers,
                 metrics_addr,
+                filtered,
                 startup_taint: args
                     .remove_startup_taint
                     .clone()
@@ -205,6 +244,9 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         ),
     ];
     running.until_stopped(tasks, &mut signals).await;
+    if let Some(proxy) = proxy {
+        proxy.stop().await;
+    }
     server.stop().await;
     Ok(())
 }
@@ -228,7 +270,15 @@ struct Reconciler {
     trigger: Arc<Notify>,
     observers: owner::Observers,
     metrics_addr: std::net::SocketAddr,
+    filtered: Option<Filtered>,
     startup_taint: Option<(Client, String, String)>,
+}
+
+/// Filter mode's part of the desired state: the rules table the proxy
+/// reads, and the agent's own allow entry.
+struct Filtered {
+    rules: RulesTable,
+    own: Option<(u64, AllowTarget)>,
 }
 
 impl Reconciler {
@@ -243,6 +293,7 @@ impl Reconciler {
             trigger,
             observers,
             metrics_addr,
+            filtered,
             startup_taint,
         } = self;
         // Nothing is written before both stores hold a complete list.
@@ -263,6 +314,15 @@ impl Reconciler {
                 },
             );
             let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
+            let mut want = want;
+            if let Some(f) = &filtered {
+                // Rules first: the kernel sends a pod to the proxy only once
+                // its entry says filter, and by then the proxy knows it.
+                f.rules.replace(want.filter_rules.clone());
+                if let Some((id, entry)) = f.own {
+                    want.allowed.insert(id, entry);
+                }
+            }
             match handle
                 .sync_allowed(policy.default_mode(), want.allowed.clone())
                 .await

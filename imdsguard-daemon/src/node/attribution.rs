@@ -188,6 +188,13 @@ impl Attributor for PodAttributor {
                     d.destination
                 ),
             ),
+            Verdict::Denied if d.decided_by == Cause::NotFilterable => (
+                "MetadataAccessDenied",
+                format!(
+                    "metadata access denied to {} by imdsguard: the pod is filtered, and only TCP port 80 through the filter is open to it",
+                    d.destination
+                ),
+            ),
             Verdict::Denied => (
                 "MetadataAccessDenied",
                 format!("metadata access denied to {} by imdsguard", d.destination),
@@ -236,6 +243,33 @@ impl Attributor for PodAttributor {
 }
 
 impl PodAttributor {
+    /// An Event on a filtered pod whose request the proxy refused.
+    pub fn denied_path(&mut self, d: &crate::filter::events::DeniedPath) {
+        let who = Attribution {
+            pod: d.pod.clone(),
+            ..Default::default()
+        };
+        let Some((recorder, reference)) = self.event_target(&who, "filter") else {
+            return;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "MetadataPathDenied".into(),
+            note: Some(
+                format!(
+                    "{} {} refused by imdsguard's metadata filter: {}",
+                    d.method, d.path, d.reason
+                )
+                .chars()
+                .take(1000)
+                .collect(),
+            ),
+            action: "Filter".into(),
+            secondary: None,
+        };
+        publish(recorder, event, reference);
+    }
+
     /// The recorder and the pod to put an Event on, at most once per
     /// `EVENT_EVERY` for each (pod, key).
     fn event_target(

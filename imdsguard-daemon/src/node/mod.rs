@@ -1,11 +1,13 @@
 //! The Kubernetes node agent and its I/O: the pod and namespace watchers,
 //! the inotify watch on the pod cgroups, the startup taint, attribution of
-//! decisions to pods, and Kubernetes Events. The decisions themselves come
+//! decisions to pods, Kubernetes Events, and filter mode's proxy beside
+//! the enforcer. The decisions themselves come
 //! from [`crate::policy`].
 
 pub mod agent;
 pub mod attribution;
 pub mod cgroup_watch;
+mod filter;
 pub mod pod_cgroups;
 mod policy_reload;
 pub mod taint;

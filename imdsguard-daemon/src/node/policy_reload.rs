@@ -62,7 +62,12 @@ impl PolicyReloader {
                 continue;
             }
             last_text = text.clone();
-            match PolicyFile::from_yaml(&text) {
+            let filtering = !args.enforcement.proxy_listen.is_empty();
+            let checked = PolicyFile::from_yaml(&text).map_err(|e| crate::Error::Policy {
+                path: args.policy.clone(),
+                source: Box::new(e),
+            });
+            match checked.and_then(|p| super::filter::check_policy(&p, filtering).map(|()| p)) {
                 Ok(policy) => {
                     let destinations = match compile_destinations(&policy) {
                         Ok(d) => d,

@@ -301,7 +301,28 @@ fn filter_run_proxies_the_profile_and_nothing_else() {
     ]);
     let mut d = imdsguard_testlab::daemon::Daemon::start_in(lab.netns(), bin(), &args)
         .expect("start imdsguard in the lab's namespace");
-    assert_eq!(hooks(&status(&lab)), ["connect4", "connect6", "sock_ops"]);
+    let st = status(&lab);
+    assert_eq!(hooks(&st), ["connect4", "connect6", "sock_ops"]);
+    assert_eq!(
+        st["proxy"],
+        serde_json::json!(["127.0.0.1:8169", "[::1]:8169"])
+    );
+    let explained = imdsguard_testlab::daemon::command(
+        bin(),
+        &[
+            "explain",
+            "--cgroup",
+            report.path().to_str().unwrap(),
+            "--pin-dir",
+            lab.pin_dir().to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        text.contains("action:     filter") && text.contains("filtered (tcp/80 through the proxy)"),
+        "{text}"
+    );
     let get = |cg: &TestCgroup, target: &str, path: &str| {
         lab.imds_get(Some(cg), target, path)
             .unwrap_or_else(|e| panic!("imds-get {target}{path}: {e:#}"))
@@ -351,6 +372,8 @@ fn filter_run_proxies_the_profile_and_nothing_else() {
     );
     assert_eperm(&lab, Some(&test), "http", "169.254.169.254:80");
     assert_eperm(&lab, Some(&report), "tcp", "169.254.169.254:8080");
+    let line = wait_decision(&mut d, report.id(), "169.254.169.254:8080", "denied");
+    assert_eq!(line["decided_by"], "not-filterable", "{line}");
     // Straight to the proxy, without the kernel's record: refused, whoever
     // asks.
     match get(&test, "127.0.0.1:8169", region) {

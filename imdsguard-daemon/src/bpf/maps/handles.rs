@@ -186,6 +186,16 @@ handle! {
     ProxyMap: Array<ProxyConfig> = map_names::PROXY
 }
 
+impl ProxyMap<MapData> {
+    /// The pinned proxy entry (all zero: no proxy).
+    pub fn read_pinned(pins: &PinLayout) -> Result<ProxyConfig> {
+        Self::open_pinned(pins)?
+            .0
+            .get(&0, 0)
+            .map_err(map_error(Self::NAME))
+    }
+}
+
 impl ProxyMap<&mut MapData> {
     pub fn set(&mut self, proxy: &ProxyConfig) -> Result<()> {
         self.0.set(0, proxy, 0).map_err(map_error(Self::NAME))
