@@ -7,7 +7,8 @@
 //! source address.
 
 use std::{
-    thread,
+    collections::BTreeMap,
+    fmt, thread,
     time::{Duration, Instant},
 };
 
@@ -215,11 +216,39 @@ fn wait_periods(k: &Kube, ns: &str, pod: &str, n: usize) -> anyhow::Result<Vec<P
 pub struct Totals {
     pub periods: u64,
     pub region_ok: u64,
+    /// The region answered with another status (the proxy without the
+    /// pod's rules yet, say).
+    pub region_refused: u64,
     /// Any other path answered 200: a leak.
     pub leaks: Vec<String>,
-    /// Requests that got no answer (the agent, and so the proxy, was away:
-    /// a filtered connect then fails at once).
-    pub failed: u64,
+    /// Requests that got no answer, by errno (the agent, and so the proxy,
+    /// was away: a filtered connect then fails at once).
+    pub failed: BTreeMap<String, u64>,
+}
+
+impl fmt::Display for Totals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let failed: u64 = self.failed.values().sum();
+        let by_errno: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(errno, n)| format!("errno {errno}: {n}"))
+            .collect();
+        write!(
+            f,
+            "{} periods; region read {} times, refused {} times; \
+             {failed} requests unanswered ({}); {} other paths answered 200",
+            self.periods,
+            self.region_ok,
+            self.region_refused,
+            if by_errno.is_empty() {
+                "-".to_owned()
+            } else {
+                by_errno.join(", ")
+            },
+            self.leaks.len()
+        )
+    }
 }
 
 /// Reads every filtered pod's whole log.
@@ -227,21 +256,29 @@ pub fn totals(k: &Kube, ns: &str) -> anyhow::Result<Totals> {
     let mut t = Totals::default();
     for p in k.pods(ns, "app=report")? {
         for period in probes::periods(&k.logs(ns, &p.name)?, &PATHS) {
-            t.periods += 1;
-            for line in &period.lines {
-                let path = line.get("path").unwrap_or_default();
-                match (path, line.get("status")) {
-                    (REGION, Some("200")) => t.region_ok += 1,
-                    (_, Some("200")) => t
-                        .leaks
-                        .push(format!("{ns}/{} seq={} {path}", p.name, period.seq)),
-                    (_, Some("-")) => t.failed += 1,
-                    _ => {}
-                }
-            }
+            t.add(&p.name, &period);
         }
     }
     Ok(t)
+}
+
+impl Totals {
+    fn add(&mut self, pod: &str, period: &Period) {
+        self.periods += 1;
+        for line in &period.lines {
+            let path = line.get("path").unwrap_or_default();
+            match (path, line.get("status").unwrap_or("-")) {
+                (_, "-") => {
+                    let errno = line.get("errno").unwrap_or("-").to_owned();
+                    *self.failed.entry(errno).or_default() += 1;
+                }
+                (REGION, "200") => self.region_ok += 1,
+                (REGION, _) => self.region_refused += 1,
+                (_, "200") => self.leaks.push(format!("{pod} seq={} {path}", period.seq)),
+                _ => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +310,32 @@ mod tests {
         assert!(allowing.contains("    access: filter\n    profile: region\n"));
         assert!(!allowing.contains("access: deny"));
         PolicyFile::from_yaml(&allowing).expect("the edited policy loads");
+    }
+
+    #[test]
+    fn totals_count_leaks_refusals_and_failures() {
+        let log = format!(
+            "imdsguard-probe seq=1 first=1 path={REGION} verdict=ok status=200 step=get errno=-\n\
+             imdsguard-probe seq=1 first=1 path={INSTANCE_ID} verdict=http status=403 step=get errno=-\n\
+             imdsguard-probe seq=1 first=1 path={CREDENTIALS} verdict=http status=403 step=get errno=-\n\
+             imdsguard-probe seq=2 first=0 path={REGION} verdict=error status=- step=put errno=111\n\
+             imdsguard-probe seq=2 first=0 path={INSTANCE_ID} verdict=error status=- step=put errno=111\n\
+             imdsguard-probe seq=2 first=0 path={CREDENTIALS} verdict=error status=- step=put errno=111\n\
+             imdsguard-probe seq=3 first=0 path={REGION} verdict=http status=403 step=get errno=-\n\
+             imdsguard-probe seq=3 first=0 path={INSTANCE_ID} verdict=ok status=200 step=get errno=-\n\
+             imdsguard-probe seq=3 first=0 path={CREDENTIALS} verdict=http status=403 step=get errno=-\n"
+        );
+        let mut t = Totals::default();
+        for p in probes::periods(&log, &PATHS) {
+            t.add("report-x", &p);
+        }
+        assert_eq!((t.periods, t.region_ok, t.region_refused), (3, 1, 1));
+        assert_eq!(t.failed, [("111".to_owned(), 3)].into());
+        assert_eq!(t.leaks, [format!("report-x seq=3 {INSTANCE_ID}")]);
+        assert_eq!(
+            t.to_string(),
+            "3 periods; region read 1 times, refused 1 times; 3 requests unanswered (errno 111: 3); 1 other paths answered 200"
+        );
     }
 
     #[test]

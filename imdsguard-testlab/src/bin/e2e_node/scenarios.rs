@@ -378,14 +378,7 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
         race.denied_first, race.starts
     );
     let filtered = filter::totals(&k, NS)?;
-    println!(
-        "filtered pods (app=report) over the whole run: {} periods, region read {} times, \
-         {} requests unanswered while the agent was away, {} other paths answered",
-        filtered.periods,
-        filtered.region_ok,
-        filtered.failed,
-        filtered.leaks.len()
-    );
+    println!("filtered pods (app=report) over the whole run: {filtered}");
     ensure!(
         filtered.leaks.is_empty(),
         "a filtered pod read a path its profile does not list: {:?}",
