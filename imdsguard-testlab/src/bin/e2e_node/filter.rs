@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use imdsguard_podprobe::paths::USER_AGENT;
-use imdsguard_testlab::{fake_imds::FakeImds, real_node::NODE_IP};
+use imdsguard_testlab::{
+    fake_imds::{FakeImds, Seen},
+    real_node::NODE_IP,
+};
 
 use crate::{
     kube::Kube,
@@ -167,16 +170,34 @@ pub fn run(k: &Kube, ns: &str, imds: &FakeImds) -> anyhow::Result<()> {
         others.is_empty(),
         "the fake IMDS saw requests the proxy should have refused: {others:?}"
     );
-    let credentials = seen
+    // Host processes are not judged, and one of the node's own (its
+    // aws-sdk-go, e.g. kubelet's ECR credential provider) does read the
+    // credentials: only the probes' requests count here.
+    let from_pods = |r: &&Seen| {
+        r.user_agent
+            .as_deref()
+            .is_some_and(|ua| ua.starts_with("imdsguard-podprobe"))
+    };
+    let credentials: Vec<&str> = seen
         .iter()
+        .filter(from_pods)
         .filter(|r| r.line.contains("security-credentials"))
-        .count();
+        .map(|r| r.line.as_str())
+        .collect();
     ensure!(
-        credentials == 0,
-        "the fake IMDS saw {credentials} credential requests"
+        credentials.is_empty(),
+        "the fake IMDS saw credential requests from pods: {credentials:?}"
     );
+    let mut host: Vec<&str> = seen
+        .iter()
+        .filter(|r| !from_pods(r))
+        .filter_map(|r| r.user_agent.as_deref())
+        .collect();
+    host.sort_unstable();
+    host.dedup();
     println!(
-        "fake IMDS: {puts} token PUTs and {regions} region GETs from the filtered pods, nothing else; no credential request from anyone"
+        "fake IMDS: {puts} token PUTs and {regions} region GETs from the filtered pods, nothing else; \
+         no credential request from any pod (other clients, host processes: {host:?})"
     );
     println!(
         "  filter mode checked in {:.1} s",
