@@ -237,9 +237,9 @@ fn wait_periods(k: &Kube, ns: &str, pod: &str, n: usize) -> anyhow::Result<Vec<P
 pub struct Totals {
     pub periods: u64,
     pub region_ok: u64,
-    /// The region answered with another status (the proxy without the
-    /// pod's rules yet, say).
-    pub region_refused: u64,
+    /// The region answered with another status, by status (the proxy
+    /// without the pod's rules yet, say).
+    pub region_refused: BTreeMap<String, u64>,
     /// Any other path answered 200: a leak.
     pub leaks: Vec<String>,
     /// Requests that got no answer, by errno (the agent, and so the proxy,
@@ -249,24 +249,22 @@ pub struct Totals {
 
 impl fmt::Display for Totals {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let failed: u64 = self.failed.values().sum();
-        let by_errno: Vec<String> = self
-            .failed
-            .iter()
-            .map(|(errno, n)| format!("errno {errno}: {n}"))
-            .collect();
+        let count = |m: &BTreeMap<String, u64>, what: &str| {
+            let total: u64 = m.values().sum();
+            let each: Vec<String> = m.iter().map(|(k, n)| format!("{what} {k}: {n}")).collect();
+            match each.is_empty() {
+                true => "0".to_owned(),
+                false => format!("{total} ({})", each.join(", ")),
+            }
+        };
         write!(
             f,
-            "{} periods; region read {} times, refused {} times; \
-             {failed} requests unanswered ({}); {} other paths answered 200",
+            "{} periods; region read {} times, refused {}; \
+             requests unanswered {}; {} other paths answered 200",
             self.periods,
             self.region_ok,
-            self.region_refused,
-            if by_errno.is_empty() {
-                "-".to_owned()
-            } else {
-                by_errno.join(", ")
-            },
+            count(&self.region_refused, "status"),
+            count(&self.failed, "errno"),
             self.leaks.len()
         )
     }
@@ -294,7 +292,9 @@ impl Totals {
                     *self.failed.entry(errno).or_default() += 1;
                 }
                 (REGION, "200") => self.region_ok += 1,
-                (REGION, _) => self.region_refused += 1,
+                (REGION, status) => {
+                    *self.region_refused.entry(status.to_owned()).or_default() += 1;
+                }
                 (_, "200") => self.leaks.push(format!("{pod} seq={} {path}", period.seq)),
                 _ => {}
             }
@@ -350,12 +350,13 @@ mod tests {
         for p in probes::periods(&log, &PATHS) {
             t.add("report-x", &p);
         }
-        assert_eq!((t.periods, t.region_ok, t.region_refused), (3, 1, 1));
+        assert_eq!((t.periods, t.region_ok), (3, 1));
+        assert_eq!(t.region_refused, [("403".to_owned(), 1)].into());
         assert_eq!(t.failed, [("111".to_owned(), 3)].into());
         assert_eq!(t.leaks, [format!("report-x seq=3 {INSTANCE_ID}")]);
         assert_eq!(
             t.to_string(),
-            "3 periods; region read 1 times, refused 1 times; 3 requests unanswered (errno 111: 3); 1 other paths answered 200"
+            "3 periods; region read 1 times, refused 1 (status 403: 1); requests unanswered 3 (errno 111: 3); 1 other paths answered 200"
         );
     }
 
