@@ -54,7 +54,17 @@ pub struct Listeners {
 pub struct FakeImds {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    seen: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// One HTTP request the fake served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// The request line, e.g. `GET /latest/meta-data/instance-id HTTP/1.1`.
+    pub line: String,
+    /// Its `User-Agent`, which tells apart clients that share an address
+    /// (the pods behind the filter proxy, and the proxy's own requests).
+    pub user_agent: Option<String>,
 }
 
 /// How the fake behaves where real instances differ.
@@ -158,6 +168,11 @@ impl FakeImds {
 
     /// The request line of every HTTP request served so far.
     pub fn seen(&self) -> Vec<String> {
+        self.requests().into_iter().map(|s| s.line).collect()
+    }
+
+    /// Every HTTP request served so far, with its User-Agent.
+    pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
@@ -176,7 +191,7 @@ fn serve(
     udp: &[UdpSocket],
     hold: &[TcpListener],
     stop: &AtomicBool,
-    seen: &Mutex<Vec<String>>,
+    seen: &Mutex<Vec<Seen>>,
     behaviour: Behaviour,
 ) {
     // Connections accepted on `hold` listeners, kept until the peer goes.

@@ -4,8 +4,12 @@
 //! Std only (plus libc), so it links statically for musl and runs in an
 //! image that holds nothing else.
 //!
-//! The HTTP is written by hand: two fixed requests over a plain `TcpStream`
-//! do not justify an HTTP client in a static test binary.
+//! With `--path P` (repeatable) it asks for those paths instead, after the
+//! same token PUT, and prints one line per path with its HTTP status: what
+//! a pod under imdsguard's filter mode sees (see [`paths`]).
+//!
+//! The HTTP is written by hand: a few fixed requests over a plain
+//! `TcpStream` do not justify an HTTP client in a static test binary.
 
 use std::fmt;
 use std::io::{self, Read as _, Write};
@@ -13,7 +17,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub const USAGE: &str = "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst] [--count N] [--hold ADDR:PORT]";
+pub mod paths;
+
+pub const USAGE: &str = "usage: imdsguard-podprobe [--target ADDR:PORT] [--interval-ms N] [--burst | --path PATH...] [--count N] [--hold ADDR:PORT]";
 pub const DEFAULT_TARGET: &str = "169.254.169.254:80";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,6 +38,9 @@ pub struct Options {
     /// Also keep one TCP connection to this address open, and say when it
     /// is closed under us (revocation).
     pub hold: Option<SocketAddr>,
+    /// Path mode: GET these paths (after the token PUT) instead of the
+    /// instance id, one line each per period.
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -39,7 +48,12 @@ pub enum ArgError {
     Help,
     Unknown(String),
     MissingValue(&'static str),
-    BadValue { flag: &'static str, value: String },
+    BadValue {
+        flag: &'static str,
+        value: String,
+    },
+    /// `--burst` only connects, so it has no paths to ask for.
+    BurstWithPaths,
 }
 
 impl fmt::Display for ArgError {
@@ -49,6 +63,7 @@ impl fmt::Display for ArgError {
             Self::Unknown(arg) => write!(f, "unknown argument {arg:?}"),
             Self::MissingValue(flag) => write!(f, "{flag} needs a value"),
             Self::BadValue { flag, value } => write!(f, "bad value {value:?} for {flag}"),
+            Self::BurstWithPaths => f.write_str("--burst and --path cannot be combined"),
         }
     }
 }
@@ -62,6 +77,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
         burst: false,
         count: None,
         hold: None,
+        paths: Vec::new(),
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -92,6 +108,13 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
                 opts.interval =
                     Duration::from_millis(v.parse().map_err(|_| bad("--interval-ms", v))?);
             }
+            "--path" => {
+                let v = value("--path")?;
+                if !paths::is_request_path(&v) {
+                    return Err(bad("--path", v));
+                }
+                opts.paths.push(v);
+            }
             "--count" => {
                 let v = value("--count")?;
                 match v.parse() {
@@ -102,6 +125,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
             _ => return Err(ArgError::Unknown(arg)),
         }
     }
+    if opts.burst && !opts.paths.is_empty() {
+        return Err(ArgError::BurstWithPaths);
+    }
     Ok(opts)
 }
 
@@ -109,6 +135,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Arg
 pub enum Verdict {
     /// IMDSv2 answered 200 (burst mode: the TCP connect succeeded).
     Ok,
+    /// Path mode: the service answered with another status (`status=`
+    /// says which). The IMDSv2 mode counts that as an error.
+    Http,
     /// connect() failed with EPERM (or EACCES, which some hooks return).
     Denied,
     Error,
@@ -118,6 +147,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
+            Self::Http => "http",
             Self::Denied => "denied",
             Self::Error => "error",
         }
@@ -225,15 +255,24 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<(u16, &[u8])> {
     }
 }
 
+/// A request's line and common headers, up to the blank line (not
+/// included): `head` is `METHOD PATH`.
+fn request(target: SocketAddr, user_agent: &str, head: &str) -> String {
+    format!(
+        "{head} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: {user_agent}\r\nAccept: */*\r\nConnection: close\r\n"
+    )
+}
+
+/// The IMDSv2 token PUT, as AWS SDKs send it (no body).
+fn token_put(target: SocketAddr, user_agent: &str) -> String {
+    request(target, user_agent, "PUT /latest/api/token")
+        + "X-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 0\r\n\r\n"
+}
+
 /// IMDSv2, as an AWS SDK asks: a token, then the instance id with it.
 pub fn probe_imds(target: SocketAddr) -> Outcome {
-    let request = |head: &str| {
-        format!(
-            "{head} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: imdsguard-podprobe\r\nAccept: */*\r\nConnection: close\r\n"
-        )
-    };
-    let put = request("PUT /latest/api/token")
-        + "X-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 0\r\n\r\n";
+    let request = |head: &str| request(target, "imdsguard-podprobe", head);
+    let put = token_put(target, "imdsguard-podprobe");
     let token = match exchange(target, "put", &put) {
         Ok((200, token)) => token.trim().to_owned(),
         Ok((status, _)) => return Outcome::error("put", None, format!("http status {status}")),
@@ -361,6 +400,9 @@ fn write_probe(
 /// Probes until `count` is reached (forever without it), writing each line
 /// to `out` and flushing it at once. The first probe runs immediately.
 pub fn run(opts: &Options, out: &mut impl Write) -> io::Result<()> {
+    if !opts.paths.is_empty() {
+        return paths::run(opts, out);
+    }
     let mut counts = [0u64; 3];
     let mut last_verdict = None;
     let mut last_summary = Instant::now();
@@ -390,7 +432,8 @@ pub fn run(opts: &Options, out: &mut impl Write) -> io::Result<()> {
         counts[match o.verdict {
             Verdict::Ok => 0,
             Verdict::Denied => 1,
-            Verdict::Error => 2,
+            // A connect has no status: bursts never see `Http`.
+            Verdict::Error | Verdict::Http => 2,
         }] += 1;
         if done || last_summary.elapsed() >= Duration::from_secs(1) {
             let [ok, denied, error] = counts;

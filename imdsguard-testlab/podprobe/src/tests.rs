@@ -91,6 +91,7 @@ fn opts(target: SocketAddr, burst: bool, count: u64) -> Options {
         burst,
         count: Some(count),
         hold: None,
+        paths: Vec::new(),
     }
 }
 
@@ -286,6 +287,19 @@ fn parses_arguments() {
         Err(ArgError::Unknown("--serve".into()))
     );
     assert_eq!(parse(&["-h"]), Err(ArgError::Help));
+    let o = parse(&["--path", "/latest/meta-data/placement/region", "--path=/x"]).expect("paths");
+    assert_eq!(o.paths, ["/latest/meta-data/placement/region", "/x"]);
+    assert_eq!(
+        parse(&["--path", "latest/meta-data"]),
+        Err(ArgError::BadValue {
+            flag: "--path",
+            value: "latest/meta-data".into()
+        })
+    );
+    assert_eq!(
+        parse(&["--burst", "--path", "/x"]),
+        Err(ArgError::BurstWithPaths)
+    );
 }
 
 #[test]

@@ -9,10 +9,10 @@ use std::{
     time::Duration,
 };
 
-use super::{Behaviour, INSTANCE_ID, SECRET, TOKEN};
+use super::{Behaviour, INSTANCE_ID, SECRET, Seen, TOKEN};
 
 /// Reads one request head and answers it (see [`respond`]).
-pub(super) fn handle_http(mut stream: TcpStream, seen: &Mutex<Vec<String>>, behaviour: Behaviour) {
+pub(super) fn handle_http(mut stream: TcpStream, seen: &Mutex<Vec<Seen>>, behaviour: Behaviour) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = Vec::new();
@@ -28,7 +28,10 @@ pub(super) fn handle_http(mut stream: TcpStream, seen: &Mutex<Vec<String>>, beha
     }
     let req = String::from_utf8_lossy(&buf);
     if let Ok(mut s) = seen.lock() {
-        s.push(req.lines().next().unwrap_or("").to_owned());
+        s.push(Seen {
+            line: req.lines().next().unwrap_or("").to_owned(),
+            user_agent: user_agent(&req),
+        });
     }
     let (status, body) = respond(&req, behaviour);
     let resp = format!(
@@ -36,6 +39,15 @@ pub(super) fn handle_http(mut stream: TcpStream, seen: &Mutex<Vec<String>>, beha
         body.len()
     );
     let _ = stream.write_all(resp.as_bytes());
+}
+
+fn user_agent(head: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("user-agent")
+            .then(|| v.trim().to_owned())
+    })
 }
 
 /// The answer to one request head, as the cloud whose path it is would
@@ -150,6 +162,13 @@ mod tests {
             ask("GET /latest/meta-data/ HTTP/1.1\r\n\r\n", false).1,
             "fake-metadata"
         );
+    }
+
+    #[test]
+    fn user_agent_is_read_from_the_head() {
+        let head = "GET / HTTP/1.1\r\nHost: x\r\nuser-agent:  probe/1 \r\n\r\n";
+        assert_eq!(user_agent(head).as_deref(), Some("probe/1"));
+        assert_eq!(user_agent("GET / HTTP/1.1\r\n\r\n"), None);
     }
 
     #[test]

@@ -163,7 +163,15 @@ impl RealNode {
         Ok(())
     }
 
-    /// The node IP on `lo`; everything else comes from CNI and kube-proxy.
+    /// The node IP on `lo`, and a route for the service range; everything
+    /// else comes from CNI and kube-proxy.
+    ///
+    /// A host process (a hostNetwork pod, such as the agent in filter mode)
+    /// needs a route to a Service IP before kube-proxy's OUTPUT DNAT can
+    /// rewrite it: without one, connect() fails with ENETUNREACH. A real
+    /// node has its default route for that; this one has none, so the
+    /// service range goes to `lo`, where nothing but the DNAT to the node's
+    /// own address answers and nothing leaves the namespace.
     fn set_up_network(&self) -> anyhow::Result<()> {
         crate::process::run(Command::new("ip").args([
             "addr",
@@ -171,6 +179,15 @@ impl RealNode {
             &format!("{NODE_IP}/32"),
             "dev",
             "lo",
+        ]))?;
+        crate::process::run(Command::new("ip").args([
+            "route",
+            "add",
+            SERVICE_CIDR,
+            "dev",
+            "lo",
+            "src",
+            NODE_IP,
         ]))?;
         Ok(())
     }

@@ -28,6 +28,8 @@ pub struct PodInfo {
     pub ready: bool,
     pub deleting: bool,
     pub images: Vec<String>,
+    /// `status.podIP`: the node's own for hostNetwork pods.
+    pub ip: String,
 }
 
 impl Kube<'_> {
@@ -94,6 +96,7 @@ impl Kube<'_> {
                             .collect()
                     })
                     .unwrap_or_default(),
+                ip: p["status"]["podIP"].as_str().unwrap_or_default().into(),
             })
             .collect())
     }

@@ -6,10 +6,13 @@
 //! Every workload container is `imdsguard-podprobe`: it does the IMDSv2
 //! token PUT and GET against the fake IMDS on 169.254.169.254:80, which
 //! lives on `lo` of the node's network namespace (no route out), and prints
-//! each verdict; the test reads them with `kubectl logs`.
+//! each verdict; the test reads them with `kubectl logs`. The filtered pods
+//! (and `test-hostnet`) ask for a few paths each and print each status
+//! (`filter`).
 //!
 //! `cargo xtask e2e` builds what this needs and runs it; `.ci/run` too.
 
+mod filter;
 mod kube;
 mod probes;
 mod scenarios;
@@ -71,7 +74,7 @@ fn main() -> anyhow::Result<()> {
     // The fake IMDS on the node's `lo`; `add_local_address` proves the
     // route is local before anything connects.
     ns.add_local_address(IMDS)?;
-    let _imds = FakeImds::start(
+    let imds = FakeImds::start(
         &ns,
         Listeners {
             tcp: vec![SocketAddr::new(IMDS, 80)],
@@ -120,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(profile.parent().context("profile dir")?)?;
     std::fs::copy(&args.seccomp_profile, &profile).context("install the seccomp profile")?;
 
-    let outcome = scenarios::run(&mut node, &args);
+    let outcome = scenarios::run(&mut node, &args, &imds);
     if outcome.is_err() {
         dump_logs(&node);
     }

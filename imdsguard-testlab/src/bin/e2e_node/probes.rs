@@ -69,6 +69,56 @@ pub fn verdicts(log: &str) -> Verdicts {
     }
 }
 
+/// Path mode: one period's lines, one per path.
+#[derive(Debug, Clone)]
+pub struct Period {
+    pub seq: u64,
+    pub lines: Vec<Line>,
+}
+
+impl Period {
+    pub fn path(&self, path: &str) -> Option<&Line> {
+        self.lines.iter().find(|l| l.get("path") == Some(path))
+    }
+}
+
+/// Path mode: the periods of a log that have a line for each of `paths`,
+/// oldest first (the one being printed is left out).
+pub fn periods(log: &str, paths: &[&str]) -> Vec<Period> {
+    let mut out: Vec<Period> = Vec::new();
+    for line in parse_log(log) {
+        if line.get("path").is_none() {
+            continue;
+        }
+        let seq = line.num("seq");
+        match out.last_mut() {
+            Some(p) if p.seq == seq => p.lines.push(line),
+            _ => out.push(Period {
+                seq,
+                lines: vec![line],
+            }),
+        }
+    }
+    out.retain(|p| paths.iter().all(|path| p.path(path).is_some()));
+    out
+}
+
+/// What a path-mode line says, in one word: the HTTP status (`200`,
+/// `403`), `EPERM` or `EACCES` (denied at connect), or the error.
+pub fn answer(line: &Line) -> String {
+    match (line.get("status"), line.verdict(), line.get("errno")) {
+        (Some(status), _, _) if status != "-" => status.to_owned(),
+        (_, Some("denied"), Some("1")) => "EPERM".into(),
+        (_, Some("denied"), Some("13")) => "EACCES".into(),
+        (_, v, errno) => format!(
+            "{}({},errno={})",
+            v.unwrap_or("?"),
+            line.get("step").unwrap_or("?"),
+            errno.unwrap_or("?")
+        ),
+    }
+}
+
 /// Burst totals: the latest summary line (each counts since the start).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Burst {
@@ -117,6 +167,24 @@ mod tests {
         assert_eq!(v.first.as_deref(), Some("denied"));
         assert_eq!(v.latest.as_deref(), Some("ok"));
         assert_eq!(v.probes, 2);
+    }
+
+    #[test]
+    fn periods_and_answers_of_path_mode() {
+        let log = "imdsguard-probe seq=1 first=1 path=/a verdict=denied status=- step=put token=0 errno=1 ms=0 detail=x\n\
+            imdsguard-probe seq=1 first=1 path=/b verdict=denied status=- step=put token=0 errno=1 ms=0 detail=x\n\
+            imdsguard-probe seq=2 first=0 path=/a verdict=ok status=200 step=get token=1 errno=- ms=1 body=us-east-1\n\
+            imdsguard-probe seq=2 first=0 path=/b verdict=http status=403 step=get token=1 errno=- ms=1 body=no\n\
+            imdsguard-probe seq=3 first=0 path=/a verdict=error status=- step=put token=0 errno=111 ms=1 detail=refused\n";
+        let p = periods(log, &["/a", "/b"]);
+        assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), [1, 2]);
+        let answers = |i: usize| ["/a", "/b"].map(|path| answer(p[i].path(path).expect("a line")));
+        assert_eq!(answers(0), ["EPERM", "EPERM"]);
+        assert_eq!(answers(1), ["200", "403"]);
+        let last = parse_log(log).pop().expect("a line");
+        assert_eq!(answer(&last), "error(put,errno=111)");
+        // The seed table reads path mode's verdicts too.
+        assert_eq!(verdicts(log).first.as_deref(), Some("denied"));
     }
 
     #[test]

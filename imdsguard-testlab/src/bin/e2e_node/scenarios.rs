@@ -7,11 +7,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use imdsguard_testlab::real_node::RealNode;
+use imdsguard_testlab::{fake_imds::FakeImds, real_node::RealNode};
 use serde_json::json;
 
 use crate::{
-    AGENT_IMAGE, Args,
+    AGENT_IMAGE, Args, filter,
     kube::{Kube, PodInfo},
     probes::{self, Burst},
     workloads::{self, Shape},
@@ -45,17 +45,22 @@ impl Race {
     }
 }
 
-pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
+pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<()> {
     let mut race = Race::default();
     let kubepods = node.cgroup_root()?.join("kubepods");
     let kubepods = kubepods.to_string_lossy().into_owned();
     let chart = args.chart.to_string_lossy().into_owned();
+    let policy = node.dir().join("policy.yaml");
+    std::fs::write(&policy, filter::POLICY).context("write the policy")?;
+    let policy = policy.to_string_lossy().into_owned();
 
-    // 1. Install from the chart, with only the image and node-specific
-    //    values set.
+    // 1. Install from the chart, with only the image, node-specific values,
+    //    filter mode and the seed policy plus its filter rule set.
     {
         let k = kube(node, args);
-        println!("\n== helm install (image {AGENT_IMAGE}:e2e-1, kubepodsRoot {kubepods})");
+        println!(
+            "\n== helm install (image {AGENT_IMAGE}:e2e-1, kubepodsRoot {kubepods}, filter.enabled)"
+        );
         k.helm(&[
             "install",
             "imdsguard",
@@ -71,6 +76,10 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
             "image.pullPolicy=Never",
             "--set",
             &format!("kubepodsRoot={kubepods}"),
+            "--set",
+            "filter.enabled=true",
+            "--set-file",
+            &format!("policy={policy}"),
             "--wait",
             "--timeout",
             "180s",
@@ -110,7 +119,7 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
     let test = k.wait_ready(NS, "app=test", 3, POD_TIMEOUT)?;
     k.wait_ready(OTHER, "app=prod", 1, POD_TIMEOUT)?;
 
-    println!("\n== verdicts of the real pods (IMDSv2 PUT + GET to 169.254.169.254:80)");
+    println!("\n== verdicts of the real pods (IMDSv2 token PUT, then GET, to 169.254.169.254:80)");
     println!(
         "{:<10} {:<32} {:<5} {:<12} {:<8} {:<8} {:<8}",
         "NAMESPACE", "POD", "APP", "KIND", "EXPECT", "FIRST", "LATEST"
@@ -141,6 +150,9 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         }
     }
     ensure!(failures.is_empty(), "wrong verdicts: {failures:?}");
+
+    // 2b. Filter mode: pods of app=report read the region only.
+    filter::run(&k, NS, imds)?;
 
     // 3. Relabel flips, timed from the patch to the first new verdict.
     println!("\n== relabel flips (prod-guaranteed)");
@@ -365,6 +377,13 @@ pub fn run(node: &mut RealNode, args: &Args) -> anyhow::Result<()> {
         "start-up race: {} of {} allowed pod starts had their first metadata request denied",
         race.denied_first, race.starts
     );
+    let filtered = filter::totals(&k, NS)?;
+    println!("filtered pods (app=report) over the whole run: {filtered}");
+    ensure!(
+        filtered.leaks.is_empty(),
+        "a filtered pod read a path its profile does not list: {:?}",
+        filtered.leaks
+    );
     let leaks: Vec<&str> = faults
         .iter()
         .filter(|(_, b)| b.ok > 0)
@@ -503,7 +522,7 @@ fn wait_agent_replaced(k: &Kube, old: &str, image: Option<&str>) -> anyhow::Resu
 /// The policy with its first deny rule turned into an allow: `access:
 /// allow`, and the rule's `mode` line dropped (only deny rules take one; the
 /// agent would refuse the edit and keep the last good policy).
-fn deny_to_allow(policy: &str) -> String {
+pub(crate) fn deny_to_allow(policy: &str) -> String {
     let mut out = Vec::new();
     let mut changed = false;
     let mut drop_mode = false;

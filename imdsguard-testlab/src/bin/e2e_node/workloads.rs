@@ -3,6 +3,8 @@
 
 use serde_json::{Value, json};
 
+use crate::filter::PATHS;
+
 pub const PROBE_IMAGE: &str = "imdsguard.local/podprobe:e2e";
 /// Plain probes: one IMDSv2 round trip every this many ms.
 pub const INTERVAL_MS: u32 = 300;
@@ -30,10 +32,28 @@ fn probe_args() -> Vec<String> {
     ]
 }
 
+/// Path mode: a token PUT, then a GET of each of [`PATHS`], every
+/// [`INTERVAL_MS`]; one line per path with its HTTP status.
+fn paths_args() -> Vec<String> {
+    let mut args = probe_args();
+    for p in PATHS {
+        args.extend(["--path".into(), p.into()]);
+    }
+    args
+}
+
 /// A Deployment of `app=<app>` pods that probe every [`INTERVAL_MS`].
 /// Burstable: requests without limits.
 pub fn deployment(ns: &str, app: &str, replicas: u32) -> Value {
-    let args = probe_args();
+    deployment_running(ns, app, replicas, &probe_args())
+}
+
+/// [`deployment`], with pods that ask for [`PATHS`] (path mode).
+pub fn paths_deployment(ns: &str, app: &str, replicas: u32) -> Value {
+    deployment_running(ns, app, replicas, &paths_args())
+}
+
+fn deployment_running(ns: &str, app: &str, replicas: u32, args: &[String]) -> Value {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     json!({
         "apiVersion": "apps/v1",
@@ -61,6 +81,8 @@ pub enum Shape {
     /// requests == limits: kubelet puts it directly under `kubepods`.
     Guaranteed,
     /// On the node's network: same IP as the node and every other such pod.
+    /// Asks for [`PATHS`] (path mode), so that a filtered and a denied
+    /// hostNetwork pod make the same requests from the same address.
     HostNetwork,
     /// No resources: BestEffort.
     Plain,
@@ -79,7 +101,10 @@ pub fn pod(ns: &str, name: &str, app: &str, shape: Shape) -> Value {
             let r = json!({"cpu": "50m", "memory": "16Mi"});
             resources = json!({"requests": r, "limits": r});
         }
-        Shape::HostNetwork => host_network = true,
+        Shape::HostNetwork => {
+            host_network = true;
+            args = paths_args();
+        }
         Shape::Plain => {}
         Shape::Burst => {
             args = vec![
