@@ -52,17 +52,6 @@ pub enum Error {
     NotInstalled { path: PathBuf },
 
     #[error(
-        "pinned map {name} has key/value size {found_key}/{found_value}, this version expects {want_key}/{want_value}; run `imdsguard uninstall` before installing an incompatible version"
-    )]
-    PinnedMapLayout {
-        name: &'static str,
-        found_key: u32,
-        found_value: u32,
-        want_key: u32,
-        want_value: u32,
-    },
-
-    #[error(
         "pinned link {path} is attached to cgroup id {found}, not to the cgroup root {root} (id {want}); run `imdsguard uninstall --pin-dir` first to move the attach point"
     )]
     LinkOnOtherCgroup {

@@ -32,7 +32,7 @@ struct Insn {
     imm: i32,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i32> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i32> {
     // SAFETY: attr is a zeroed buffer laid out as union bpf_attr for cmd.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
     if r < 0 {
@@ -42,7 +42,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i32> {
     }
 }
 
-fn put<T: Copy>(buf: &mut [u8], off: usize, v: T) {
+pub(crate) fn put<T: Copy>(buf: &mut [u8], off: usize, v: T) {
     // SAFETY: bounds are checked by the slice index; T is plain data.
     unsafe {
         std::ptr::write_unaligned(buf[off..off + size_of::<T>()].as_mut_ptr().cast::<T>(), v)

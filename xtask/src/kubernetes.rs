@@ -8,7 +8,6 @@
 //! the static `pause` binary comes from the same tree. The steps and their
 //! reasons are in shared/kube-apiserver.md and shared/real-node.md.
 
-use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,8 +71,7 @@ pub fn binary_path(name: &str) -> PathBuf {
 }
 
 fn version_dir() -> PathBuf {
-    let cache = env::var_os("IMDSGUARD_CACHE_DIR").unwrap_or_else(|| "/var/cache/imdsguard".into());
-    PathBuf::from(cache).join(format!("kubernetes-{VERSION}"))
+    crate::test::cache_root().join(format!("kubernetes-{VERSION}"))
 }
 
 /// Every cached binary reports the version (pause has no flag: it must be a

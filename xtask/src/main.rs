@@ -10,6 +10,7 @@ mod deploy;
 mod e2e;
 mod image;
 mod kubernetes;
+mod release;
 mod setup;
 mod test;
 
@@ -42,6 +43,8 @@ enum Command {
     BenchProxy(bench_proxy::Options),
     /// Build (once, cached) the Kubernetes binaries: the control-plane tests and the real node.
     Kubernetes(kubernetes::Options),
+    /// Build (once, cached) the previous release's chart and image, which the real node upgrades from.
+    PreviousRelease,
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
     Deploy(deploy::Options),
     /// Build the agent image for amd64 and arm64: one OCI archive each, under target/image/.
@@ -59,6 +62,14 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEnforce(o) => bench_enforce::run(o),
         Command::BenchScale(o) => bench_scale::run(o),
         Command::BenchProxy(o) => bench_proxy::run(o),
+        Command::PreviousRelease => release::PREVIOUS.ensure_built().map(|b| {
+            println!(
+                "{}  {}  {}",
+                b.version,
+                b.chart.display(),
+                b.archive.display()
+            );
+        }),
         Command::Deploy(o) => deploy::run(o),
         Command::Image(o) => image::run(o),
     }

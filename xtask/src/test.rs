@@ -184,6 +184,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `$IMDSGUARD_CACHE_DIR`, default `/var/cache/imdsguard`: what the tests
+/// build once per machine (Kubernetes, helm and kubectl, the previous
+/// release), each keyed by version.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("IMDSGUARD_CACHE_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/imdsguard"), PathBuf::from)
+}
+
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)

@@ -14,16 +14,18 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{MapData, RingBuf},
 };
 use imdsguard_common::{Scope, map_names, scope_flag};
 use serde::Serialize;
+use tracing::info;
 
 use crate::{
     Error, Result,
     bpf::{
-        bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, object, pins::PinLayout, probe,
+        bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, migrate, object,
+        pins::PinLayout, probe,
     },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
@@ -118,6 +120,8 @@ pub struct StartReport {
     pub attached: Vec<Hook>,
     pub replaced: Vec<Hook>,
     pub detached: Vec<Hook>,
+    /// Pinned maps of another shape (an upgrade) that new maps replaced.
+    pub maps_replaced: Vec<&'static str>,
 }
 
 pub struct Enforcer {
@@ -151,15 +155,7 @@ impl Enforcer {
         for dir in [pins.maps_dir(), pins.links_dir()] {
             fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         }
-        maps::check_pinned_layouts(pins)?;
-
-        let object = object::bytes()?;
-        let map_paths: Vec<_> = maps::NAMES.iter().map(|n| (*n, pins.map(n))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let ebpf = loader.load(object).map_err(Error::Load)?;
+        let migrate::Loaded { ebpf, replaced } = migrate::load(pins, object::bytes()?)?;
         let mut enforcer = Self { ebpf, attachment };
 
         enforcer.write_scope()?;
@@ -167,9 +163,22 @@ impl Enforcer {
         enforcer.sync_destinations(&desired.destinations)?;
         match &desired.allowed {
             Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
-            None => enforcer.set_mode(desired.mode)?,
+            None => {
+                if migrate::carries_allow_entries(&replaced) {
+                    let n = migrate::copy_allowed(&enforcer.attachment.pins, &mut enforcer.ebpf)?;
+                    info!(
+                        entries = n,
+                        "copied the allow entries into the new allow map"
+                    );
+                }
+                enforcer.set_mode(desired.mode)?
+            }
         }
-        let report = enforcer.attach_all()?;
+        let mut report = enforcer.attach_all()?;
+        // Only now, with our programs in every link, do the new maps take
+        // the old ones' pins.
+        migrate::repin(&enforcer.attachment.pins, &enforcer.ebpf, &replaced)?;
+        report.maps_replaced = replaced;
         Ok((enforcer, report))
     }
 

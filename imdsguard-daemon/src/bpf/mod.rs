@@ -11,6 +11,7 @@ pub mod filter_conns;
 pub mod hook;
 pub mod links;
 pub mod maps;
+mod migrate;
 pub mod object;
 pub mod owner;
 pub mod pins;

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     Error, Result,
-    bpf::{bpffs, hook::Hook, maps, pins::PinLayout},
+    bpf::{bpffs, hook::Hook, maps, migrate, pins::PinLayout},
 };
 
 /// What [`uninstall`] removed.
@@ -36,6 +36,11 @@ pub fn uninstall(pins: &PinLayout) -> Result<UninstallReport> {
         if pin.exists() {
             fs::remove_file(&pin).map_err(Error::io("unpin", &pin))?;
             report.maps.push(name.into());
+        }
+        // A replacement an upgrade pinned and did not rename (a crash).
+        let next = migrate::next_pin(pins, name);
+        if next.exists() {
+            fs::remove_file(&next).map_err(Error::io("unpin", &next))?;
         }
     }
     for dir in [pins.links_dir(), pins.maps_dir(), pins.dir.clone()] {

