@@ -24,7 +24,7 @@ pub mod netns;
 pub mod noop;
 pub mod probe;
 pub mod process;
-pub mod raw_map;
+pub mod raw_bpf;
 pub mod real_node;
 pub mod scratch;
 pub mod stats;

@@ -3,7 +3,10 @@
 //! (`cargo xtask image`: both architectures are built and checked, the
 //! amd64 OCI archive is imported into the node's containerd), the static
 //! probe binary for the workload image, and runs `imdsguard-e2e` as root.
-//! It installs imdsguard from deploy/helm/imdsguard.
+//! It installs the previous release (`cargo xtask previous-release`, built
+//! once from this repository's history) and upgrades it to this one from
+//! deploy/helm/imdsguard, uninstalls with deploy/uninstall, and installs
+//! again with the chart's defaults.
 //!
 //! `--simulated` runs the older story against a bare kube-apiserver where
 //! the test plays kubelet (the systemd driver's layout, which this host
@@ -55,6 +58,7 @@ pub fn run_real_node(race_rounds: u32) -> anyhow::Result<()> {
     ensure_commands(NODE_COMMANDS)?;
     crate::kubernetes::ensure_built()?;
     let tools = crate::deploy::prepare()?;
+    let previous = crate::release::PREVIOUS.ensure_built()?;
     let images = crate::image::build(&crate::image::ALL)?;
     let agent = images
         .iter()
@@ -94,6 +98,16 @@ pub fn run_real_node(race_rounds: u32) -> anyhow::Result<()> {
             .arg(&tools.helm[0])
             .arg("--chart")
             .arg(root.join("deploy/helm/imdsguard"))
+            .arg("--previous-chart")
+            .arg(&previous.chart)
+            .arg("--previous-image")
+            .arg(&previous.archive)
+            .arg("--previous-image-name")
+            .arg(&previous.image_name)
+            .arg("--uninstall-manifest")
+            .arg(root.join("deploy/uninstall/uninstall.yaml"))
+            .arg("--imdsguard")
+            .arg(&agent.binary)
             .arg("--seccomp-profile")
             .arg(root.join("deploy/seccomp/imdsguard.json"))
             .arg("--race-rounds")

@@ -11,7 +11,7 @@ use imdsguard::{
     standalone,
 };
 use imdsguard_common::{AllowEntry, MAX_ALLOWED, map_names};
-use imdsguard_testlab::raw_map;
+use imdsguard_testlab::raw_bpf;
 use libtest_mimic::Trial;
 
 use crate::{support::*, trial};
@@ -39,8 +39,8 @@ fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
     // of another size. (Its programs keep the map they were loaded with.)
     let entries = AllowMap::open_pinned(&pins).unwrap().entries().unwrap();
     assert_eq!(entries.len(), 1, "prod's entry: {entries:?}");
-    let fd = raw_map::create(
-        raw_map::BPF_MAP_TYPE_HASH,
+    let fd = raw_bpf::create(
+        raw_bpf::BPF_MAP_TYPE_HASH,
         8,
         size_of::<AllowEntry>() as u32,
         1024,

@@ -37,10 +37,10 @@ proxy and never narrows a component before its traffic has been seen.
 {{- else -}}
 # The chart's default policy: the node components of the {{ .Values.cloud }}
 # preset (`imdsguard presets`) may reach the metadata service; every other
-# pod is audited, that is reported and not denied. deploy/README.md,
-# "Audit, then enforce", walks from here to enforce.
+# pod is {{ if eq .Values.defaultMode "audit" }}audited, that is reported and not denied{{ else }}denied{{ end }}. deploy/README.md,
+# "Audit, then enforce", walks from audit to enforce.
 include: [{{ .Values.cloud }}]
 presetAccess: allow
-defaultMode: audit
+defaultMode: {{ .Values.defaultMode }}
 {{- end -}}
 {{- end }}

@@ -138,6 +138,14 @@ impl Kube<'_> {
         self.kubectl(&["-n", ns, "logs", pod])
     }
 
+    /// How many of the pod's probes were denied, over its whole log.
+    pub fn denied_probes(&self, ns: &str, pod: &str) -> anyhow::Result<usize> {
+        Ok(probes::parse_log(&self.logs(ns, pod)?)
+            .iter()
+            .filter(|l| !l.summary && l.verdict() == Some("denied"))
+            .count())
+    }
+
     pub fn verdicts(&self, ns: &str, pod: &str) -> anyhow::Result<Verdicts> {
         Ok(probes::verdicts(&self.logs(ns, pod)?))
     }

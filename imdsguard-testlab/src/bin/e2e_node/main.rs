@@ -13,6 +13,7 @@
 //! `cargo xtask e2e` builds what this needs and runs it; `.ci/run` too.
 
 mod filter;
+mod install;
 mod kube;
 mod probes;
 mod scenarios;
@@ -53,6 +54,22 @@ struct Args {
     helm: PathBuf,
     #[arg(long)]
     chart: PathBuf,
+    /// The previous release's chart, which the story installs first and
+    /// upgrades from (`cargo xtask previous-release`).
+    #[arg(long)]
+    previous_chart: PathBuf,
+    /// The previous release's amd64 OCI archive.
+    #[arg(long)]
+    previous_image: PathBuf,
+    /// The name in its index, tagged as [`AGENT_IMAGE`]`:previous`.
+    #[arg(long)]
+    previous_image_name: String,
+    /// The shipped uninstall DaemonSet (deploy/uninstall/uninstall.yaml).
+    #[arg(long)]
+    uninstall_manifest: PathBuf,
+    /// This release's `imdsguard` binary, for `imdsguard report`.
+    #[arg(long)]
+    imdsguard: PathBuf,
     #[arg(long)]
     seccomp_profile: PathBuf,
     /// Start-up race: rounds of [`scenarios::RACE_BATCH`] new allowed pods.
@@ -111,6 +128,13 @@ fn main() -> anyhow::Result<()> {
         ],
     )
     .with_context(|| format!("import {}", args.agent_image.display()))?;
+    node.import_oci_image(
+        &args.previous_image,
+        "linux/amd64",
+        &args.previous_image_name,
+        &[&format!("{AGENT_IMAGE}:previous")],
+    )
+    .with_context(|| format!("import {}", args.previous_image.display()))?;
     let archive = images.join("podprobe.tar");
     ImageBuilder::new(workloads::PROBE_IMAGE)
         .file("/podprobe", args.podprobe.as_path(), 0o755)
@@ -179,6 +203,11 @@ mod tests {
             "--kubectl",
             "--helm",
             "--chart",
+            "--previous-chart",
+            "--previous-image",
+            "--previous-image-name",
+            "--uninstall-manifest",
+            "--imdsguard",
             "--seccomp-profile",
         ];
         let mut argv = vec!["imdsguard-e2e".to_owned()];

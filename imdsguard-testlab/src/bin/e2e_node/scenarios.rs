@@ -11,7 +11,7 @@ use imdsguard_testlab::{fake_imds::FakeImds, real_node::RealNode};
 use serde_json::json;
 
 use crate::{
-    AGENT_IMAGE, Args, filter,
+    AGENT_IMAGE, Args, filter, install,
     kube::{Kube, PodInfo},
     probes::{self, Burst},
     workloads::{self, Shape},
@@ -24,14 +24,14 @@ use steps::*;
 
 /// New allowed pods per start-up race round.
 pub const RACE_BATCH: u32 = 10;
-const NS: &str = "imds";
+pub(crate) const NS: &str = "imds";
 const OTHER: &str = "other";
-const SYSTEM: &str = "imdsguard-system";
-const AGENT: &str = "app.kubernetes.io/name=imdsguard";
-const POD_TIMEOUT: Duration = Duration::from_secs(120);
-const FLIP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SYSTEM: &str = "imdsguard-system";
+pub(crate) const AGENT: &str = "app.kubernetes.io/name=imdsguard";
+pub(crate) const POD_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const FLIP_TIMEOUT: Duration = Duration::from_secs(10);
 /// kubelet's sync period (5 s here) plus its ConfigMap cache.
-const CONFIGMAP_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const CONFIGMAP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The allowed pods' first verdicts: the start-up race.
 #[derive(Default)]
@@ -59,24 +59,26 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
     std::fs::write(&policy, filter::POLICY).context("write the policy")?;
     let policy = policy.to_string_lossy().into_owned();
 
-    // 1. Install from the chart, with only the image, node-specific values,
-    //    filter mode and the seed policy plus its filter rule set.
+    // 1. Install the previous release from its chart, with only the image,
+    //    node-specific values, filter mode and the seed policy plus its
+    //    filter rule set. Step 2a upgrades it to this release.
+    let previous = args.previous_chart.to_string_lossy().into_owned();
     {
         let k = kube(node, args);
         println!(
-            "\n== helm install (image {AGENT_IMAGE}:e2e-1, kubepodsRoot {kubepods}, filter.enabled)"
+            "\n== helm install of the previous release ({previous}, image {AGENT_IMAGE}:previous, kubepodsRoot {kubepods}, filter.enabled)"
         );
         k.helm(&[
             "install",
             "imdsguard",
-            &chart,
+            &previous,
             "-n",
             SYSTEM,
             "--create-namespace",
             "--set",
             &format!("image.repository={AGENT_IMAGE}"),
             "--set",
-            "image.tag=e2e-1",
+            "image.tag=previous",
             "--set",
             "image.pullPolicy=Never",
             "--set",
@@ -155,6 +157,38 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
         }
     }
     ensure!(failures.is_empty(), "wrong verdicts: {failures:?}");
+
+    // 2a. The upgrade from the previous release, while a denied pod probes
+    //     at full rate and the allowed ones every 300 ms.
+    k.apply(&workloads::pod(NS, "burst", "test", Shape::Burst))?;
+    k.wait_ready(NS, "app=test", 4, POD_TIMEOUT)?;
+    k.burst_after_next_summary(NS, "burst")?;
+    drop(k);
+    let mut faults = vec![under_burst(
+        node,
+        args,
+        "helm upgrade from the previous release",
+        |node| {
+            upgrade(
+                &kube(node, args),
+                &chart,
+                "image.tag=e2e-1",
+                Some(&format!("{AGENT_IMAGE}:e2e-1")),
+            )
+        },
+    )?];
+    let k = kube(node, args);
+    for p in &prod {
+        let denied = k.denied_probes(NS, &p.name)?;
+        ensure!(
+            denied == 0,
+            "{}: {denied} probes denied across the upgrade",
+            p.name
+        );
+    }
+    println!("  the {} prod pods were never denied across it", prod.len());
+    // Step 7 brings it back; until then the story counts 3 test pods.
+    k.kubectl(&["-n", NS, "delete", "pod", "burst", "--wait=true"])?;
 
     // 2b. Filter mode: pods of app=report read the region only.
     filter::run(&k, NS, imds)?;
@@ -258,7 +292,6 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
     k.wait_ready(NS, "app=test", 4, POD_TIMEOUT)?;
     k.burst_after_next_summary(NS, "burst")?;
     drop(k);
-    let mut faults = Vec::new();
 
     faults.push(under_burst(
         node,
@@ -404,5 +437,14 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
         race.denied_first,
         race.starts
     );
+
+    // 13. Uninstall: helm uninstall leaves enforcement in place (fail
+    //     closed); the shipped uninstall DaemonSet removes it.
+    install::uninstall(&k, args, &kubepods, &fresh.name)?;
+
+    // 14. A first install with the defaults on EKS: the node components
+    //     keep the metadata service, the other pods are reported, and a
+    //     values change enforces.
+    install::first_install(&k, args, &chart, &kubepods, &fresh.name)?;
     Ok(())
 }

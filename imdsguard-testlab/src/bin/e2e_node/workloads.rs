@@ -138,3 +138,16 @@ pub fn pod(ns: &str, name: &str, app: &str, shape: Shape) -> Value {
         },
     })
 }
+
+/// A node component as its upstream manifest labels it, probing like a
+/// plain pod: what a cloud preset must keep reading the metadata service.
+pub fn component(ns: &str, name: &str, labels: &[(&str, &str)], host_network: bool) -> Value {
+    let mut p = pod(ns, name, name, Shape::Plain);
+    p["metadata"]["labels"] = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    p["spec"]["hostNetwork"] = json!(host_network);
+    p
+}
