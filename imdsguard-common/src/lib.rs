@@ -28,7 +28,7 @@ pub mod map_names {
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps of
 /// another layout are refused instead of being reused with the wrong shape.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacity of the allowed-cgroup map. A node runs at most a few hundred pods;
 /// 65536 leaves room for 10,000-pod soak tests and per-container entries.
@@ -170,6 +170,17 @@ pub struct Config {
     /// Must equal [`LAYOUT_VERSION`]; zero means "not configured yet" and
     /// makes the programs enforce (fail closed).
     pub layout_version: u32,
+    /// [`config_flag`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flag {
+    /// An agent has written a complete allow set into this installation
+    /// at least once. Until then (a cold install's first moment, before
+    /// the node agent's first sync) a pod without an entry may be one the
+    /// agent does not know yet; its events say so.
+    pub const SYNCED: u32 = 1;
 }
 
 /// Indices into the per-CPU counter array. A raw socket's socket() under
@@ -240,7 +251,10 @@ pub struct Event {
     /// reported since its last event (see [`ReportBucket`]): this event
     /// stands for `1 + suppressed` of them.
     pub suppressed: u32,
-    pub _pad: u32,
+    /// 1 when no complete allow set had been written yet
+    /// ([`config_flag::SYNCED`] unset): the caller may be a pod the agent
+    /// did not know yet rather than one the policy leaves out.
+    pub before_sync: u32,
 }
 
 /// Events per key (cgroup, destination, hook, verdict, address form) and CPU in one

@@ -8,7 +8,7 @@ use aya_ebpf::helpers::{
 use aya_ebpf::programs::SockAddrContext;
 use imdsguard_common::{
     AddrKey, Config, Event, LAYOUT_VERSION, MAX_LEVEL_SPAN, REPORT_BURST, REPORT_SLOTS,
-    REPORT_WINDOW_NS, ReportKey, Scope, action, cause, counter, scope_flag, verdict,
+    REPORT_WINDOW_NS, ReportKey, Scope, action, cause, config_flag, counter, scope_flag, verdict,
 };
 
 use crate::{
@@ -203,6 +203,17 @@ pub fn caller_action(scope: &Scope) -> CallerAction {
     found(cfg.default_action, 0)
 }
 
+/// 1 until an agent has written a complete allow set (see
+/// `config_flag::SYNCED`). Read again here rather than carried from the
+/// walk: only the event path, past the limiter, pays the lookup.
+#[inline(always)]
+fn before_sync() -> u32 {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.flags & config_flag::SYNCED != 0 => 0,
+        _ => 1,
+    }
+}
+
 /// The limiter slot of `key`: a multiplicative hash of its words.
 #[inline(always)]
 fn slot(key: &ReportKey) -> u32 {
@@ -278,7 +289,7 @@ fn report(subject: &Subject, verdict: u32, cause: u32) {
         addr_form: subject.form,
         cause,
         suppressed: carried,
-        _pad: 0,
+        before_sync: before_sync(),
     };
     if EVENTS.output::<Event>(&event, 0).is_err() {
         count(counter::EVENTS_DROPPED);

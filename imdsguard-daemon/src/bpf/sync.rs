@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aya::maps::MapData;
 use imdsguard_common::{
     AddrKey, AllowEntry, Config, LAYOUT_VERSION, MAX_ALLOWED, MAX_LEVEL_SPAN, PREFILTER_WORDS,
-    Protected,
+    Protected, config_flag,
 };
 use tracing::debug;
 
@@ -147,17 +147,23 @@ impl Enforcer {
             (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
             (a, b) => a.or(b),
         };
-        let config = |w: Option<(u32, u32)>| Config {
+        let old_flags = if old.layout_version == LAYOUT_VERSION {
+            old.flags
+        } else {
+            0
+        };
+        let config = |w: Option<(u32, u32)>, flags| Config {
             default_action: mode.action().kernel(),
             // An empty window is min > max.
             min_level: w.map_or(1, |w| w.0),
             max_level: w.map_or(0, |w| w.1),
             layout_version: LAYOUT_VERSION,
+            flags,
         };
         // The union may span more than the kernel walks; in that case the
         // deepest MAX_LEVEL_SPAN levels are walked, which only ever denies
         // more (never allows more) during the sync.
-        self.write_config(config(union))?;
+        self.write_config(config(union, old_flags))?;
 
         let want: BTreeMap<u64, AllowEntry> = desired
             .iter()
@@ -170,7 +176,9 @@ impl Enforcer {
             })
             .collect();
         let report = diff_and_sync(&mut AllowMap::of(&mut self.ebpf)?, &want)?;
-        self.write_config(config(new_window))?;
+        // The complete allow set is in: from now on a pod without an entry
+        // is one the policy leaves out, not one the agent does not know.
+        self.write_config(config(new_window, config_flag::SYNCED))?;
         if report != SyncReport::default() {
             debug!(?report, "allow map synced");
         }
@@ -188,6 +196,7 @@ impl Enforcer {
                 max_level: 0,
                 layout_version: LAYOUT_VERSION,
                 default_action: 0,
+                flags: 0,
             }
         };
         config.default_action = mode.action().kernel();

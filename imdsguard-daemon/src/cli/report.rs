@@ -13,7 +13,7 @@ use crate::{
     Result,
     bpf::enforcer::Counters,
     cli::{args::ReportArgs, output, report_fetch},
-    usage::{NOTE, Report, Row},
+    usage::{Counts, NOTE, Report, Row},
 };
 
 /// What one agent answered, without its rows.
@@ -142,8 +142,16 @@ const HEADER: [&str; 12] = [
 /// The table, relative to `now` (unix seconds). The pod column holds the
 /// cgroup when no pod is named (standalone mode).
 pub fn render(r: &ClusterReport, now: u64) -> String {
-    let cells: Vec<[String; 12]> = r
-        .rows
+    // A row with nothing but audit hits from before the first sync says
+    // only that the agent did not know the pod yet: footnoted, not listed.
+    let (early, rows): (Vec<&Row>, Vec<&Row>) = r.rows.iter().partition(|row| {
+        row.counts.audited_before_sync > 0
+            && Counts {
+                audited_before_sync: 0,
+                ..row.counts
+            } == Counts::default()
+    });
+    let cells: Vec<[String; 12]> = rows
         .iter()
         .map(|row| {
             let imds = row.imds.iter().cloned().collect::<Vec<_>>().join(",");
@@ -188,13 +196,25 @@ pub fn render(r: &ClusterReport, now: u64) -> String {
         r.minutes,
         r.agents.len()
     );
-    if r.rows.is_empty() {
+    if rows.is_empty() {
         o.push_str("no audit hits, denials or filtered requests\n");
     } else {
         line(&mut o, &HEADER);
         for c in &cells {
             line(&mut o, &c.each_ref().map(String::as_str));
         }
+    }
+    let early_hits: u64 = r
+        .rows
+        .iter()
+        .map(|row| row.counts.audited_before_sync)
+        .sum();
+    if early_hits > 0 {
+        let _ = writeln!(
+            o,
+            "\n{early_hits} audit hits ({} rows not listed above) came before the agent knew the node's pods, in the moment after a fresh install; they say nothing about enforce (-o json: audited_before_sync)",
+            early.len()
+        );
     }
     o.push_str(
         "\nAUDITED: would be denied under enforce. Allowed connects are not reported one by one,\nonly counted by the kernel since the programs were loaded:\n",
@@ -260,7 +280,6 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::usage::Counts;
 
     fn row(ns: &str, pod: Option<&str>, kind: &str) -> Row {
         Row {
@@ -299,6 +318,33 @@ mod tests {
             }),
             note: NOTE.into(),
         }
+    }
+
+    #[test]
+    fn hits_from_before_the_first_sync_are_footnoted_not_listed() {
+        let mut early = row("kube-system", Some("aws-node"), "connect4");
+        early.counts = Counts {
+            audited_before_sync: 3,
+            ..Default::default()
+        };
+        let mut both = row("imds", Some("test-1"), "connect4");
+        both.counts = Counts {
+            audited: 5,
+            audited_before_sync: 2,
+            ..Default::default()
+        };
+        let m = merge(
+            15,
+            vec![("u".into(), None, Ok(report(None, vec![early, both])))],
+        );
+        let t = render(&m, 1000);
+        assert!(!t.contains("aws-node"), "{t}");
+        let listed: Vec<&str> = t.lines().filter(|l| l.starts_with("imds ")).collect();
+        assert_eq!(listed.len(), 1, "{t}");
+        assert!(
+            t.contains("5 audit hits (1 rows not listed above) came before the agent knew"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct Decision {
     /// last one (its per-CPU event limiter): this one stands for
     /// `1 + suppressed`.
     pub suppressed: u32,
+    /// No complete allow set had been written yet: the caller may be a pod
+    /// the agent did not know yet (a cold install's first moment).
+    pub before_sync: bool,
 }
 
 impl Decision {
@@ -183,6 +186,7 @@ impl Decision {
             address_form: AddressForm::from(e.addr_form),
             decided_by: Cause::try_from(e.cause).ok()?,
             suppressed: e.suppressed,
+            before_sync: e.before_sync != 0,
         })
     }
 }
@@ -338,13 +342,13 @@ pub trait Attributor: Send + 'static {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use imdsguard_common::{PROTO_ANY, PROTO_TCP, hook};
 
     use super::*;
     use crate::destinations::words_of;
 
-    pub(super) fn event(port: u32) -> Event {
+    pub(crate) fn event(port: u32) -> Event {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
         Event {
@@ -364,11 +368,11 @@ mod tests {
             addr_form: addr_form::V4_MAPPED,
             cause: cause::CALLER,
             suppressed: 0,
-            _pad: 0,
+            before_sync: 0,
         }
     }
 
-    pub(super) fn bytes(e: &Event) -> Vec<u8> {
+    pub(crate) fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
         unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), size_of::<Event>()) }
             .to_vec()

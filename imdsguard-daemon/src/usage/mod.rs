@@ -46,6 +46,10 @@ pub enum Seen<'a> {
     /// A ring-buffer decision, standing for this many (the kernel's event
     /// limiter carries what it held back in the next event).
     Kernel(Verdict, u64),
+    /// An audit hit from before the agent's first complete allow set: the
+    /// caller may be a pod it did not know yet, so it is not evidence of
+    /// what enforce would deny (a cold install's first moment).
+    AuditedBeforeSync(u64),
     /// A request through the filter proxy.
     Filter {
         verdict: FilterVerdict,
@@ -94,6 +98,10 @@ pub struct Counts {
     pub audited: u64,
     /// Kernel: denied.
     pub denied: u64,
+    /// Kernel: audit hits from before the agent knew the node's pods (its
+    /// first sync after a fresh install); not counted in `audited`.
+    #[serde(default)]
+    pub audited_before_sync: u64,
     pub filter_allowed: u64,
     pub filter_denied: u64,
     /// Allowed by the filter, but the metadata service failed to answer.
@@ -105,6 +113,7 @@ impl Counts {
         let (n, by) = match seen {
             Seen::Kernel(Verdict::Audited, by) => (&mut self.audited, *by),
             Seen::Kernel(Verdict::Denied, by) => (&mut self.denied, *by),
+            Seen::AuditedBeforeSync(by) => (&mut self.audited_before_sync, *by),
             Seen::Filter { verdict, .. } => match verdict {
                 FilterVerdict::Allowed => (&mut self.filter_allowed, 1),
                 FilterVerdict::Denied => (&mut self.filter_denied, 1),
@@ -117,6 +126,7 @@ impl Counts {
     pub fn merge(&mut self, o: &Counts) {
         self.audited += o.audited;
         self.denied += o.denied;
+        self.audited_before_sync += o.audited_before_sync;
         self.filter_allowed += o.filter_allowed;
         self.filter_denied += o.filter_denied;
         self.filter_errors += o.filter_errors;
@@ -202,7 +212,13 @@ impl Usage {
     /// A kernel decision and its owner.
     pub fn decision(&self, d: &Decision, who: &Attribution) {
         let key = Key::new(who, d.destination.to_string(), d.hook.name());
-        self.record(key, &Seen::Kernel(d.verdict, d.count()));
+        // A denial is a denial whenever it happened; an audit hit before
+        // the first sync only says the agent did not know the pod yet.
+        let seen = match d.verdict {
+            Verdict::Audited if d.before_sync => Seen::AuditedBeforeSync(d.count()),
+            v => Seen::Kernel(v, d.count()),
+        };
+        self.record(key, &seen);
     }
 
     /// A filter-proxy request; `destination` is the service it was for
@@ -268,6 +284,37 @@ mod tests {
         assert_eq!(k.namespace, crate::decisions::UNATTRIBUTED);
         assert_eq!(k.cgroup.as_deref(), Some("/sys/fs/cgroup/lab/test"));
         assert_eq!(k.pod, None);
+    }
+
+    #[test]
+    fn audit_hits_before_the_first_sync_are_counted_apart_and_denials_are_not() {
+        use crate::decisions::tests::event;
+        let u = Usage::default();
+        let who = Attribution {
+            cgroup: "/c".into(),
+            pod: Some("ns/p".into()),
+            ..Default::default()
+        };
+        for (verdict, before_sync) in [
+            (imdsguard_common::verdict::AUDITED, 1),
+            (imdsguard_common::verdict::AUDITED, 0),
+            (imdsguard_common::verdict::DENIED, 1),
+        ] {
+            let mut e = event(80);
+            e.verdict = verdict;
+            e.before_sync = before_sync;
+            e.suppressed = 1;
+            let d = Decision::decode(&crate::decisions::tests::bytes(&e)).unwrap();
+            u.decision(&d, &who);
+        }
+        let r = u.report(5, None);
+        assert_eq!(r.rows.len(), 1);
+        let c = r.rows[0].counts;
+        assert_eq!(
+            (c.audited, c.audited_before_sync, c.denied),
+            (2, 2, 2),
+            "each event stands for 1 + suppressed"
+        );
     }
 
     #[test]

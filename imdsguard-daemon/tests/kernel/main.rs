@@ -8,6 +8,7 @@ mod support;
 mod endpoints;
 mod enforcement;
 mod filter;
+mod first_sync;
 mod hardening;
 mod kubernetes;
 mod lifecycle;
@@ -41,6 +42,7 @@ fn main() {
     trials.extend(endpoints::trials());
     trials.extend(report::trials());
     trials.extend(upgrade::trials());
+    trials.extend(first_sync::trials());
     libtest_mimic::run(&args, trials).exit();
 }
 

@@ -271,3 +271,28 @@ pub fn pending_events(lab: &Lab) -> Vec<Event> {
     }
     out
 }
+
+/// What the node agent starts from, for a library-level start in the lab:
+/// `run`'s plan for the lab (plus `extra` flags) with the allow set
+/// unknown, as it is until the node agent's first sync.
+pub fn node_agent_start(lab: &Lab, extra: &[&str]) -> imdsguard::standalone::Plan {
+    use clap::Parser as _;
+    use imdsguard::cli::args::{Cli, Command};
+    let root = lab.root().path().display().to_string();
+    let pins = lab.pin_dir().display().to_string();
+    let mut argv = vec![
+        "imdsguard",
+        "run",
+        "--cgroup-root",
+        &root,
+        "--pin-dir",
+        &pins,
+    ];
+    argv.extend_from_slice(extra);
+    let Command::Run(args) = Cli::parse_from(argv).command else {
+        unreachable!("parsed as run")
+    };
+    let mut plan = imdsguard::standalone::plan(&args).unwrap();
+    plan.desired.allowed = None;
+    plan
+}

@@ -4,12 +4,7 @@
 use std::{fs, mem::size_of, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
-use clap::Parser as _;
-use imdsguard::{
-    bpf::{enforcer::Enforcer, maps::AllowMap, pins::PinLayout},
-    cli::args::{Cli, Command},
-    standalone,
-};
+use imdsguard::bpf::{enforcer::Enforcer, maps::AllowMap, pins::PinLayout};
 use imdsguard_common::{AllowEntry, MAX_ALLOWED, map_names};
 use imdsguard_testlab::raw_bpf;
 use libtest_mimic::Trial;
@@ -58,23 +53,10 @@ fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
 
     // The new agent's start, as the node agent makes it: allow entries
     // unknown.
-    let Command::Run(args) = Cli::parse_from([
-        "imdsguard".to_string(),
-        "run".into(),
-        "--cgroup-root".into(),
-        lab.root().path().display().to_string(),
-        "--pin-dir".into(),
-        lab.pin_dir().display().to_string(),
-    ])
-    .command
-    else {
-        unreachable!()
-    };
-    let mut plan = standalone::plan(&args).unwrap();
-    plan.desired.allowed = None;
+    let plan = node_agent_start(&lab, &[]);
     let loops = Loops::start(&lab, &prod, &test, 3000);
     std::thread::sleep(Duration::from_millis(500));
-    let (enforcer, report) = Enforcer::start(plan.attachment, &plan.desired).unwrap();
+    let (enforcer, report) = Enforcer::start(plan.attachment.clone(), &plan.desired).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     loops.check("upgrade that replaces the allow map");
 
@@ -92,8 +74,6 @@ fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // A second start finds every pin of this release's shape.
     drop(enforcer);
-    let mut plan = standalone::plan(&args).unwrap();
-    plan.desired.allowed = None;
     let (_again, report) = Enforcer::start(plan.attachment, &plan.desired).unwrap();
     assert!(report.maps_replaced.is_empty(), "{report:?}");
     assert_reached(&lab, Some(&prod), "tcp", "169.254.169.254:80");
