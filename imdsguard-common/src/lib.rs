@@ -157,7 +157,9 @@ pub mod scope_flag {
     pub const RECORD_CREATORS: u32 = 1;
 }
 
-/// Single entry (index 0) of the config array.
+/// Single entry (index 0) of the config array. Its first three fields
+/// keep their place in every layout: an upgrade reads the level window
+/// from the previous release's config when the layout changes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {

@@ -16,6 +16,7 @@ use crate::noop::{bpf, put};
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_QUERY: libc::c_long = 16;
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// `BPF_MAP_CREATE` of `map_type` with these sizes and no flags.
 pub fn create(

@@ -171,7 +171,13 @@ impl Enforcer {
                         "copied the allow entries into the new allow map"
                     );
                 }
-                enforcer.set_mode(desired.mode)?
+                let window = migrate::carries_config(&replaced)
+                    .then(|| migrate::old_window(&enforcer.attachment.pins))
+                    .flatten();
+                if let Some(window) = window {
+                    info!(?window, "carried the level window into the new config");
+                }
+                enforcer.set_mode(desired.mode, window)?
             }
         }
         let mut report = enforcer.attach_all()?;

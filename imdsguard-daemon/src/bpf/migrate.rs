@@ -9,8 +9,9 @@
 //! 1. loads the object with a fresh, unpinned map for each map whose pin
 //!    has another shape, and reuses every other pin as before;
 //! 2. fills the fresh maps, copying the allow entries from the old pin
-//!    when their layout is unchanged (a node agent does not know the
-//!    allowed pods until its first sync, and must not deny them meanwhile);
+//!    when their layout is unchanged, and the config's level window (a
+//!    node agent does not know the allowed pods until its first sync, and
+//!    must not deny them meanwhile);
 //! 3. swaps its programs into the pinned links (`BPF_LINK_UPDATE`, atomic
 //!    per hook), so the previous programs and their maps enforce until the
 //!    moment the new ones do;
@@ -25,7 +26,10 @@
 
 use std::fs;
 
-use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, Map, MapData, MapError},
+};
 use imdsguard_common::map_names;
 use tracing::{info, warn};
 
@@ -108,6 +112,19 @@ pub(super) fn copy_allowed(pins: &PinLayout, ebpf: &mut Ebpf) -> Result<usize> {
     Ok(old.len())
 }
 
+/// The level window in the old pinned config, when the config is being
+/// replaced. Every layout keeps `default_action, min_level, max_level` as
+/// its first three `u32`s; layout 1 (release 0.1.0) ended with
+/// `layout_version`. Without the window, the new programs would walk no
+/// level and deny every allowed pod until the first sync.
+pub(super) fn old_window(pins: &PinLayout) -> Option<(u32, u32)> {
+    const LAYOUT_1: u32 = 1;
+    let data = MapData::from_pin(pins.map(map_names::CONFIG)).ok()?;
+    let config: Array<MapData, [u32; 4]> = Array::try_from(Map::Array(data)).ok()?;
+    let [_, min, max, layout] = config.get(&0, 0).ok()?;
+    (layout == LAYOUT_1).then_some((min, max))
+}
+
 /// Pins each replaced map in place of the old pin (atomically, by rename).
 pub(super) fn repin(pins: &PinLayout, ebpf: &Ebpf, replaced: &[&'static str]) -> Result<()> {
     for &name in replaced {
@@ -141,7 +158,12 @@ fn remove_leftovers(pins: &PinLayout) -> Result<()> {
     Ok(())
 }
 
-/// Whether `name` holds state that only the old maps know at start.
+/// Whether the allow entries are in a map being replaced.
 pub(super) fn carries_allow_entries(replaced: &[&'static str]) -> bool {
     replaced.contains(&map_names::ALLOWED)
+}
+
+/// Whether the config (and its level window) is being replaced.
+pub(super) fn carries_config(replaced: &[&'static str]) -> bool {
+    replaced.contains(&map_names::CONFIG)
 }

@@ -185,15 +185,17 @@ impl Enforcer {
         Ok(report)
     }
 
-    /// Sets the global default, keeping the allow entries and their window.
-    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+    /// Sets the global default, keeping the allow entries and their window
+    /// (or taking `carried`, the previous release's, into a new config).
+    pub fn set_mode(&mut self, mode: Mode, carried: Option<(u32, u32)>) -> Result<()> {
         let old = self.read_config()?;
         let mut config = if old.layout_version == LAYOUT_VERSION {
             old
         } else {
+            let (min_level, max_level) = carried.unwrap_or((1, 0));
             Config {
-                min_level: 1,
-                max_level: 0,
+                min_level,
+                max_level,
                 layout_version: LAYOUT_VERSION,
                 default_action: 0,
                 flags: 0,

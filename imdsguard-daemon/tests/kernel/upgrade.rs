@@ -3,19 +3,65 @@
 
 use std::{fs, mem::size_of, time::Duration};
 
-use aya::maps::{HashMap, Map, MapData, MapInfo};
-use imdsguard::bpf::{enforcer::Enforcer, maps::AllowMap, pins::PinLayout};
-use imdsguard_common::{AllowEntry, MAX_ALLOWED, map_names};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
+use imdsguard::bpf::{
+    enforcer::Enforcer,
+    maps::{AllowMap, ConfigMap},
+    pins::PinLayout,
+};
+use imdsguard_common::{AllowEntry, LAYOUT_VERSION, MAX_ALLOWED, map_names};
 use imdsguard_testlab::raw_bpf;
 use libtest_mimic::Trial;
 
 use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "an_upgrade_replaces_a_reshaped_allow_map_without_a_gap",
-        an_upgrade_replaces_a_reshaped_allow_map_without_a_gap,
-    )]
+    vec![
+        trial(
+            "an_upgrade_replaces_a_reshaped_allow_map_without_a_gap",
+            an_upgrade_replaces_a_reshaped_allow_map_without_a_gap,
+        ),
+        trial(
+            "an_upgrade_from_a_layout_1_config_keeps_its_level_window",
+            an_upgrade_from_a_layout_1_config_keeps_its_level_window,
+        ),
+    ]
+}
+
+/// Release 0.1.0's config (layout 1) was 16 bytes: default action, min and
+/// max level, layout version. A new config without its level window would
+/// walk no level and deny the allowed pod until the first sync.
+fn an_upgrade_from_a_layout_1_config_keeps_its_level_window() {
+    let lab = lab("oldconfig");
+    let (prod, test) = pods(&lab);
+    let pins = PinLayout::new(lab.pin_dir());
+    let previous = start(&lab, &flag("allow-cgroup", &prod));
+    previous.kill();
+    let now = ConfigMap::open_pinned(&pins).unwrap().get().unwrap();
+    assert!(now.min_level <= now.max_level, "{now:?}");
+
+    let fd = raw_bpf::create(raw_bpf::BPF_MAP_TYPE_ARRAY, 4, 16, 1).unwrap();
+    let pin = pins.map(map_names::CONFIG);
+    fs::remove_file(&pin).unwrap();
+    let data = MapData::from_fd(fd).unwrap();
+    data.pin(&pin).unwrap();
+    let mut old: Array<MapData, [u32; 4]> = Array::try_from(Map::Array(data)).unwrap();
+    old.set(0, &[now.default_action, now.min_level, now.max_level, 1], 0)
+        .unwrap();
+    drop(old);
+
+    let plan = node_agent_start(&lab, &[]);
+    let loops = Loops::start(&lab, &prod, &test, 3000);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_enforcer, report) = Enforcer::start(plan.attachment, &plan.desired).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    loops.check("upgrade that replaces a layout-1 config");
+    assert_eq!(report.maps_replaced, [map_names::CONFIG]);
+    let new = ConfigMap::open_pinned(&pins).unwrap().get().unwrap();
+    assert_eq!(
+        (new.min_level, new.max_level, new.layout_version),
+        (now.min_level, now.max_level, LAYOUT_VERSION)
+    );
 }
 
 /// The previous release's allow map had 1,024 entries; this one's has
