@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use aya::{
@@ -24,6 +25,7 @@ use crate::{
     Error, Result,
     bpf::{
         bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, object, pins::PinLayout, probe,
+        sys,
     },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
@@ -123,6 +125,12 @@ pub struct StartReport {
 pub struct Enforcer {
     pub(super) ebpf: Ebpf,
     pub(super) attachment: Attachment,
+    /// An fd of each wanted hook's link, opened from its pin once the link
+    /// is in place. [`Enforcer::detached_links`] asks the kernel about these
+    /// fds, one bpf(2) call per link, with no path lookup: cheap enough to
+    /// run every 100 ms. Holding them also keeps a link attached while its
+    /// pin is missing, until the pin check makes a new one.
+    pub(super) held: BTreeMap<Hook, OwnedFd>,
 }
 
 impl Enforcer {
@@ -160,17 +168,29 @@ impl Enforcer {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(object).map_err(Error::Load)?;
-        let mut enforcer = Self { ebpf, attachment };
+        let mut enforcer = Self {
+            ebpf,
+            attachment,
+            held: BTreeMap::new(),
+        };
 
-        enforcer.write_scope()?;
-        enforcer.write_proxy()?;
-        enforcer.sync_destinations(&desired.destinations)?;
-        match &desired.allowed {
-            Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
-            None => enforcer.set_mode(desired.mode)?,
-        }
+        enforcer.write_state(desired)?;
         let report = enforcer.attach_all()?;
         Ok((enforcer, report))
+    }
+
+    /// Writes everything `desired` says into the maps: the scope, the
+    /// proxy, the protected destinations, the mode and (when known) the
+    /// allow set. Each is a diff against what the map holds.
+    pub(super) fn write_state(&mut self, desired: &MapState) -> Result<()> {
+        self.write_scope()?;
+        self.write_proxy()?;
+        self.sync_destinations(&desired.destinations)?;
+        match &desired.allowed {
+            Some(allowed) => drop(self.sync_allowed(desired.mode, allowed)?),
+            None => self.set_mode(desired.mode)?,
+        }
+        Ok(())
     }
 
     pub fn attachment(&self) -> &Attachment {
@@ -220,8 +240,30 @@ impl Enforcer {
     }
 
     /// The hooks whose pinned link is still attached to our cgroup root.
-    /// Anything missing means someone detached us.
+    /// Anything missing means someone detached us or removed a pin. This
+    /// opens every pin: [`Enforcer::detached_links`] is the cheap check.
     pub fn attached_hooks(&self) -> Result<BTreeSet<Hook>> {
         links::attached_hooks(&self.attachment.pins, self.attachment.attach_point())
+    }
+
+    /// The wanted hooks whose held link is no longer attached to our
+    /// cgroup: someone detached it (BPF_LINK_DETACH, `bpftool link
+    /// detach`), which leaves the link and its pin in place but sets its
+    /// cgroup to none (cgroup_id 0). One BPF_OBJ_GET_INFO_BY_FD per held
+    /// link and nothing else: no path lookup, no fd opened or closed.
+    pub fn detached_links(&self) -> Result<Vec<Hook>> {
+        let at = self.attachment.attach_point().id;
+        let mut out = Vec::new();
+        for (hook, fd) in &self.held {
+            if sys::link_info(fd.as_fd())?.cgroup_id != at {
+                out.push(*hook);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many links [`Enforcer::detached_links`] asks about.
+    pub fn held_links(&self) -> usize {
+        self.held.len()
     }
 }
