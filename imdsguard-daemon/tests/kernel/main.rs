@@ -17,6 +17,8 @@ mod refusals;
 mod report;
 mod revocation;
 mod socket_identity;
+mod syscalls;
+mod tamper;
 
 use libtest_mimic::{Arguments, Trial};
 
@@ -33,6 +35,7 @@ fn main() {
     trials.extend(refusals::trials());
     trials.extend(kubernetes::trials());
     trials.extend(hardening::trials());
+    trials.extend(tamper::trials());
     trials.extend(raw_sockets::trials());
     trials.extend(socket_identity::trials());
     trials.extend(revocation::trials());
