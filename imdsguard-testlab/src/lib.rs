@@ -27,6 +27,7 @@ pub mod process;
 pub mod real_node;
 pub mod scratch;
 pub mod stats;
+pub mod tamper;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -3,13 +3,7 @@
 //! links, and put back from the programs already loaded. The window itself
 //! is measured by `imdsguard-bench tamper`, never asserted here.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    os::fd::{AsFd as _, AsRawFd as _},
-    path::Path,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fs, os::fd::AsFd as _, path::Path, time::Duration};
 
 use imdsguard::{
     bpf::{
@@ -21,7 +15,7 @@ use imdsguard::{
     cgroup::mount::CgroupDir,
     destinations,
 };
-use imdsguard_testlab::{daemon, lab::Lab};
+use imdsguard_testlab::{daemon, lab::Lab, tamper};
 use libtest_mimic::Trial;
 use serde_json::Value;
 
@@ -43,34 +37,8 @@ pub fn trials() -> Vec<Trial> {
 const IMDS: &str = "169.254.169.254:80";
 const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
-/// BPF_LINK_DETACH on the link pinned at `pin`: the link and its pin stay,
-/// the program leaves the cgroup.
 fn detach(pin: &Path) {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let fd = sys::obj_get(pin).expect("open the pinned link");
-    #[repr(C)]
-    struct Attr {
-        link_fd: u32,
-    }
-    let mut attr = Attr {
-        link_fd: fd.as_raw_fd() as u32,
-    };
-    // SAFETY: `attr` is the link_detach member of union bpf_attr.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw mut attr,
-            size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    assert_eq!(
-        ret,
-        0,
-        "BPF_LINK_DETACH {}: {}",
-        pin.display(),
-        std::io::Error::last_os_error()
-    );
+    tamper::detach_link(pin).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// hook -> (link id, program id, programs on the hook) from `status`.
