@@ -5,6 +5,7 @@ mod bench;
 mod bench_enforce;
 mod bench_proxy;
 mod bench_scale;
+mod bench_tamper;
 mod demo;
 mod deploy;
 mod e2e;
@@ -40,6 +41,8 @@ enum Command {
     BenchScale(bench_scale::Options),
     /// Filter mode: a metadata GET through the proxy against direct, GETs per second, memory.
     BenchProxy(bench_proxy::Options),
+    /// The tamper window: links detached by hand, until the agent puts them back; idle CPU.
+    BenchTamper(bench_tamper::Options),
     /// Build (once, cached) the Kubernetes binaries: the control-plane tests and the real node.
     Kubernetes(kubernetes::Options),
     /// Check deploy/ and the image's binary: helm lint, a real apiserver, runc.
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEnforce(o) => bench_enforce::run(o),
         Command::BenchScale(o) => bench_scale::run(o),
         Command::BenchProxy(o) => bench_proxy::run(o),
+        Command::BenchTamper(o) => bench_tamper::run(o),
         Command::Deploy(o) => deploy::run(o),
         Command::Image(o) => image::run(o),
     }
