@@ -162,6 +162,11 @@ pub fn spawn(
         // After a stall, one check is enough: no burst of missed ones.
         watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // After a failed watch (a re-attach that failed, or links that
+        // cannot be asked), the watch waits for the full check's cadence:
+        // a lasting fault (our cgroup removed) is retried and logged every
+        // few seconds, not ten times a second.
+        let mut quiet_until: Option<Instant> = None;
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -201,12 +206,16 @@ pub fn spawn(
                         }
                     }
                 }
-                _ = watch.tick() => {
-                    match enforcer.detached_links() {
-                        Ok(detached) if detached.is_empty() => {}
+                _ = watch.tick(), if quiet_until.is_none_or(|t| Instant::now() >= t) => {
+                    let ok = match enforcer.detached_links() {
+                        Ok(detached) if detached.is_empty() => true,
                         Ok(detached) => reattach(&mut enforcer, &detached, &desired, observers.as_ref()),
-                        Err(e) => error!(error = %e, "cannot check our links"),
-                    }
+                        Err(e) => {
+                            error!(error = %e, "cannot check our links");
+                            false
+                        }
+                    };
+                    quiet_until = (!ok).then(|| Instant::now() + checks.check_every);
                 }
                 _ = check.tick() => {
                     let wanted = enforcer.wanted_hooks();
@@ -220,7 +229,9 @@ pub fn spawn(
                         Ok(attached) if wanted.iter().all(|h| attached.contains(h)) => {}
                         Ok(attached) => {
                             let missing: Vec<Hook> = wanted.into_iter().filter(|h| !attached.contains(h)).collect();
-                            reattach(&mut enforcer, &missing, &desired, observers.as_ref());
+                            if reattach(&mut enforcer, &missing, &desired, observers.as_ref()) {
+                                quiet_until = None;
+                            }
                         }
                         Err(e) => error!(error = %e, "cannot check our links"),
                     }
@@ -233,13 +244,14 @@ pub fn spawn(
 
 /// Puts `missing` back: a new link for each from the programs already
 /// loaded ([`Enforcer::relink`]), which takes a few bpf(2) calls; if that
-/// fails, the whole object is loaded again, as at start.
+/// fails, the whole object is loaded again, as at start. False if both
+/// failed.
 fn reattach(
     enforcer: &mut Enforcer,
     missing: &[Hook],
     desired: &MapState,
     observers: Option<&Observers>,
-) {
+) -> bool {
     let names: Vec<_> = missing.iter().map(|h| h.name()).collect();
     warn!(missing = ?names, "programs were detached behind our back; re-attaching");
     let started = Instant::now();
@@ -254,7 +266,7 @@ fn reattach(
                 }
                 Err(e) => {
                     error!(error = %e, "re-attach failed");
-                    return;
+                    return false;
                 }
             }
         }
@@ -269,4 +281,5 @@ fn reattach(
         o.metrics.programs_attached.set(n as i64);
         o.health.set_attached(n as u32);
     }
+    true
 }

@@ -13,7 +13,7 @@
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -45,8 +45,13 @@ pub struct Options {
     /// Seconds of idle agent CPU read per arm and round (0: skip).
     #[arg(long, default_value_t = 30)]
     pub idle_secs: u64,
-    /// Where the loop connects (a protected destination).
-    #[arg(long, default_value = "169.254.169.254:80")]
+    /// Where the loop connects: a protected destination. The default is a
+    /// closed port of the metadata address (all its ports but 53 are
+    /// protected): with no server in the loop, an attempt through is
+    /// refused at once, as quick as a denied one, so the window is seen to
+    /// the attempt. Port 80 reaches the lab's one-thread fake service,
+    /// whose accept queue then paces the loop.
+    #[arg(long, default_value = "169.254.169.254:81")]
     pub target: String,
 }
 
@@ -68,6 +73,10 @@ struct Round {
     /// The last attempt through came in the loop's last 100 ms: the window
     /// may not have closed.
     open_at_end: bool,
+    /// From the agent's log: the detach to its warning, and the warning to
+    /// its line saying the programs are back, in ms.
+    noticed_ms: Option<f64>,
+    reattach_ms: Option<f64>,
     idle: Option<Idle>,
 }
 
@@ -168,6 +177,8 @@ fn one_round(
     let loop_start = monotonic_ns();
     std::thread::sleep(DETACH_AFTER);
     let detached_at = monotonic_ns();
+    let detached_wall = day_secs_now();
+    let logs_before = agent.logs().len();
     for hook in HOOKS {
         detach_link(&pin_dir.join("links").join(hook))?;
     }
@@ -180,6 +191,7 @@ fn one_round(
         .last_through_ns
         .is_some_and(|t| t + 100_000_000 > loop_end);
 
+    let (noticed_ms, reattach_ms) = from_log(&agent.logs()[logs_before..], detached_wall);
     agent.kill();
     let out = daemon::command(
         uninstall_bin,
@@ -190,8 +202,56 @@ fn one_round(
         loop_,
         window_ms,
         open_at_end,
+        noticed_ms,
+        reattach_ms,
         idle,
     })
+}
+
+/// When the agent noticed (its warning) and how long it took to put the
+/// programs back (to "programs re-attached", or "programs in place" after
+/// a reload, as the build before does), from the log's timestamps.
+fn from_log(logs: &[serde_json::Value], detached: f64) -> (Option<f64>, Option<f64>) {
+    let at = |v: &serde_json::Value| v["timestamp"].as_str().and_then(day_secs);
+    let Some(w) = logs.iter().position(|v| {
+        daemon::message(v) == Some("programs were detached behind our back; re-attaching")
+    }) else {
+        return (None, None);
+    };
+    let warned = at(&logs[w]);
+    let back = logs[w..]
+        .iter()
+        .find(|v| {
+            matches!(
+                daemon::message(v),
+                Some("programs re-attached" | "programs in place")
+            )
+        })
+        .and_then(at);
+    (
+        warned.map(|t| (t - detached) * 1e3),
+        warned.zip(back).map(|(a, b)| (b - a) * 1e3),
+    )
+}
+
+/// Seconds since midnight UTC of a timestamp as tracing writes it
+/// (`2026-11-30T07:41:51.123456Z`). A run across midnight gets one odd
+/// round.
+fn day_secs(ts: &str) -> Option<f64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':').map(str::parse::<f64>);
+    let (h, m, s) = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn day_secs_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() % 86_400.0)
 }
 
 struct Cpu {
@@ -237,7 +297,7 @@ fn report(arms: &[Arm], o: &Options) -> String {
     );
     let _ = writeln!(
         out,
-        "| arm | through: median [min..max] | window ms: median [min..max] | denied attempts/s, hooks attached | idle CPU | idle run time per s | timeslices per s |\n|---|---|---|---|---|---|---|"
+        "| arm | through: median [min..max] | window ms: median [min..max] | noticed after ms (log) | re-attach took ms (log) | denied attempts/s, hooks attached | idle CPU | idle run time per s | timeslices per s |\n|---|---|---|---|---|---|---|---|---|"
     );
     for arm in arms {
         let through: Vec<f64> = arm
@@ -246,6 +306,8 @@ fn report(arms: &[Arm], o: &Options) -> String {
             .map(|r| r.loop_.through() as f64)
             .collect();
         let window: Vec<f64> = arm.rounds.iter().map(|r| r.window_ms).collect();
+        let noticed: Vec<f64> = arm.rounds.iter().filter_map(|r| r.noticed_ms).collect();
+        let reattach: Vec<f64> = arm.rounds.iter().filter_map(|r| r.reattach_ms).collect();
         let rate: Vec<f64> = arm
             .rounds
             .iter()
@@ -271,10 +333,12 @@ fn report(arms: &[Arm], o: &Options) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
             arm.name,
             cell(&through, 0),
             cell(&window, 1),
+            cell(&noticed, 1),
+            cell(&reattach, 2),
             median(rate),
             idle_cells[0],
             idle_cells[1],
@@ -306,6 +370,9 @@ fn report(arms: &[Arm], o: &Options) -> String {
 
 /// `median [min..max]` with `decimals`.
 fn cell(v: &[f64], decimals: usize) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
     let (min, max) = imdsguard_testlab::stats::min_max(v);
     format!(
         "{:.decimals$} [{:.decimals$}..{:.decimals$}]",
