@@ -42,6 +42,12 @@ pub struct Options {
     /// must outlast the slowest check measured (the old one: 2 s).
     #[arg(long, default_value_t = 4.0)]
     pub loop_secs: f64,
+    /// Before each loop, a random wait of up to this long, so that the
+    /// detach falls at a random point of the agent's check period (it
+    /// should cover the slowest check measured: the old one, 2 s). Without
+    /// it the detach would come at the same point every round.
+    #[arg(long, default_value_t = 2.0)]
+    pub phase_secs: f64,
     /// Seconds of idle agent CPU read per arm and round (0: skip).
     #[arg(long, default_value_t = 30)]
     pub idle_secs: u64,
@@ -169,6 +175,7 @@ fn one_round(
         None
     };
 
+    std::thread::sleep(Duration::from_secs_f64(o.phase_secs * random_fraction()));
     let millis = (o.loop_secs * 1000.0) as u64;
     let child = lab.spawn_probe(
         Some(test),
@@ -248,6 +255,16 @@ fn day_secs(ts: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
+/// A uniform random number in [0, 1): std's hasher keys are random per
+/// `RandomState`, which is enough to scatter a phase.
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn day_secs_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -285,12 +302,14 @@ fn report(arms: &[Arm], o: &Options) -> String {
         out,
         "\n## The tamper window\n\n\
          {} rounds per arm, interleaved. Per round: the agent starts, idles {} s (CPU \
-         read from procfs), then a `tcp-loop-timed` probe connects to {} from a denied \
-         cgroup for {} s; {} ms in, both connect links are detached by hand \
+         read from procfs), waits a random 0 to {} s, then a `tcp-loop-timed` probe \
+         connects to {} from a denied cgroup for {} s; {} ms in, both connect links \
+         are detached by hand \
          (BPF_LINK_DETACH). Through: attempts not denied. Window: from the detach to the \
          start of the last attempt through.\n",
         o.rounds,
         o.idle_secs,
+        o.phase_secs,
         o.target,
         o.loop_secs,
         DETACH_AFTER.as_millis()
