@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::OwnedFd,
 };
 
 use aya::{
@@ -25,7 +25,7 @@ use crate::{
     Error, Result,
     bpf::{
         bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, object, pins::PinLayout, probe,
-        sys,
+        watch,
     },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
@@ -247,19 +247,23 @@ impl Enforcer {
     }
 
     /// The wanted hooks whose held link is no longer attached to our
-    /// cgroup: someone detached it (BPF_LINK_DETACH, `bpftool link
-    /// detach`), which leaves the link and its pin in place but sets its
-    /// cgroup to none (cgroup_id 0). One BPF_OBJ_GET_INFO_BY_FD per held
-    /// link and nothing else: no path lookup, no fd opened or closed.
+    /// cgroup ([`watch::detached`]): one bpf(2) call per link.
     pub fn detached_links(&self) -> Result<Vec<Hook>> {
-        let at = self.attachment.attach_point().id;
-        let mut out = Vec::new();
-        for (hook, fd) in &self.held {
-            if sys::link_info(fd.as_fd())?.cgroup_id != at {
-                out.push(*hook);
-            }
-        }
-        Ok(out)
+        watch::detached(&self.held, self.attachment.attach_point().id)
+    }
+
+    /// Duplicates of the held link fds, for the link watch's thread.
+    pub fn held_dups(&self) -> Result<Vec<(Hook, OwnedFd)>> {
+        self.held
+            .iter()
+            .map(|(hook, fd)| {
+                let dup = fd.try_clone().map_err(|source| Error::Syscall {
+                    call: "dup(link)",
+                    source,
+                })?;
+                Ok((*hook, dup))
+            })
+            .collect()
     }
 
     /// How many links [`Enforcer::detached_links`] asks about.

@@ -1,8 +1,9 @@
 //! The enforcer task: the one task that owns the BPF objects. Everything
 //! else sends it commands, so map writes never race. It also watches our
 //! links and puts them back if someone detached them or removed their
-//! pins: a cheap look at the held links every [`WATCH_EVERY`], and a full
-//! look at the pins every few seconds.
+//! pins: told by the link watch's thread ([`LinkWatch`], a cheap look at
+//! the held links every [`WATCH_EVERY`]), and by a full look at the pins
+//! every few seconds.
 
 use std::{
     collections::BTreeMap,
@@ -14,6 +15,7 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::MissedTickBehavior,
 };
+
 use tracing::{error, info, warn};
 
 use crate::{
@@ -22,22 +24,20 @@ use crate::{
         enforcer::{AllowTarget, Counters, Enforcer, MapState, Mode},
         hook::Hook,
         sync::SyncReport,
+        watch::LinkWatch,
     },
     destinations::Compiled,
     metrics::{Health, Metrics},
     revoke::{sweep::EnforcedState, task::Revoker},
 };
 
-/// How often the held links are asked whether they are still attached.
-/// A detached link lets every connect through until this check sees it:
-/// this bounds that window. Each check is one bpf(2) call per link (2 to 6
-/// links), ten times a second.
-pub const WATCH_EVERY: Duration = Duration::from_millis(100);
+pub use super::watch::WATCH_EVERY;
 
 /// How often the owner task looks at our links.
 #[derive(Clone, Copy, Debug)]
 pub struct LinkChecks {
-    /// The cheap check ([`Enforcer::detached_links`]): catches a detach.
+    /// The link watch's period ([`Enforcer::detached_links`], on a thread):
+    /// catches a detach.
     pub watch_every: Duration,
     /// The full check ([`Enforcer::attached_hooks`]): opens every pin, and
     /// so also catches a pin removed or replaced. A held link stays
@@ -157,10 +157,30 @@ pub fn spawn(
         revoke_after(revoker.as_ref(), &desired);
     }
     let task = tokio::spawn(async move {
-        let mut watch = tokio::time::interval(checks.watch_every);
+        let (notify, mut noticed) = mpsc::channel::<()>(1);
+        let at = enforcer.attachment().attach_point().id;
+        // Without the watch (no thread, no fd), the full check still runs.
+        let watch = LinkWatch::spawn(checks.watch_every, at, notify)
+            .inspect_err(
+                |e| error!(error = %e, "no link watch; detached links wait for the full check"),
+            )
+            .ok();
+        // Before a re-attach the watch lets go of the old links (a link
+        // whose pin is gone must die with the owner's fd); after, it gets
+        // the new ones.
+        let unwatch = || {
+            if let Some(w) = &watch {
+                w.clear();
+            }
+        };
+        let rewatch = |enforcer: &Enforcer| match (&watch, enforcer.held_dups()) {
+            (Some(w), Ok(links)) => w.set(links),
+            (Some(_), Err(e)) => error!(error = %e, "the link watch has no links"),
+            (None, _) => {}
+        };
+        rewatch(&enforcer);
         let mut check = tokio::time::interval(checks.check_every);
         // After a stall, one check is enough: no burst of missed ones.
-        watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // After a failed watch (a re-attach that failed, or links that
         // cannot be asked), the watch waits for the full check's cadence:
@@ -206,15 +226,20 @@ pub fn spawn(
                         }
                     }
                 }
-                _ = watch.tick(), if quiet_until.is_none_or(|t| Instant::now() >= t) => {
+                Some(()) = noticed.recv(), if quiet_until.is_none_or(|t| Instant::now() >= t) => {
+                    // The watch saw a detached link: look again, here.
                     let ok = match enforcer.detached_links() {
                         Ok(detached) if detached.is_empty() => true,
-                        Ok(detached) => reattach(&mut enforcer, &detached, &desired, observers.as_ref()),
+                        Ok(detached) => {
+                            unwatch();
+                            reattach(&mut enforcer, &detached, &desired, observers.as_ref())
+                        }
                         Err(e) => {
                             error!(error = %e, "cannot check our links");
                             false
                         }
                     };
+                    rewatch(&enforcer);
                     quiet_until = (!ok).then(|| Instant::now() + checks.check_every);
                 }
                 _ = check.tick() => {
@@ -229,9 +254,11 @@ pub fn spawn(
                         Ok(attached) if wanted.iter().all(|h| attached.contains(h)) => {}
                         Ok(attached) => {
                             let missing: Vec<Hook> = wanted.into_iter().filter(|h| !attached.contains(h)).collect();
+                            unwatch();
                             if reattach(&mut enforcer, &missing, &desired, observers.as_ref()) {
                                 quiet_until = None;
                             }
+                            rewatch(&enforcer);
                         }
                         Err(e) => error!(error = %e, "cannot check our links"),
                     }
