@@ -214,8 +214,8 @@ impl FilterProxy {
 
 /// How the running enforcement is kept.
 pub struct Settings {
-    /// Seconds between checks that our links are still attached.
-    pub check_every: Duration,
+    /// How often our links are checked.
+    pub checks: owner::LinkChecks,
     /// `None` with `--no-revoke`.
     pub revoke: Option<revoke::task::Settings>,
 }
@@ -263,7 +263,7 @@ pub fn start(
     let (handle, owner) = owner::spawn(
         enforcer,
         desired,
-        settings.check_every,
+        settings.checks,
         Some(owner::Observers {
             metrics: metrics.clone(),
             health: endpoints.health.clone(),

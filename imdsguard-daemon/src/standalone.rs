@@ -16,7 +16,10 @@ use tracing::info;
 
 use crate::{
     Error, Result,
-    bpf::enforcer::{AllowTarget, Attachment, MapState},
+    bpf::{
+        enforcer::{AllowTarget, Attachment, MapState},
+        owner,
+    },
     cgroup::mount::CgroupDir,
     cgroup::subtree::paths_of_ids,
     cli::args::RunArgs,
@@ -177,7 +180,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         plan.attachment,
         plan.desired,
         runtime::Settings {
-            check_every: Duration::from_secs(args.check_interval_secs.max(1)),
+            checks: owner::LinkChecks {
+                watch_every: owner::WATCH_EVERY,
+                check_every: Duration::from_secs(args.check_interval_secs.max(1)),
+            },
             revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
         },
         &endpoints,

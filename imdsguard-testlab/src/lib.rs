@@ -28,6 +28,7 @@ pub mod raw_bpf;
 pub mod real_node;
 pub mod scratch;
 pub mod stats;
+pub mod tamper;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_enforce;
 mod bench_proxy;
 mod bench_scale;
+mod bench_tamper;
 mod demo;
 mod deploy;
 mod e2e;
@@ -41,6 +42,8 @@ enum Command {
     BenchScale(bench_scale::Options),
     /// Filter mode: a metadata GET through the proxy against direct, GETs per second, memory.
     BenchProxy(bench_proxy::Options),
+    /// The tamper window: links detached by hand, until the agent puts them back; idle CPU.
+    BenchTamper(bench_tamper::Options),
     /// Build (once, cached) the Kubernetes binaries: the control-plane tests and the real node.
     Kubernetes(kubernetes::Options),
     /// Build (once, cached) the previous release's chart and image, which the real node upgrades from.
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
                 b.archive.display()
             );
         }),
+        Command::BenchTamper(o) => bench_tamper::run(o),
         Command::Deploy(o) => deploy::run(o),
         Command::Image(o) => image::run(o),
     }

@@ -131,6 +131,19 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "--floor-iterations",
         "200",
     ]))?;
+    status(Command::new(bin.join("imdsguard-bench")).args([
+        "tamper",
+        "--imdsguard",
+        &imdsguard,
+        "--rounds",
+        "1",
+        "--idle-secs",
+        "1",
+        "--phase-secs",
+        "0",
+        "--loop-secs",
+        "3",
+    ]))?;
     // The seed story on a real node: kubelet, containerd, the chart.
     crate::e2e::run_real_node(crate::e2e::DEFAULT_RACE_ROUNDS)?;
     Ok(())

@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    os::fd::OwnedFd,
 };
 
 use aya::{
@@ -25,7 +26,7 @@ use crate::{
     Error, Result,
     bpf::{
         bpffs, filter_conns::ProxyTarget, hook::Hook, links, maps, migrate, object,
-        pins::PinLayout, probe,
+        pins::PinLayout, probe, watch,
     },
     cgroup::mount::CgroupDir,
     destinations::Compiled,
@@ -127,6 +128,12 @@ pub struct StartReport {
 pub struct Enforcer {
     pub(super) ebpf: Ebpf,
     pub(super) attachment: Attachment,
+    /// An fd of each wanted hook's link, opened from its pin once the link
+    /// is in place. [`Enforcer::detached_links`] asks the kernel about these
+    /// fds, one bpf(2) call per link, with no path lookup: cheap enough to
+    /// run every 100 ms. Holding them also keeps a link attached while its
+    /// pin is missing, until the pin check makes a new one.
+    pub(super) held: BTreeMap<Hook, OwnedFd>,
 }
 
 impl Enforcer {
@@ -156,36 +163,55 @@ impl Enforcer {
             fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
         }
         let migrate::Loaded { ebpf, replaced } = migrate::load(pins, object::bytes()?)?;
-        let mut enforcer = Self { ebpf, attachment };
+        let mut enforcer = Self {
+            ebpf,
+            attachment,
+            held: BTreeMap::new(),
+        };
 
-        enforcer.write_scope()?;
-        enforcer.write_proxy()?;
-        enforcer.sync_destinations(&desired.destinations)?;
-        match &desired.allowed {
-            Some(allowed) => drop(enforcer.sync_allowed(desired.mode, allowed)?),
-            None => {
-                if migrate::carries_allow_entries(&replaced) {
-                    let n = migrate::copy_allowed(&enforcer.attachment.pins, &mut enforcer.ebpf)?;
-                    info!(
-                        entries = n,
-                        "copied the allow entries into the new allow map"
-                    );
-                }
-                let window = migrate::carries_config(&replaced)
-                    .then(|| migrate::old_window(&enforcer.attachment.pins))
-                    .flatten();
-                if let Some(window) = window {
-                    info!(?window, "carried the level window into the new config");
-                }
-                enforcer.set_mode(desired.mode, window)?
+        // A node agent starts without the allow set: what an upgrade's new
+        // maps need from the old ones is carried over.
+        let mut window = None;
+        if desired.allowed.is_none() {
+            if migrate::carries_allow_entries(&replaced) {
+                let n = migrate::copy_allowed(&enforcer.attachment.pins, &mut enforcer.ebpf)?;
+                info!(
+                    entries = n,
+                    "copied the allow entries into the new allow map"
+                );
+            }
+            if migrate::carries_config(&replaced) {
+                window = migrate::old_window(&enforcer.attachment.pins);
+                info!(?window, "carried the level window into the new config");
             }
         }
+        enforcer.write_state(desired, window)?;
         let mut report = enforcer.attach_all()?;
         // Only now, with our programs in every link, do the new maps take
         // the old ones' pins.
         migrate::repin(&enforcer.attachment.pins, &enforcer.ebpf, &replaced)?;
         report.maps_replaced = replaced;
         Ok((enforcer, report))
+    }
+
+    /// Writes everything `desired` says into the maps: the scope, the
+    /// proxy, the protected destinations, the mode and (when known) the
+    /// allow set. Each is a diff against what the map holds.
+    /// `carried`: the level window of a config an upgrade replaces, for a
+    /// start without the allow set.
+    pub(super) fn write_state(
+        &mut self,
+        desired: &MapState,
+        carried: Option<(u32, u32)>,
+    ) -> Result<()> {
+        self.write_scope()?;
+        self.write_proxy()?;
+        self.sync_destinations(&desired.destinations)?;
+        match &desired.allowed {
+            Some(allowed) => drop(self.sync_allowed(desired.mode, allowed)?),
+            None => self.set_mode(desired.mode, carried)?,
+        }
+        Ok(())
     }
 
     pub fn attachment(&self) -> &Attachment {
@@ -235,8 +261,34 @@ impl Enforcer {
     }
 
     /// The hooks whose pinned link is still attached to our cgroup root.
-    /// Anything missing means someone detached us.
+    /// Anything missing means someone detached us or removed a pin. This
+    /// opens every pin: [`Enforcer::detached_links`] is the cheap check.
     pub fn attached_hooks(&self) -> Result<BTreeSet<Hook>> {
         links::attached_hooks(&self.attachment.pins, self.attachment.attach_point())
+    }
+
+    /// The wanted hooks whose held link is no longer attached to our
+    /// cgroup ([`watch::detached`]): one bpf(2) call per link.
+    pub fn detached_links(&self) -> Result<Vec<Hook>> {
+        watch::detached(&self.held, self.attachment.attach_point().id)
+    }
+
+    /// Duplicates of the held link fds, for the link watch's thread.
+    pub fn held_dups(&self) -> Result<Vec<(Hook, OwnedFd)>> {
+        self.held
+            .iter()
+            .map(|(hook, fd)| {
+                let dup = fd.try_clone().map_err(|source| Error::Syscall {
+                    call: "dup(link)",
+                    source,
+                })?;
+                Ok((*hook, dup))
+            })
+            .collect()
+    }
+
+    /// How many links [`Enforcer::detached_links`] asks about.
+    pub fn held_links(&self) -> usize {
+        self.held.len()
     }
 }

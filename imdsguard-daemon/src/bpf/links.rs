@@ -1,7 +1,12 @@
 //! Our cgroup links: attaching each hook's program, swapping the program
 //! inside a pinned link, and finding which pinned links are still attached.
 
-use std::{collections::BTreeSet, fs, os::fd::AsFd as _};
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -15,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::{
     Error, Result,
     bpf::{
-        enforcer::{Enforcer, StartReport},
+        enforcer::{Enforcer, MapState, StartReport},
         hook::Hook,
         pins::PinLayout,
         sys,
@@ -74,22 +79,21 @@ impl Enforcer {
             let name = hook.program(self.attachment.deny_raw_sockets);
             let mut program = HookProgram::of(&mut self.ebpf, hook, name)?;
             program.load()?;
-            match existing {
+            let held = match existing {
                 Some(link) => {
                     sys::link_update(link.as_fd(), program.fd()?.as_fd(), None)?;
                     report.replaced.push(hook);
+                    link
                 }
                 None => {
                     let cgroup =
                         fs::File::open(&root.path).map_err(Error::io("open", &root.path))?;
-                    let fd = program.attach(&cgroup)?;
-                    fd.pin(&pin).map_err(|source| Error::Pin {
-                        path: pin.clone(),
-                        source,
-                    })?;
+                    let link = program.attach(&cgroup)?;
                     report.attached.push(hook);
+                    pin_link(link, &pin)?
                 }
-            }
+            };
+            self.held.insert(hook, held);
         }
         info!(
             root = %root.path.display(),
@@ -100,6 +104,48 @@ impl Enforcer {
         );
         Ok(report)
     }
+}
+
+impl Enforcer {
+    /// Puts `hooks` back on our cgroup after tampering, with the programs
+    /// already loaded: a new link each, no reload and no verifier run. A
+    /// detached link cannot be revived (BPF_LINK_UPDATE on it fails with
+    /// ENOLINK), so it is replaced. The new link is attached first, so
+    /// enforcement is back before any pin changes; then the old link is
+    /// let go (a link whose pin was removed is detached now, leaving one
+    /// program of ours on the hook), and the new one takes its pin. Last,
+    /// `desired` is written into the maps again, in case they were touched
+    /// too.
+    pub fn relink(&mut self, hooks: &[Hook], desired: &MapState) -> Result<()> {
+        let root = self.attachment.attach_point().clone();
+        let cgroup = fs::File::open(&root.path).map_err(Error::io("open", &root.path))?;
+        for &hook in hooks {
+            let name = hook.program(self.attachment.deny_raw_sockets);
+            let link = HookProgram::of(&mut self.ebpf, hook, name)?.attach(&cgroup)?;
+            drop(self.held.remove(&hook));
+            let pin = self.attachment.pins.link(hook);
+            match fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(Error::io("unpin", &pin)(e));
+                }
+                _ => {}
+            }
+            let held = pin_link(link, &pin)?;
+            self.held.insert(hook, held);
+        }
+        self.write_state(desired, None)
+    }
+}
+
+/// Pins a new link and opens it again from the pin: aya's `FdLink` keeps
+/// its fd to itself, and the held fd is what the cheap check asks about.
+fn pin_link(link: FdLink, pin: &Path) -> Result<OwnedFd> {
+    // Dropping the returned PinnedLink closes aya's fd; the pin holds the link.
+    drop(link.pin(pin).map_err(|source| Error::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })?);
+    sys::obj_get(pin)
 }
 
 /// A hook's program in the object, by kind: connect and sendmsg are

@@ -1,7 +1,8 @@
 //! The kernel side as userspace sees it: the embedded object, the hooks and
 //! their links, the pinned maps and their pins on bpffs, the raw bpf(2)
 //! calls aya lacks, and the enforcer that loads, attaches and syncs them.
-//! [`owner`] is the one task that owns the enforcer and takes commands;
+//! [`owner`] is the one task that owns the enforcer and takes commands,
+//! told by [`watch`]'s thread when a link is detached;
 //! [`allow_walk`] replays the kernel's allow walk for `explain` and the sweep.
 
 pub mod allow_walk;
@@ -19,3 +20,4 @@ mod probe;
 pub mod sync;
 pub mod sys;
 pub mod uninstall;
+pub mod watch;

@@ -1,23 +1,49 @@
 //! The enforcer task: the one task that owns the BPF objects. Everything
-//! else sends it commands, so map writes never race. It also checks every
-//! few seconds that our links are still attached and puts them back if
-//! someone removed them.
+//! else sends it commands, so map writes never race. It also watches our
+//! links and puts them back if someone detached them or removed their
+//! pins: told by the link watch's thread ([`LinkWatch`], a cheap look at
+//! the held links every [`WATCH_EVERY`]), and by a full look at the pins
+//! every few seconds.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::MissedTickBehavior,
+};
+
+use tracing::{error, info, warn};
 
 use crate::{
     Error, Result,
     bpf::{
-        enforcer::{AllowTarget, Attachment, Counters, Enforcer, MapState, Mode},
+        enforcer::{AllowTarget, Counters, Enforcer, MapState, Mode},
+        hook::Hook,
         sync::SyncReport,
+        watch::LinkWatch,
     },
     destinations::Compiled,
     metrics::{Health, Metrics},
     revoke::{sweep::EnforcedState, task::Revoker},
 };
+
+pub use super::watch::WATCH_EVERY;
+
+/// How often the owner task looks at our links.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkChecks {
+    /// The link watch's period ([`Enforcer::detached_links`], on a thread):
+    /// catches a detach.
+    pub watch_every: Duration,
+    /// The full check ([`Enforcer::attached_hooks`]): opens every pin, and
+    /// so also catches a pin removed or replaced. A held link stays
+    /// attached without its pin, so this one can be slow.
+    pub check_every: Duration,
+}
 
 /// Where the owner task reports what it sees.
 #[derive(Clone)]
@@ -122,7 +148,7 @@ impl EnforcerHandle {
 pub fn spawn(
     mut enforcer: Enforcer,
     mut desired: MapState,
-    check_every: Duration,
+    checks: LinkChecks,
     observers: Option<Observers>,
     revoker: Option<Revoker>,
 ) -> (EnforcerHandle, tokio::task::JoinHandle<Result<()>>) {
@@ -131,7 +157,36 @@ pub fn spawn(
         revoke_after(revoker.as_ref(), &desired);
     }
     let task = tokio::spawn(async move {
-        let mut check = tokio::time::interval(check_every);
+        let (notify, mut noticed) = mpsc::channel::<()>(1);
+        let at = enforcer.attachment().attach_point().id;
+        // Without the watch (no thread, no fd), the full check still runs.
+        let watch = LinkWatch::spawn(checks.watch_every, at, notify)
+            .inspect_err(
+                |e| error!(error = %e, "no link watch; detached links wait for the full check"),
+            )
+            .ok();
+        // Before a re-attach the watch lets go of the old links (a link
+        // whose pin is gone must die with the owner's fd); after, it gets
+        // the new ones.
+        let unwatch = || {
+            if let Some(w) = &watch {
+                w.clear();
+            }
+        };
+        let rewatch = |enforcer: &Enforcer| match (&watch, enforcer.held_dups()) {
+            (Some(w), Ok(links)) => w.set(links),
+            (Some(_), Err(e)) => error!(error = %e, "the link watch has no links"),
+            (None, _) => {}
+        };
+        rewatch(&enforcer);
+        let mut check = tokio::time::interval(checks.check_every);
+        // After a stall, one check is enough: no burst of missed ones.
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // After a failed watch (a re-attach that failed, or links that
+        // cannot be asked), the watch waits for the full check's cadence:
+        // a lasting fault (our cgroup removed) is retried and logged every
+        // few seconds, not ten times a second.
+        let mut quiet_until: Option<Instant> = None;
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -171,8 +226,23 @@ pub fn spawn(
                         }
                     }
                 }
+                Some(()) = noticed.recv(), if quiet_until.is_none_or(|t| Instant::now() >= t) => {
+                    // The watch saw a detached link: look again, here.
+                    let ok = match enforcer.detached_links() {
+                        Ok(detached) if detached.is_empty() => true,
+                        Ok(detached) => {
+                            unwatch();
+                            reattach(&mut enforcer, &detached, &desired, observers.as_ref())
+                        }
+                        Err(e) => {
+                            error!(error = %e, "cannot check our links");
+                            false
+                        }
+                    };
+                    rewatch(&enforcer);
+                    quiet_until = (!ok).then(|| Instant::now() + checks.check_every);
+                }
                 _ = check.tick() => {
-                    let attachment: Attachment = enforcer.attachment().clone();
                     let wanted = enforcer.wanted_hooks();
                     let attached = enforcer.attached_hooks();
                     if let (Some(o), Ok(a)) = (&observers, &attached) {
@@ -183,18 +253,12 @@ pub fn spawn(
                     match attached {
                         Ok(attached) if wanted.iter().all(|h| attached.contains(h)) => {}
                         Ok(attached) => {
-                            let missing: Vec<_> = wanted.iter().filter(|h| !attached.contains(h)).map(|h| h.name()).collect();
-                            warn!(?missing, "programs were detached behind our back; re-attaching");
-                            match Enforcer::start(attachment, &desired) {
-                                Ok((e, _)) => {
-                                    enforcer = e;
-                                    if let Some(o) = &observers {
-                                        o.metrics.programs_attached.set(wanted.len() as i64);
-                                        o.health.set_attached(wanted.len() as u32);
-                                    }
-                                }
-                                Err(e) => error!(error = %e, "re-attach failed"),
+                            let missing: Vec<Hook> = wanted.into_iter().filter(|h| !attached.contains(h)).collect();
+                            unwatch();
+                            if reattach(&mut enforcer, &missing, &desired, observers.as_ref()) {
+                                quiet_until = None;
                             }
+                            rewatch(&enforcer);
                         }
                         Err(e) => error!(error = %e, "cannot check our links"),
                     }
@@ -203,4 +267,46 @@ pub fn spawn(
         }
     });
     (EnforcerHandle { tx }, task)
+}
+
+/// Puts `missing` back: a new link for each from the programs already
+/// loaded ([`Enforcer::relink`]), which takes a few bpf(2) calls; if that
+/// fails, the whole object is loaded again, as at start. False if both
+/// failed.
+fn reattach(
+    enforcer: &mut Enforcer,
+    missing: &[Hook],
+    desired: &MapState,
+    observers: Option<&Observers>,
+) -> bool {
+    let names: Vec<_> = missing.iter().map(|h| h.name()).collect();
+    warn!(missing = ?names, "programs were detached behind our back; re-attaching");
+    let started = Instant::now();
+    let how = match enforcer.relink(missing, desired) {
+        Ok(()) => "relinked",
+        Err(e) => {
+            warn!(error = %e, "re-attaching the loaded programs failed; loading them again");
+            match Enforcer::start(enforcer.attachment().clone(), desired) {
+                Ok((e, _)) => {
+                    *enforcer = e;
+                    "reloaded"
+                }
+                Err(e) => {
+                    error!(error = %e, "re-attach failed");
+                    return false;
+                }
+            }
+        }
+    };
+    info!(
+        how,
+        micros = started.elapsed().as_micros() as u64,
+        "programs re-attached"
+    );
+    if let Some(o) = observers {
+        let n = enforcer.wanted_hooks().len();
+        o.metrics.programs_attached.set(n as i64);
+        o.health.set_attached(n as u32);
+    }
+    true
 }

@@ -179,7 +179,9 @@ pub struct RunArgs {
     /// Protect only the `--protect` destinations, not the built-in set.
     #[arg(long)]
     pub no_default_destinations: bool,
-    /// Seconds between checks that our links are still attached.
+    /// Seconds between full checks of our pinned links (a pin removed or
+    /// replaced). A detached link is caught sooner: the links the agent
+    /// holds are checked ten times a second whatever this says.
     #[arg(long, default_value_t = 2)]
     pub check_interval_secs: u64,
     #[command(flatten)]

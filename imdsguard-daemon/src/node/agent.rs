@@ -137,7 +137,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         attachment,
         desired,
         runtime::Settings {
-            check_every: Duration::from_secs(2),
+            checks: owner::LinkChecks {
+                watch_every: owner::WATCH_EVERY,
+                check_every: Duration::from_secs(2),
+            },
             revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
         },
         &endpoints,

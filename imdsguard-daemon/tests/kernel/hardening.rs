@@ -364,8 +364,9 @@ fn removed_link_pins_are_noticed_and_reattached() {
     );
     let before = links(&status(&lab));
     assert_eq!(before.len(), 4);
-    // The pins are the only references to the links (the daemon keeps no
-    // link fd): unlinking them makes the kernel detach the programs.
+    // The daemon holds an fd of each link, so unlinking the pins detaches
+    // nothing while it runs; its pin check (every second here) notices the
+    // missing pins and puts a new, pinned link in each old one's place.
     for hook in ALL_HOOKS {
         fs::remove_file(lab.pin_dir().join("links").join(hook)).unwrap();
     }

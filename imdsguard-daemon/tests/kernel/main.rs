@@ -18,6 +18,8 @@ mod refusals;
 mod report;
 mod revocation;
 mod socket_identity;
+mod syscalls;
+mod tamper;
 mod upgrade;
 
 use libtest_mimic::{Arguments, Trial};
@@ -35,6 +37,7 @@ fn main() {
     trials.extend(refusals::trials());
     trials.extend(kubernetes::trials());
     trials.extend(hardening::trials());
+    trials.extend(tamper::trials());
     trials.extend(raw_sockets::trials());
     trials.extend(socket_identity::trials());
     trials.extend(revocation::trials());

@@ -38,7 +38,8 @@ mod uring;
 
 pub use socket_loop::SocketLoopReport;
 
-use plain::{imds_http, tcp_connect, tcp_loop, udp};
+pub use plain::monotonic_ns;
+use plain::{imds_http, tcp_connect, tcp_loop, tcp_loop_timed, udp};
 use raw::{Icmp, icmp_echo, packet_socket};
 use sockaddr::{tcp6_with_sin, udp4_sendto_unspec, udp6_with_sin};
 use socket_loop::socket_loop;
@@ -85,6 +86,26 @@ pub struct LoopReport {
     pub other: u64,
 }
 
+/// Counts from a timed probe loop: attempts not denied are "through", and
+/// the start of the first and the last of them is noted (CLOCK_MONOTONIC,
+/// [`monotonic_ns`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimedLoopReport {
+    pub reached: u64,
+    pub eperm: u64,
+    /// Not denied, not reached either (refused, timed out).
+    pub other: u64,
+    pub first_through_ns: Option<u64>,
+    pub last_through_ns: Option<u64>,
+}
+
+impl TimedLoopReport {
+    /// Attempts the hooks did not deny.
+    pub fn through(&self) -> u64 {
+        self.reached + self.other
+    }
+}
+
 /// If this process was started as a probe, run it, print the JSON result
 /// on stdout and exit. Otherwise return.
 pub fn run_if_probe() {
@@ -126,6 +147,10 @@ fn probe_main(args: &[String]) -> anyhow::Result<String> {
         "tcp-loop" => {
             let millis: u64 = args.get(2).context("loop duration missing")?.parse()?;
             serde_json::to_string(&tcp_loop(target, Duration::from_millis(millis)))?
+        }
+        "tcp-loop-timed" => {
+            let millis: u64 = args.get(2).context("loop duration missing")?.parse()?;
+            serde_json::to_string(&tcp_loop_timed(target, Duration::from_millis(millis)))?
         }
         "udp-sendto-unspec" => serde_json::to_string(&udp4_sendto_unspec(target))?,
         "udp6-sin-connect" => serde_json::to_string(&udp6_with_sin(target, true))?,

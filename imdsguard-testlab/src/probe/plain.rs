@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{LoopReport, Outcome};
+use super::{LoopReport, Outcome, TimedLoopReport};
 
 pub(super) fn tcp_connect(target: SocketAddr) -> Outcome {
     match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
@@ -25,6 +25,40 @@ pub(super) fn tcp_loop(target: SocketAddr, duration: Duration) -> LoopReport {
             Outcome::Reached { .. } => r.reached += 1,
             Outcome::Eperm => r.eperm += 1,
             Outcome::Failed { .. } => r.other += 1,
+        }
+    }
+    r
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on the
+/// machine (no time namespace in the lab), so a probe's timestamps line up
+/// with the bench's. `Instant` is the same clock but cannot be printed.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: all-zero is a valid timespec; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// [`tcp_loop`], also noting when the attempts that were not denied
+/// started: what got through while our links were detached.
+pub(super) fn tcp_loop_timed(target: SocketAddr, duration: Duration) -> TimedLoopReport {
+    let mut r = TimedLoopReport::default();
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let started = monotonic_ns();
+        match tcp_connect(target) {
+            Outcome::Eperm => r.eperm += 1,
+            o => {
+                if o.reached() {
+                    r.reached += 1;
+                } else {
+                    r.other += 1;
+                }
+                r.first_through_ns.get_or_insert(started);
+                r.last_through_ns = Some(started);
+            }
         }
     }
     r

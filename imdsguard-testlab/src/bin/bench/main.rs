@@ -1,11 +1,12 @@
 //! `imdsguard-bench`: the benchmarks of BENCHMARKS.md, one subcommand each.
-//! `cargo xtask bench`, `bench-enforce`, `bench-scale` and `bench-proxy`
-//! run them on a release build.
+//! `cargo xtask bench`, `bench-enforce`, `bench-scale`, `bench-proxy` and
+//! `bench-tamper` run them on a release build.
 
 mod enforce;
 mod overhead;
 mod proxy;
 mod scale;
+mod tamper;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,10 @@ enum Command {
     /// p99), GETs per second, the daemon's memory, and the fast path with
     /// filter mode configured (`cargo xtask bench-proxy`).
     Proxy(proxy::Options),
+    /// How long links detached by hand stay detached (attempts through, the
+    /// window), and the idle agent's CPU, optionally against the build
+    /// before (`cargo xtask bench-tamper`).
+    Tamper(tamper::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Enforce(ref o) => enforce::run(o, bin()?),
         Command::Scale(o) => scale::run(o, bin()?),
         Command::Proxy(ref o) => proxy::run(o, bin()?),
+        Command::Tamper(ref o) => tamper::run(o, bin()?),
     }
 }
 
@@ -94,5 +100,19 @@ mod tests {
             panic!("not proxy");
         };
         assert_eq!((o.requests, o.clients, o.floor_rounds), (200, 2, 7));
+        let cli = Cli::try_parse_from([
+            "imdsguard-bench",
+            "tamper",
+            "--before",
+            "/old/imdsguard",
+            "--idle-secs",
+            "0",
+        ])
+        .unwrap();
+        let Command::Tamper(o) = cli.command else {
+            panic!("not tamper");
+        };
+        assert_eq!(o.before.unwrap().to_str(), Some("/old/imdsguard"));
+        assert_eq!((o.rounds, o.idle_secs), (5, 0));
     }
 }
