@@ -17,7 +17,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::{
     Api, Client, Resource as _,
     runtime::{
@@ -36,6 +36,7 @@ use crate::{
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
     node::pod_cgroups::Cgroupfs,
+    node::pod_view::PodView,
     node::policy_reload::{PolicyReloader, compile_destinations, load_policy},
     node::watchers::drive,
     runtime::{self, MetricsServer, Signals},
@@ -121,7 +122,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     // The pod store and the recorder exist before the enforcement starts,
     // so that the revoker can name pods from its first sweep on.
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (pod_store, pod_writer) = reflector::store::<PodView>();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -170,11 +171,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let trigger = Arc::new(Notify::new());
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
     let pods = watcher(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
+        Api::<PodView>::all(client.clone()),
+        crate::node::watchers::pod_watch_config(&args.node_name, args.pod_list_page_size),
     )
     .default_backoff()
-    .modify(crate::node::watchers::strip_pod)
     .reflect(pod_writer);
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
@@ -263,7 +263,7 @@ fn exit_while_waiting(source: &Kubepods) -> Result<()> {
 /// Recomputes the allow map from the full stores whenever something changed.
 struct Reconciler {
     handle: owner::EnforcerHandle,
-    pods: Store<Pod>,
+    pods: Store<PodView>,
     namespaces: Store<Namespace>,
     policy: watch::Receiver<Arc<PolicyFile>>,
     root: CgroupDir,
@@ -298,9 +298,11 @@ impl Reconciler {
             startup_taint,
         } = self;
         // Nothing is written before both stores hold a complete list.
+        let listing = Instant::now();
         if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
             return "reconciler";
         }
+        let listed = listing.elapsed();
         let mut first = true;
         loop {
             let started = Instant::now();
@@ -314,7 +316,8 @@ impl Reconciler {
                     layout: &layout,
                 },
             );
-            let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
+            let computed = started.elapsed();
+            let waiting = want.waiting_for_cgroup;
             let mut want = want;
             if let Some(f) = &filtered {
                 // Rules first: the kernel sends a pod to the proxy only once
@@ -324,8 +327,9 @@ impl Reconciler {
                     want.allowed.insert(id, entry);
                 }
             }
+            let entries = want.allowed.len();
             match handle
-                .sync_allowed(policy.default_mode(), want.allowed.clone())
+                .sync_allowed(policy.default_mode(), std::mem::take(&mut want.allowed))
                 .await
             {
                 Ok(report) => {
@@ -335,10 +339,16 @@ impl Reconciler {
                         .observe(started.elapsed().as_secs_f64());
                     if first {
                         observers.health.set_synced();
+                        // Where the start-up went: the wait for both lists
+                        // (from when this task started), the policy and
+                        // cgroup lookups, and the map writes.
                         info!(
-                            pods = pods.state().len(),
-                            entries = want.allowed.len(),
+                            pods = pods.len(),
+                            entries,
                             waiting_for_cgroup = waiting,
+                            list_ms = listed.as_millis() as u64,
+                            compute_ms = computed.as_millis() as u64,
+                            write_ms = (started.elapsed() - computed).as_millis() as u64,
                             cgroup_root = %root.path.display(),
                             metrics_addr = %metrics_addr,
                             "ready"
@@ -359,7 +369,7 @@ impl Reconciler {
                             inserted = report.inserted,
                             updated = report.updated,
                             removed = report.removed,
-                            entries = want.allowed.len(),
+                            entries,
                             waiting_for_cgroup = waiting,
                             micros = started.elapsed().as_micros() as u64,
                             "allow map reconciled"
