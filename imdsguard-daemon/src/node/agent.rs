@@ -35,7 +35,7 @@ use crate::{
     bpf::{bpffs, enforcer::MapState, owner},
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
-    node::pod_cgroups::Cgroupfs,
+    node::pod_cgroups::CgroupListing,
     node::pod_view::PodView,
     node::policy_reload::{PolicyReloader, compile_destinations, load_policy},
     node::watchers::drive,
@@ -311,10 +311,7 @@ impl Reconciler {
                 &policy,
                 &pods.state(),
                 &namespaces.state(),
-                &Cgroupfs {
-                    root: &root,
-                    layout: &layout,
-                },
+                &CgroupListing::new(&root, &layout),
             );
             let computed = started.elapsed();
             let waiting = want.waiting_for_cgroup;
