@@ -44,6 +44,7 @@ use imdsguard_testlab::{
 };
 use procfs::{Current as _, Meminfo};
 
+mod api_list;
 mod comparison;
 mod flood;
 mod footprint;
@@ -213,12 +214,15 @@ pub fn run(mut o: Options, bin: PathBuf) -> anyhow::Result<()> {
     let mut flood_out = None;
     let mut soak_out = None;
     let mut creation = Vec::new();
+    let mut floors = Vec::new();
     for (i, &size) in o.pods.iter().enumerate() {
         eprintln!("pods: growing to {size}");
         let took = node.grow_to(size, o.create_concurrency)?;
         creation.push((size, took));
         eprintln!("pods: {size} in the API with cgroups ({took:.1?}); start-up runs");
         startups.extend(startup(&node, size, o.repeats, &builds)?);
+        let (took, pages) = api_list::api_list(&node, 500, o.repeats)?;
+        floors.push((size, took, pages));
         let mut agent = None;
         for b in &builds {
             eprintln!("footprint at {size} pods: {}", b.label);
@@ -245,6 +249,17 @@ pub fn run(mut o: Options, bin: PathBuf) -> anyhow::Result<()> {
     }
 
     print_startup(&mut out, &startups, &creation, o.create_concurrency);
+    writeln!(
+        out,
+        "\nThe API server alone, sending the node's pods 500 a page as the agent lists them \
+         (received, nothing decoded; median of {}): {}",
+        o.repeats,
+        floors
+            .iter()
+            .map(|(n, d, pages)| format!("{n} pods: {:.0} ms ({pages} pages)", ms(*d)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )?;
     print_footprint(&mut out, &footprints, o.idle_secs);
     if let Some(f) = &flood_out {
         out.push_str(f);
