@@ -387,6 +387,7 @@ mod tests {
                 "no-revoke",
                 "node-name",
                 "pin-dir",
+                "pod-list-page-size",
                 "policy",
                 "policy-poll-ms",
                 "proxy-listen",
