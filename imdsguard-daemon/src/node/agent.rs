@@ -130,25 +130,64 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             instance: Some(args.node_name.clone()),
         },
     );
+    let trigger = Arc::new(Notify::new());
+    let (ns_store, ns_writer) = reflector::store::<Namespace>();
+    let pods = watcher(
+        Api::<PodView>::all(client.clone()),
+        crate::node::watchers::pod_watch_config(&args.node_name, args.pod_list_page_size),
+    )
+    .default_backoff()
+    .reflect(pod_writer);
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(crate::node::watchers::strip_namespace)
+    .reflect(ns_writer);
+    // The watches start now and list while `runtime::start` loads and
+    // attaches the programs: at 10,000 pods the pod list is most of the
+    // start-up. They only fill the stores; the reconciler writes once both
+    // lists are complete and the enforcer runs.
+    let watches = [
+        spawned(
+            tokio::spawn(drive(pods, trigger.clone(), "pods", metrics.clone())),
+            "pods",
+        ),
+        spawned(
+            tokio::spawn(drive(
+                namespaces,
+                trigger.clone(),
+                "namespaces",
+                metrics.clone(),
+            )),
+            "namespaces",
+        ),
+    ];
     let destinations = desired.destinations.clone();
     let mut attachment = runtime::attachment(&args.enforcement, root.clone())?;
     attachment.filter = proxy_target;
     let pins = attachment.pins.clone();
-    let running = runtime::start(
-        attachment,
-        desired,
-        runtime::Settings {
-            check_every: Duration::from_secs(2),
-            revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
-        },
-        &endpoints,
-        PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
-        Box::new(PodAttributor::new(
-            root.path.clone(),
-            pod_store.clone(),
-            Some(recorder.clone()),
-        )),
-    )?;
+    // Loading is blocking work (the verifier, bpf(2)): off the runtime's
+    // workers, so that the watches go on even with a single worker (a CPU
+    // limit under one core).
+    let running = tokio::task::block_in_place(|| {
+        runtime::start(
+            attachment,
+            desired,
+            runtime::Settings {
+                check_every: Duration::from_secs(2),
+                revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
+            },
+            &endpoints,
+            PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
+            Box::new(PodAttributor::new(
+                root.path.clone(),
+                pod_store.clone(),
+                Some(recorder.clone()),
+            )),
+        )
+    })?;
     let handle = running.handle().clone();
     let proxy = match listeners {
         Some(listeners) => Some(filter::start(
@@ -168,22 +207,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         None => None,
     };
 
-    let trigger = Arc::new(Notify::new());
-    let (ns_store, ns_writer) = reflector::store::<Namespace>();
-    let pods = watcher(
-        Api::<PodView>::all(client.clone()),
-        crate::node::watchers::pod_watch_config(&args.node_name, args.pod_list_page_size),
-    )
-    .default_backoff()
-    .reflect(pod_writer);
-    let namespaces = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(crate::node::watchers::strip_namespace)
-    .reflect(ns_writer);
-
     let node_ref = Node {
         metadata: kube::api::ObjectMeta {
             name: Some(args.node_name.clone()),
@@ -194,14 +217,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     .object_ref(&());
 
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let [pod_watch, namespace_watch] = watches;
     let tasks: Vec<BoxFuture<'static, &'static str>> = vec![
-        Box::pin(drive(pods, trigger.clone(), "pods", metrics.clone())),
-        Box::pin(drive(
-            namespaces,
-            trigger.clone(),
-            "namespaces",
-            metrics.clone(),
-        )),
+        pod_watch,
+        namespace_watch,
         Box::pin({
             let (layout, trigger) = (layout.clone(), trigger.clone());
             async move {
@@ -250,6 +269,26 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     }
     server.stop().await;
     Ok(())
+}
+
+/// A spawned task as one of the agent's tasks: it ends as the task does,
+/// and dropping it (on every return, an early one included) aborts the
+/// task.
+fn spawned(
+    task: tokio::task::JoinHandle<&'static str>,
+    what: &'static str,
+) -> BoxFuture<'static, &'static str> {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let guard = AbortOnDrop(task.abort_handle());
+    Box::pin(async move {
+        let _guard = guard;
+        task.await.unwrap_or(what)
+    })
 }
 
 fn exit_while_waiting(source: &Kubepods) -> Result<()> {
