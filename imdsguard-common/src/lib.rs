@@ -42,7 +42,8 @@ pub const MAX_ALLOWED: u32 = 65_536;
 /// and the programs attached fail-closed before the API server answers, so
 /// the Node object's `status.capacity.pods` is not known yet; a flag or
 /// chart value would have to be kept in step with kubelet's `--max-pods`,
-/// and changing it would mean re-creating a pinned map. The cost of not
+/// and each change would re-create the pinned map (`bpf/migrate.rs`, as
+/// the upgrade from the preallocated map does once). The cost of not
 /// preallocating: an insert can fail with ENOMEM under memory pressure,
 /// which leaves that pod denied (fail closed) until the next reconcile
 /// retries. Only the daemon writes this map; the programs only look up,

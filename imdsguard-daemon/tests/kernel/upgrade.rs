@@ -10,17 +10,29 @@ use imdsguard::{
     cli::args::{Cli, Command},
     standalone,
 };
-use imdsguard_common::{AllowEntry, MAX_ALLOWED, map_names};
+use imdsguard_common::{ALLOWED_MAP_FLAGS, AllowEntry, MAX_ALLOWED, map_names};
 use imdsguard_testlab::raw_bpf;
 use libtest_mimic::Trial;
 
 use crate::{support::*, trial};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "an_upgrade_replaces_a_reshaped_allow_map_without_a_gap",
-        an_upgrade_replaces_a_reshaped_allow_map_without_a_gap,
-    )]
+    vec![
+        trial(
+            "an_upgrade_replaces_a_reshaped_allow_map_without_a_gap",
+            an_upgrade_replaces_a_reshaped_allow_map_without_a_gap,
+        ),
+        trial(
+            "an_upgrade_replaces_a_preallocated_allow_map_without_a_gap",
+            an_upgrade_replaces_a_preallocated_allow_map_without_a_gap,
+        ),
+    ]
+}
+
+/// Releases up to 0.2.0 preallocated their allow map: same key, value and
+/// size as this one's, flags 0 instead of `BPF_F_NO_PREALLOC`.
+fn an_upgrade_replaces_a_preallocated_allow_map_without_a_gap() {
+    upgrade_replacing_the_allow_map(MAX_ALLOWED);
 }
 
 /// The previous release's allow map had 1,024 entries; this one's has
@@ -29,6 +41,11 @@ pub fn trials() -> Vec<Trial> {
 /// carried over, and the denied pod stays denied only if the old programs
 /// keep enforcing until the new ones are swapped in.
 fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
+    upgrade_replacing_the_allow_map(1024);
+}
+
+/// The previous release's allow map: a preallocated hash of `max_entries`.
+fn upgrade_replacing_the_allow_map(max_entries: u32) {
     let lab = lab("reshape");
     let (prod, test) = pods(&lab);
     let pins = PinLayout::new(lab.pin_dir());
@@ -43,7 +60,7 @@ fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
         raw_bpf::BPF_MAP_TYPE_HASH,
         8,
         size_of::<AllowEntry>() as u32,
-        1024,
+        max_entries,
     )
     .unwrap();
     let pin = pins.map(map_names::ALLOWED);
@@ -82,6 +99,11 @@ fn an_upgrade_replaces_a_reshaped_allow_map_without_a_gap() {
     assert_eq!(report.replaced.len(), 2, "both links swapped: {report:?}");
     let info = MapInfo::from_pin(&pin).unwrap();
     assert_eq!(info.max_entries(), MAX_ALLOWED, "the new map took the pin");
+    assert_eq!(
+        info.map_flags(),
+        ALLOWED_MAP_FLAGS,
+        "the new map took the pin"
+    );
     let now = AllowMap::open_pinned(&pins).unwrap().entries().unwrap();
     assert_eq!(now, entries, "the entries were carried over");
     let leftovers: Vec<_> = fs::read_dir(pins.maps_dir())
