@@ -11,8 +11,6 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::metrics::{Metrics, WatchLabels};
-#[cfg(doc)]
-use crate::node::pod_view::PodView;
 
 /// Polls a watcher stream; every event (and every relist) wakes the
 /// reconciler. Errors are retried by the stream's backoff, and the store
@@ -43,7 +41,8 @@ where
 }
 
 /// The watch of this node's pods, listed `page_size` pods a page. Pods are
-/// decoded as [`PodView`]: only what the agent reads is built.
+/// decoded as [`PodView`](crate::node::pod_view::PodView): only what the
+/// agent reads is built.
 pub(crate) fn pod_watch_config(node_name: &str, page_size: u32) -> watcher::Config {
     watcher::Config::default()
         .fields(&format!("spec.nodeName={node_name}"))
