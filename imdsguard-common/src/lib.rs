@@ -32,7 +32,23 @@ pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacity of the allowed-cgroup map. A node runs at most a few hundred pods;
 /// 65536 leaves room for 10,000-pod soak tests and per-container entries.
+/// With [`ALLOWED_MAP_FLAGS`] this is a ceiling, not memory paid up front.
 pub const MAX_ALLOWED: u32 = 65_536;
+/// Map flags of the allowed-cgroup map: `BPF_F_NO_PREALLOC`, so that its
+/// kernel memory follows the entries present (about 1 MiB of buckets plus
+/// some 100 bytes per entry) instead of 5.4 MiB preallocated for 65,536.
+///
+/// Why not a size from the node's pod capacity instead: the map is created
+/// and the programs attached fail-closed before the API server answers, so
+/// the Node object's `status.capacity.pods` is not known yet; a flag or
+/// chart value would have to be kept in step with kubelet's `--max-pods`,
+/// and each change would re-create the pinned map (`bpf/migrate.rs`, as
+/// the upgrade from the preallocated map does once). The cost of not
+/// preallocating: an insert can fail with ENOMEM under memory pressure,
+/// which leaves that pod denied (fail closed) until the next reconcile
+/// retries. Only the daemon writes this map; the programs only look up,
+/// and a lookup is the same code whether the map is preallocated or not.
+pub const ALLOWED_MAP_FLAGS: u32 = 1;
 /// Capacity of the protected-destination trie.
 pub const MAX_PROTECTED: u32 = 1_024;
 /// Ring buffer size in bytes (power of two, multiple of the page size).

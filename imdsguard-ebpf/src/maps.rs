@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use imdsguard_common::{
-    AddrKey, AllowEntry, Config, ConnKey, EVENTS_BYTES, FilterOrigin, MAX_ALLOWED,
-    MAX_FILTER_CONNS, MAX_PROTECTED, PREFILTER_WORDS, Protected, ProxyConfig, REPORT_SLOTS,
-    ReportBucket, Scope, counter,
+    ALLOWED_MAP_FLAGS, AddrKey, AllowEntry, Config, ConnKey, EVENTS_BYTES, FilterOrigin,
+    MAX_ALLOWED, MAX_FILTER_CONNS, MAX_PROTECTED, PREFILTER_WORDS, Protected, ProxyConfig,
+    REPORT_SLOTS, ReportBucket, Scope, counter,
 };
 
 /// One bit per 16-bit address prefix that has any protected destination.
@@ -23,9 +23,11 @@ pub static PREFILTER: Array<u64> = Array::with_max_entries(PREFILTER_WORDS, 0);
 #[map(name = "IMDSG_PROTECTED")]
 pub static PROTECTED: LpmTrie<AddrKey, Protected> = LpmTrie::with_max_entries(MAX_PROTECTED, 0);
 
-/// Allowed (or per-entry audited/enforced) cgroups by cgroup id.
+/// Allowed (or per-entry audited/enforced) cgroups by cgroup id. Not
+/// preallocated (see `ALLOWED_MAP_FLAGS`).
 #[map(name = "IMDSG_ALLOWED")]
-pub static ALLOWED: HashMap<u64, AllowEntry> = HashMap::with_max_entries(MAX_ALLOWED, 0);
+pub static ALLOWED: HashMap<u64, AllowEntry> =
+    HashMap::with_max_entries(MAX_ALLOWED, ALLOWED_MAP_FLAGS);
 
 #[map(name = "IMDSG_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

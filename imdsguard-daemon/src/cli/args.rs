@@ -218,6 +218,11 @@ pub struct NodeArgs {
     /// How often the policy file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
+    /// Pods per page of the initial pod list (and of every relist). Each
+    /// page's response is held whole while it is decoded, so this bounds
+    /// the start-up peak; fewer, larger pages list a big node faster.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_list_page_size: u32,
     /// Address for /metrics, /healthz and /readyz (port 0 picks a free port;
     /// the bound address is in the `ready` log line).
     #[arg(long, default_value = "0.0.0.0:9090")]
@@ -384,6 +389,7 @@ mod tests {
                 "no-revoke",
                 "node-name",
                 "pin-dir",
+                "pod-list-page-size",
                 "policy",
                 "policy-poll-ms",
                 "proxy-listen",

@@ -196,10 +196,10 @@ pub async fn for_pod(
     policy: Option<&std::path::Path>,
     kubepods_root: Option<&std::path::Path>,
 ) -> Result<Explanation> {
-    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::core::v1::Namespace;
     use kube::{Api, Client};
 
-    use crate::{cgroup::pod, policy::desired, policy::file::PolicyFile};
+    use crate::{cgroup::pod, node::pod_view::PodView, policy::desired, policy::file::PolicyFile};
 
     let (ns, name) = pod_ref
         .split_once('/')
@@ -208,7 +208,7 @@ pub async fn for_pod(
             reason: "--pod takes NAMESPACE/NAME".into(),
         })?;
     let client = Client::try_default().await.map_err(Error::Kube)?;
-    let pod = Api::<Pod>::namespaced(client.clone(), ns)
+    let pod = Api::<PodView>::namespaced(client.clone(), ns)
         .get(name)
         .await
         .map_err(Error::Kube)?;
@@ -227,7 +227,7 @@ pub async fn for_pod(
         root: &root,
         layout: &layout,
     };
-    let cgroup = desired::pod_cgroup(&pod, &uid, &cgroups);
+    let cgroup = desired::pod_cgroup(pod.status.qos_class, &uid, &cgroups);
     let (rule, filter) = match policy {
         Some(path) => {
             let (_, policy) = PolicyFile::load(path)?;

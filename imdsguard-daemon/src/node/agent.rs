@@ -17,7 +17,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::{
     Api, Client, Resource as _,
     runtime::{
@@ -35,7 +35,8 @@ use crate::{
     bpf::{bpffs, enforcer::MapState, owner},
     cgroup::mount::CgroupDir,
     cli::args::NodeArgs,
-    node::pod_cgroups::Cgroupfs,
+    node::pod_cgroups::CgroupListing,
+    node::pod_view::PodView,
     node::policy_reload::{PolicyReloader, compile_destinations, load_policy},
     node::watchers::drive,
     runtime::{self, MetricsServer, Signals},
@@ -121,7 +122,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     };
     // The pod store and the recorder exist before the enforcement starts,
     // so that the revoker can name pods from its first sweep on.
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (pod_store, pod_writer) = reflector::store::<PodView>();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -129,28 +130,67 @@ pub async fn run(args: NodeArgs) -> Result<()> {
             instance: Some(args.node_name.clone()),
         },
     );
+    let trigger = Arc::new(Notify::new());
+    let (ns_store, ns_writer) = reflector::store::<Namespace>();
+    let pods = watcher(
+        Api::<PodView>::all(client.clone()),
+        crate::node::watchers::pod_watch_config(&args.node_name, args.pod_list_page_size),
+    )
+    .default_backoff()
+    .reflect(pod_writer);
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(crate::node::watchers::strip_namespace)
+    .reflect(ns_writer);
+    // The watches start now and list while `runtime::start` loads and
+    // attaches the programs: at 10,000 pods the pod list is most of the
+    // start-up. They only fill the stores; the reconciler writes once both
+    // lists are complete and the enforcer runs.
+    let watches = [
+        spawned(
+            tokio::spawn(drive(pods, trigger.clone(), "pods", metrics.clone())),
+            "pods",
+        ),
+        spawned(
+            tokio::spawn(drive(
+                namespaces,
+                trigger.clone(),
+                "namespaces",
+                metrics.clone(),
+            )),
+            "namespaces",
+        ),
+    ];
     let destinations = desired.destinations.clone();
     let mut attachment = runtime::attachment(&args.enforcement, root.clone())?;
     attachment.filter = proxy_target;
     let pins = attachment.pins.clone();
-    let running = runtime::start(
-        attachment,
-        desired,
-        runtime::Settings {
-            checks: owner::LinkChecks {
-                watch_every: owner::WATCH_EVERY,
-                check_every: Duration::from_secs(2),
+    // Loading is blocking work (the verifier, bpf(2)): off the runtime's
+    // workers, so that the watches go on even with a single worker (a CPU
+    // limit under one core).
+    let running = tokio::task::block_in_place(|| {
+        runtime::start(
+            attachment,
+            desired,
+            runtime::Settings {
+                checks: owner::LinkChecks {
+                    watch_every: owner::WATCH_EVERY,
+                    check_every: Duration::from_secs(2),
+                },
+                revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
             },
-            revoke: runtime::revoke_settings(&args.revoke, &root, &args.netns_dirs),
-        },
-        &endpoints,
-        PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
-        Box::new(PodAttributor::new(
-            root.path.clone(),
-            pod_store.clone(),
-            Some(recorder.clone()),
-        )),
-    )?;
+            &endpoints,
+            PodAttributor::new(root.path.clone(), pod_store.clone(), Some(recorder.clone())),
+            Box::new(PodAttributor::new(
+                root.path.clone(),
+                pod_store.clone(),
+                Some(recorder.clone()),
+            )),
+        )
+    })?;
     let handle = running.handle().clone();
     let proxy = match listeners {
         Some(listeners) => Some(filter::start(
@@ -170,23 +210,6 @@ pub async fn run(args: NodeArgs) -> Result<()> {
         None => None,
     };
 
-    let trigger = Arc::new(Notify::new());
-    let (ns_store, ns_writer) = reflector::store::<Namespace>();
-    let pods = watcher(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
-    )
-    .default_backoff()
-    .modify(crate::node::watchers::strip_pod)
-    .reflect(pod_writer);
-    let namespaces = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(crate::node::watchers::strip_namespace)
-    .reflect(ns_writer);
-
     let node_ref = Node {
         metadata: kube::api::ObjectMeta {
             name: Some(args.node_name.clone()),
@@ -197,14 +220,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     .object_ref(&());
 
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let [pod_watch, namespace_watch] = watches;
     let tasks: Vec<BoxFuture<'static, &'static str>> = vec![
-        Box::pin(drive(pods, trigger.clone(), "pods", metrics.clone())),
-        Box::pin(drive(
-            namespaces,
-            trigger.clone(),
-            "namespaces",
-            metrics.clone(),
-        )),
+        pod_watch,
+        namespace_watch,
         Box::pin({
             let (layout, trigger) = (layout.clone(), trigger.clone());
             async move {
@@ -255,6 +274,26 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// A spawned task as one of the agent's tasks: it ends as the task does,
+/// and dropping it (on every return, an early one included) aborts the
+/// task.
+fn spawned(
+    task: tokio::task::JoinHandle<&'static str>,
+    what: &'static str,
+) -> BoxFuture<'static, &'static str> {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let guard = AbortOnDrop(task.abort_handle());
+    Box::pin(async move {
+        let _guard = guard;
+        task.await.unwrap_or(what)
+    })
+}
+
 fn exit_while_waiting(source: &Kubepods) -> Result<()> {
     info!(
         kubepods_root = %source.describe(),
@@ -266,7 +305,7 @@ fn exit_while_waiting(source: &Kubepods) -> Result<()> {
 /// Recomputes the allow map from the full stores whenever something changed.
 struct Reconciler {
     handle: owner::EnforcerHandle,
-    pods: Store<Pod>,
+    pods: Store<PodView>,
     namespaces: Store<Namespace>,
     policy: watch::Receiver<Arc<PolicyFile>>,
     root: CgroupDir,
@@ -301,9 +340,11 @@ impl Reconciler {
             startup_taint,
         } = self;
         // Nothing is written before both stores hold a complete list.
+        let listing = Instant::now();
         if pods.wait_until_ready().await.is_err() || namespaces.wait_until_ready().await.is_err() {
             return "reconciler";
         }
+        let listed = listing.elapsed();
         let mut first = true;
         loop {
             let started = Instant::now();
@@ -312,12 +353,10 @@ impl Reconciler {
                 &policy,
                 &pods.state(),
                 &namespaces.state(),
-                &Cgroupfs {
-                    root: &root,
-                    layout: &layout,
-                },
+                &CgroupListing::new(&root, &layout),
             );
-            let waiting = want.decisions.iter().filter(|d| d.cgroup.is_none()).count();
+            let computed = started.elapsed();
+            let waiting = want.waiting_for_cgroup;
             let mut want = want;
             if let Some(f) = &filtered {
                 // Rules first: the kernel sends a pod to the proxy only once
@@ -327,8 +366,9 @@ impl Reconciler {
                     want.allowed.insert(id, entry);
                 }
             }
+            let entries = want.allowed.len();
             match handle
-                .sync_allowed(policy.default_mode(), want.allowed.clone())
+                .sync_allowed(policy.default_mode(), std::mem::take(&mut want.allowed))
                 .await
             {
                 Ok(report) => {
@@ -338,10 +378,16 @@ impl Reconciler {
                         .observe(started.elapsed().as_secs_f64());
                     if first {
                         observers.health.set_synced();
+                        // Where the start-up went: the wait for both lists
+                        // (from when this task started), the policy and
+                        // cgroup lookups, and the map writes.
                         info!(
-                            pods = pods.state().len(),
-                            entries = want.allowed.len(),
+                            pods = pods.len(),
+                            entries,
                             waiting_for_cgroup = waiting,
+                            list_ms = listed.as_millis() as u64,
+                            compute_ms = computed.as_millis() as u64,
+                            write_ms = (started.elapsed() - computed).as_millis() as u64,
                             cgroup_root = %root.path.display(),
                             metrics_addr = %metrics_addr,
                             "ready"
@@ -362,7 +408,7 @@ impl Reconciler {
                             inserted = report.inserted,
                             updated = report.updated,
                             removed = report.removed,
-                            entries = want.allowed.len(),
+                            entries,
                             waiting_for_cgroup = waiting,
                             micros = started.elapsed().as_micros() as u64,
                             "allow map reconciled"

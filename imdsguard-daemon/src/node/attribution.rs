@@ -10,17 +10,18 @@ use std::{
 };
 
 use futures::FutureExt as _;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Resource as _,
     runtime::{
         events::{Event, EventType, Recorder},
-        reflector::Store,
+        reflector::{ObjectRef, Store},
     },
 };
 use tracing::debug;
 
 use crate::cgroup::pod::{container_id_of, parse_pod_dir};
+use crate::node::pod_view::PodView;
 use crate::{
     bpf::hook::Hook,
     cgroup::subtree::paths_of_ids,
@@ -32,14 +33,14 @@ const EVENT_EVERY: Duration = Duration::from_secs(60);
 
 pub struct PodAttributor {
     root: PathBuf,
-    pods: Store<Pod>,
+    pods: Store<PodView>,
     recorder: Option<Recorder>,
     paths: HashMap<u64, PathBuf>,
     last_event: HashMap<(String, String), Instant>,
 }
 
 impl PodAttributor {
-    pub fn new(root: PathBuf, pods: Store<Pod>, recorder: Option<Recorder>) -> Self {
+    pub fn new(root: PathBuf, pods: Store<PodView>, recorder: Option<Recorder>) -> Self {
         Self {
             root,
             pods,
@@ -61,23 +62,17 @@ impl PodAttributor {
         Some(p)
     }
 
-    fn pod_by_uid(&self, uid: &str) -> Option<std::sync::Arc<Pod>> {
-        self.pods
-            .state()
-            .into_iter()
-            .find(|p| p.metadata.uid.as_deref() == Some(uid))
+    fn pod_by_uid(&self, uid: &str) -> Option<std::sync::Arc<PodView>> {
+        // A scan under the store's read lock, without copying the store:
+        // attribution is rare (denials, throttled), reconciles are not.
+        self.pods.find(|p| p.metadata.uid.as_deref() == Some(uid))
     }
 }
 
 /// The name of the container with runtime id `id` in the pod's status
 /// (`containerd://<id>`, `cri-o://<id>`, ...), init containers included.
-fn container_name(pod: &Pod, id: &str) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
+fn container_name(pod: &PodView, id: &str) -> Option<String> {
+    pod.containers()
         .find(|c| {
             c.container_id
                 .as_deref()
@@ -293,9 +288,7 @@ impl PodAttributor {
         }
         self.last_event.insert(key, now);
         let (ns, name) = pod_name.split_once('/')?;
-        let pod = self.pods.state().into_iter().find(|p| {
-            p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
-        })?;
+        let pod = self.pods.get(&ObjectRef::new(name).within(ns))?;
         Some((recorder, pod.object_ref(&())))
     }
 }
@@ -339,7 +332,7 @@ mod tests {
     const UID: &str = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b";
     const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-    fn pod(container_listed: bool) -> Pod {
+    fn pod(container_listed: bool) -> PodView {
         let status = if container_listed {
             serde_json::json!({"containerStatuses": [{
                 "name": "app", "containerID": format!("containerd://{CID}"),
@@ -368,7 +361,7 @@ mod tests {
         std::fs::create_dir_all(&ctr).unwrap();
         let id = std::fs::metadata(&ctr).unwrap().ino();
 
-        let (store, mut writer) = reflector::store::<Pod>();
+        let (store, mut writer) = reflector::store::<PodView>();
         let mut a = PodAttributor::new(root.clone(), store, None);
         // Before the first full list: the pod is not named, and says why.
         assert!(!a.synced());

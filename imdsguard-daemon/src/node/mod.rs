@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod cgroup_watch;
 mod filter;
 pub mod pod_cgroups;
+pub mod pod_view;
 mod policy_reload;
 pub mod taint;
 #[cfg(test)]

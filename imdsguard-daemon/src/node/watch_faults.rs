@@ -40,7 +40,7 @@ use crate::{
     bpf::enforcer::AllowTarget,
     cgroup::mount::CgroupDir,
     metrics::{Metrics, WatchLabels},
-    node::pod_cgroups::Cgroupfs,
+    node::{pod_cgroups::Cgroupfs, pod_view::PodView, watchers::pod_watch_config},
     vocabulary::Action,
 };
 use crate::{
@@ -313,7 +313,7 @@ impl Backoff for RecordingBackoff {
 /// names in the store it then sees.
 struct Pipeline {
     api: ApiServer,
-    store: Store<Pod>,
+    store: Store<PodView>,
     metrics: Arc<Metrics>,
     backoff: Arc<Mutex<Vec<usize>>>,
     /// What the stand-in reconciler saw at its latest wake-up.
@@ -330,13 +330,10 @@ impl Pipeline {
         let attempts = backoff.attempts.clone();
         let metrics = Arc::new(Metrics::new());
         let trigger = Arc::new(Notify::new());
-        let (store, writer) = reflector::store::<Pod>();
-        let pods = watcher(
-            Api::<Pod>::all(client),
-            watcher::Config::default().fields(&format!("spec.nodeName={NODE}")),
-        )
-        .backoff(backoff)
-        .reflect(writer);
+        let (store, writer) = reflector::store::<PodView>();
+        let pods = watcher(Api::<PodView>::all(client), pod_watch_config(NODE, 500))
+            .backoff(backoff)
+            .reflect(writer);
         let driver = tokio::spawn({
             let (trigger, metrics) = (trigger.clone(), metrics.clone());
             async move {
@@ -402,7 +399,7 @@ impl Drop for Pipeline {
     }
 }
 
-fn names(store: &Store<Pod>) -> BTreeSet<String> {
+fn names(store: &Store<PodView>) -> BTreeSet<String> {
     store
         .state()
         .iter()
@@ -455,7 +452,7 @@ impl Kubepods {
     }
 
     /// The allow map [`POLICY`] gives the pods in `store`.
-    fn compute(&self, store: &Store<Pod>) -> BTreeMap<u64, AllowTarget> {
+    fn compute(&self, store: &Store<PodView>) -> BTreeMap<u64, AllowTarget> {
         let policy = PolicyFile::from_yaml(POLICY).unwrap();
         let want = desired::compute(
             &policy,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod, PodStatus};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tracing::warn;
@@ -40,32 +40,13 @@ where
     what
 }
 
-/// Keeps only what the agent reads of a Pod: its name, namespace, UID and
-/// labels (the policy), its QoS class (the cgroup path) and its containers'
-/// names and IDs (attribution). A whole Pod is about 11 KiB, managedFields
-/// and the spec most of it; at 10,000 pods that is the agent's memory.
-pub(crate) fn strip_pod(pod: &mut Pod) {
-    strip_meta(&mut pod.metadata);
-    pod.spec = None;
-    let status = pod.status.take().unwrap_or_default();
-    let keep = |statuses: Option<Vec<ContainerStatus>>| {
-        statuses.map(|v| {
-            v.into_iter()
-                .map(|c| ContainerStatus {
-                    name: c.name,
-                    container_id: c.container_id,
-                    ..ContainerStatus::default()
-                })
-                .collect()
-        })
-    };
-    pod.status = Some(PodStatus {
-        qos_class: status.qos_class,
-        container_statuses: keep(status.container_statuses),
-        init_container_statuses: keep(status.init_container_statuses),
-        ephemeral_container_statuses: keep(status.ephemeral_container_statuses),
-        ..PodStatus::default()
-    });
+/// The watch of this node's pods, listed `page_size` pods a page. Pods are
+/// decoded as [`PodView`](crate::node::pod_view::PodView): only what the
+/// agent reads is built.
+pub(crate) fn pod_watch_config(node_name: &str, page_size: u32) -> watcher::Config {
+    watcher::Config::default()
+        .fields(&format!("spec.nodeName={node_name}"))
+        .page_size(page_size)
 }
 
 /// Keeps a Namespace's name and labels (namespace selectors).
@@ -80,62 +61,4 @@ fn strip_meta(meta: &mut kube::api::ObjectMeta) {
     meta.annotations = None;
     meta.owner_references = None;
     meta.finalizers = None;
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::api::core::v1::{Container, PodSpec};
-    use kube::api::ObjectMeta;
-
-    use super::*;
-
-    #[test]
-    fn a_stripped_pod_keeps_what_the_agent_reads() {
-        let mut pod = Pod {
-            metadata: ObjectMeta {
-                name: Some("p".into()),
-                namespace: Some("ns".into()),
-                uid: Some("u".into()),
-                labels: Some(BTreeMap::from([("app".into(), "prod".into())])),
-                annotations: Some(BTreeMap::from([("big".into(), "x".repeat(4096))])),
-                managed_fields: Some(vec![Default::default()]),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "c".into(),
-                    image: Some("img".into()),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                qos_class: Some("Burstable".into()),
-                phase: Some("Running".into()),
-                container_statuses: Some(vec![ContainerStatus {
-                    name: "c".into(),
-                    container_id: Some("containerd://abc".into()),
-                    image: "img".into(),
-                    ..ContainerStatus::default()
-                }]),
-                ..PodStatus::default()
-            }),
-        };
-        strip_pod(&mut pod);
-        assert_eq!(pod.metadata.name.as_deref(), Some("p"));
-        assert_eq!(pod.metadata.namespace.as_deref(), Some("ns"));
-        assert_eq!(pod.metadata.uid.as_deref(), Some("u"));
-        assert_eq!(pod.metadata.labels.as_ref().map(BTreeMap::len), Some(1));
-        assert!(pod.metadata.annotations.is_none() && pod.metadata.managed_fields.is_none());
-        assert!(pod.spec.is_none());
-        let status = pod.status.expect("status kept");
-        assert_eq!(status.qos_class.as_deref(), Some("Burstable"));
-        assert!(status.phase.is_none());
-        let c = &status.container_statuses.expect("container statuses kept")[0];
-        assert_eq!(c.name, "c");
-        assert_eq!(c.container_id.as_deref(), Some("containerd://abc"));
-        assert!(c.image.is_empty());
-    }
 }

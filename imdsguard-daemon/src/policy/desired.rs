@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 
 use crate::{
     bpf::enforcer::AllowTarget,
@@ -23,8 +23,8 @@ use crate::{
         pod::{PodUid, QosClass},
     },
     filter::rules::FilterRules,
+    node::pod_view::PodView,
     policy::file::PolicyFile,
-    vocabulary::Action,
 };
 
 /// Finds a pod's cgroup, if kubelet has created it yet.
@@ -32,19 +32,6 @@ pub trait CgroupResolver {
     /// The pod-level cgroup of pod `uid`. `qos` is the class from the pod's
     /// status; None when not reported yet, and then every class is tried.
     fn pod_cgroup(&self, uid: &PodUid, qos: Option<QosClass>) -> Option<CgroupDir>;
-}
-
-/// How the policy decided one pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodDecision {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub action: Action,
-    pub rule: String,
-    /// None while kubelet has not created the pod's cgroup yet (the pod is
-    /// then judged by the global default, i.e. denied when enforcing).
-    pub cgroup: Option<CgroupDir>,
 }
 
 /// What the policy file says for this node's pods: the allow-map entries
@@ -56,7 +43,13 @@ pub struct PodVerdicts {
     /// The allow list of every filter entry in `allowed`, by its cgroup id:
     /// what the proxy serves a filtered pod.
     pub filter_rules: HashMap<u64, Arc<FilterRules>>,
-    pub decisions: Vec<PodDecision>,
+    /// Pods the policy judged.
+    pub judged: usize,
+    /// Judged pods whose cgroup kubelet has not created yet: they have no
+    /// entry, and are judged by the global default (denied when enforcing)
+    /// until it appears. A count, not a list: this runs on every change,
+    /// and at 10,000 pods a list of names was megabytes allocated per run.
+    pub waiting_for_cgroup: usize,
     /// Pods skipped because their namespace is not in the store yet: a
     /// namespace selector cannot be judged without its labels.
     pub unknown_namespace: usize,
@@ -71,7 +64,7 @@ fn labels(
 /// Computes the allow map for `pods` (already filtered to this node).
 pub fn compute(
     policy: &PolicyFile,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<PodView>],
     namespaces: &[Arc<Namespace>],
     cgroups: &impl CgroupResolver,
 ) -> PodVerdicts {
@@ -81,7 +74,7 @@ pub fn compute(
         .collect();
     let mut out = PodVerdicts::default();
     for pod in pods {
-        let (Some(namespace), Some(name), Some(uid)) = (
+        let (Some(namespace), Some(_name), Some(uid)) = (
             pod.metadata.namespace.as_deref(),
             pod.metadata.name.as_deref(),
             pod.metadata.uid.as_deref(),
@@ -92,49 +85,43 @@ pub fn compute(
             out.unknown_namespace += 1;
             continue;
         };
-        let Some(decision) = policy.evaluate(namespace, ns, &labels(&pod.metadata)) else {
+        let Some(decision) = policy.evaluate(namespace, ns, &pod.labels()) else {
             continue;
         };
-        let cgroup = pod_cgroup(pod, uid, cgroups);
-        if let Some(dir) = &cgroup {
-            if let Some(rules) = decision.filter {
-                out.filter_rules.insert(dir.id, rules.clone());
-            }
-            out.allowed.insert(
-                dir.id,
-                AllowTarget {
-                    level: dir.level,
-                    action: decision.action,
-                },
-            );
+        out.judged += 1;
+        let Some(dir) = pod_cgroup(pod.status.qos_class, uid, cgroups) else {
+            out.waiting_for_cgroup += 1;
+            continue;
+        };
+        if let Some(rules) = decision.filter {
+            out.filter_rules.insert(dir.id, rules.clone());
         }
-        out.decisions.push(PodDecision {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: uid.into(),
-            action: decision.action,
-            rule: decision.rule_name.into(),
-            cgroup,
-        });
+        out.allowed.insert(
+            dir.id,
+            AllowTarget {
+                level: dir.level,
+                action: decision.action,
+            },
+        );
     }
     out
 }
 
 /// The pod-level cgroup: every container, init container and restart of the
 /// pod lives below it. The QoS class from the status picks the directory.
-pub fn pod_cgroup(pod: &Pod, uid: &str, cgroups: &impl CgroupResolver) -> Option<CgroupDir> {
+pub fn pod_cgroup(
+    qos: Option<QosClass>,
+    uid: &str,
+    cgroups: &impl CgroupResolver,
+) -> Option<CgroupDir> {
     let uid: PodUid = uid.parse().ok()?;
-    let qos = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.qos_class.as_deref())
-        .and_then(|q| q.parse::<QosClass>().ok());
     cgroups.pod_cgroup(&uid, qos)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocabulary::Action;
 
     const POLICY: &str = "defaultMode: enforce\nrules:\n  - name: prod\n    podSelector:\n      matchLabels: {app: prod}\n    access: allow\n";
 
@@ -157,7 +144,7 @@ mod tests {
         }
     }
 
-    fn pod(n: u32, labels: serde_json::Value, qos: Option<&str>) -> Arc<Pod> {
+    fn pod(n: u32, labels: serde_json::Value, qos: Option<&str>) -> Arc<PodView> {
         Arc::new(
             serde_json::from_value(serde_json::json!({
                 "metadata": {"namespace": "imds", "name": format!("pod-{n}"), "uid": uid(n), "labels": labels},
@@ -207,7 +194,7 @@ mod tests {
                 }
             )])
         );
-        assert_eq!(want.decisions.len(), 1);
+        assert_eq!((want.judged, want.waiting_for_cgroup), (1, 0));
         assert_eq!(
             *cgroups.asked.borrow(),
             [(uid(7), Some(QosClass::BestEffort))]
@@ -231,8 +218,7 @@ mod tests {
             &cgroups,
         );
         assert!(want.allowed.is_empty());
-        assert_eq!(want.decisions.len(), 1);
-        assert_eq!(want.decisions[0].cgroup, None);
+        assert_eq!((want.judged, want.waiting_for_cgroup), (1, 1));
         assert_eq!(*cgroups.asked.borrow(), [(uid(1), None)]);
     }
 }

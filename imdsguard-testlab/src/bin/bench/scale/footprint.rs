@@ -13,6 +13,7 @@ use super::procinfo::{
 };
 
 pub(super) struct FootprintRow {
+    pub(super) build: &'static str,
     pub(super) pods: u32,
     pub(super) entries: u64,
     pub(super) rss: u64,
@@ -24,6 +25,7 @@ pub(super) struct FootprintRow {
 
 pub(super) fn footprint(
     agent: &Daemon,
+    build: &'static str,
     size: u32,
     entries: u64,
     idle_secs: u64,
@@ -35,6 +37,7 @@ pub(super) fn footprint(
     std::thread::sleep(Duration::from_secs(idle_secs));
     let (c1, idle) = (cpu_ticks(pid)?, t0.elapsed());
     Ok(FootprintRow {
+        build,
         pods: size,
         entries,
         rss: rss_kib(pid)?,
@@ -56,7 +59,7 @@ pub(super) fn print_footprint(out: &mut String, rows: &[FootprintRow], idle_secs
     );
     let _ = writeln!(
         out,
-        "| pods on the node | allow-map entries | VmRSS | VmHWM (peak) | idle CPU | BPF maps | BPF programs |\n|---|---|---|---|---|---|---|"
+        "| pods on the node | build | allow-map entries | VmRSS | VmHWM (peak) | idle CPU | BPF maps | BPF programs |\n|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let sum = |kind: &str| -> u64 {
@@ -68,8 +71,9 @@ pub(super) fn print_footprint(out: &mut String, rows: &[FootprintRow], idle_secs
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} MiB | {:.1} MiB | {:.2}% over {:.0} s | {:.1} KiB | {:.1} KiB |",
+            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.2}% over {:.0} s | {:.1} KiB | {:.1} KiB |",
             r.pods,
+            r.build,
             r.entries,
             r.rss as f64 / 1024.0,
             r.hwm as f64 / 1024.0,
@@ -93,7 +97,7 @@ pub(super) fn print_footprint(out: &mut String, rows: &[FootprintRow], idle_secs
         out,
         "\nPer map (memlock KiB):\n\n| map | type | max_entries |{}\n|---|---|---|{}",
         rows.iter()
-            .map(|r| format!(" {} pods |", r.pods))
+            .map(|r| format!(" {} pods, {} |", r.pods, r.build))
             .collect::<String>(),
         "---|".repeat(rows.len())
     );

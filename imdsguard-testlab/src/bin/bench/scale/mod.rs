@@ -35,6 +35,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
+use imdsguard::bpf::uninstall::uninstall;
 use imdsguard_testlab::{
     cluster::{Cluster, SEED_POLICY},
     kube_apiserver::KubeApiserver,
@@ -43,6 +44,7 @@ use imdsguard_testlab::{
 };
 use procfs::{Current as _, Meminfo};
 
+mod api_list;
 mod comparison;
 mod flood;
 mod footprint;
@@ -86,6 +88,23 @@ pub struct Options {
     /// Churn pods alive at once during the soak.
     #[arg(long, default_value_t = 20)]
     pub(super) churn_pods: usize,
+    /// Pods created (and as many deleted) per minute during the soak; 0
+    /// creates them as fast as the API server takes them (about 7,500 a
+    /// minute here), a stress far above what a kubelet produces.
+    #[arg(long, default_value_t = 0)]
+    pub(super) churn_per_min: u32,
+    /// Another `imdsguard` binary (e.g. built from an older commit): the
+    /// start-up and footprint phases run it too, alternating with this
+    /// one, so that both are measured side by side under the same load.
+    #[arg(long, value_name = "PATH")]
+    pub(super) baseline: Option<PathBuf>,
+    /// An argument for this build's `imdsguard node` (repeatable), e.g.
+    /// `--agent-arg=--pod-list-page-size=2000`; the baseline gets none.
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub(super) agent_args: Vec<String>,
+    /// Phases not to run (start-up and footprint always run).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub(super) skip: Vec<Phase>,
     /// Length of each flood arm, in seconds (at least 3: ramp and drain).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..))]
     pub(super) flood_secs: u64,
@@ -104,6 +123,26 @@ pub struct Options {
     /// Parallel pod creations against the API server.
     #[arg(long, default_value_t = 16)]
     pub(super) create_concurrency: usize,
+}
+
+/// A phase that `--skip` can leave out.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// The iptables comparison.
+    Comparison,
+    /// The denial flood.
+    Flood,
+    /// The pod churn soak (as `--soak-secs 0`).
+    Soak,
+}
+
+/// An agent binary and its label in the tables.
+#[derive(Clone, Debug)]
+pub(super) struct Build {
+    pub(super) label: &'static str,
+    pub(super) bin: PathBuf,
+    /// More `imdsguard node` arguments.
+    pub(super) args: Vec<String>,
 }
 
 /// Runs the bench against the `imdsguard` binary `bin`.
@@ -149,27 +188,59 @@ pub fn run(mut o: Options, bin: PathBuf) -> anyhow::Result<()> {
     let mut out = String::new();
     header(&mut out, &o, &node, &load_at_start)?;
 
-    eprintln!("comparison: {} rounds", o.rounds);
-    let cmp = comparison(&node, &o)?;
+    let mut builds = Vec::new();
+    if let Some(b) = &o.baseline {
+        builds.push(Build {
+            label: "baseline",
+            bin: b.clone(),
+            args: Vec::new(),
+        });
+    }
+    builds.push(Build {
+        label: "this build",
+        bin: node.bin.clone(),
+        args: o.agent_args.clone(),
+    });
+    let cmp = match o.skip.contains(&Phase::Comparison) {
+        true => String::new(),
+        false => {
+            eprintln!("comparison: {} rounds", o.rounds);
+            comparison(&node, &o)?
+        }
+    };
 
     let mut startups = Vec::new();
     let mut footprints = Vec::new();
     let mut flood_out = None;
     let mut soak_out = None;
     let mut creation = Vec::new();
+    let mut floors = Vec::new();
     for (i, &size) in o.pods.iter().enumerate() {
         eprintln!("pods: growing to {size}");
         let took = node.grow_to(size, o.create_concurrency)?;
         creation.push((size, took));
         eprintln!("pods: {size} in the API with cgroups ({took:.1?}); start-up runs");
-        startups.extend(startup(&node, size, o.repeats)?);
-        eprintln!("footprint at {size} pods");
-        let (agent, start) = node.start_agent()?;
-        footprints.push(footprint(&agent, size, start.entries, o.idle_secs)?);
+        startups.extend(startup(&node, size, o.repeats, &builds)?);
+        let (took, pages) = api_list::api_list(&node, 500, o.repeats)?;
+        floors.push((size, took, pages));
+        let mut agent = None;
+        for b in &builds {
+            eprintln!("footprint at {size} pods: {}", b.label);
+            // Cold, as on a fresh node; another build's pins may not be
+            // adoptable.
+            drop(uninstall(&node.pins())?);
+            let (a, start) = node.start_agent(b)?;
+            footprints.push(footprint(&a, b.label, size, start.entries, o.idle_secs)?);
+            agent = Some(a);
+        }
+        // The last is this build's agent: the flood and the soak run on it.
+        let agent = agent.context("no build to run")?;
         if i == 0 {
-            eprintln!("denial flood: {} rounds", o.flood_rounds);
-            flood_out = Some(flood(&node, &agent, &o)?);
-            if o.soak_secs > 0 {
+            if !o.skip.contains(&Phase::Flood) {
+                eprintln!("denial flood: {} rounds", o.flood_rounds);
+                flood_out = Some(flood(&node, &agent, &o)?);
+            }
+            if o.soak_secs > 0 && !o.skip.contains(&Phase::Soak) {
                 eprintln!("soak: {} s of pod churn", o.soak_secs);
                 soak_out = Some(soak(&node, &agent, &o)?);
             }
@@ -178,6 +249,17 @@ pub fn run(mut o: Options, bin: PathBuf) -> anyhow::Result<()> {
     }
 
     print_startup(&mut out, &startups, &creation, o.create_concurrency);
+    writeln!(
+        out,
+        "\nThe API server alone, sending the node's pods 500 a page as the agent lists them \
+         (received, nothing decoded; median of {}): {}",
+        o.repeats,
+        floors
+            .iter()
+            .map(|(n, d, pages)| format!("{n} pods: {:.0} ms ({pages} pages)", ms(*d)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )?;
     print_footprint(&mut out, &footprints, o.idle_secs);
     if let Some(f) = &flood_out {
         out.push_str(f);
@@ -234,6 +316,9 @@ fn header(out: &mut String, o: &Options, node: &Node, load: &str) -> anyhow::Res
         "sizes: {:?} pods; {} start-ups per size and kind; idle {} s; soak {} s; flood {} x {} s",
         o.pods, o.repeats, o.idle_secs, o.soak_secs, o.flood_rounds, o.flood_secs
     )?;
+    if let Some(b) = &o.baseline {
+        writeln!(out, "baseline: {}", b.display())?;
+    }
     Ok(())
 }
 

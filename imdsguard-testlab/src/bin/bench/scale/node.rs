@@ -21,7 +21,7 @@ use kube::{Api, api::PostParams};
 use serde_json::Value;
 
 use super::startup::{Startup, parse_timestamp};
-use super::{NS, QOS_DIR};
+use super::{Build, NS, QOS_DIR};
 
 /// The node: the lab, the API, the agent's flags, and the pods with their
 /// cgroups.
@@ -63,19 +63,21 @@ impl Node<'_> {
         Ok(t0.elapsed())
     }
 
-    /// Starts `imdsguard node` and times it to its `ready` line.
-    pub(super) fn start_agent(&self) -> anyhow::Result<(Daemon, Startup)> {
+    /// Starts `imdsguard node` as `build` and times it to its `ready` line.
+    pub(super) fn start_agent(&self, build: &Build) -> anyhow::Result<(Daemon, Startup)> {
         let t0 = SystemTime::now();
         let i0 = Instant::now();
+        // Loopback, any free port: never the host's 0.0.0.0:9090.
+        let mut args = vec!["--metrics-addr", "127.0.0.1:0"];
+        args.extend(build.args.iter().map(String::as_str));
         let agent = imdsguard_testlab::cluster::start_agent(
-            &self.bin,
+            &build.bin,
             self.api,
             self.lab,
             self.kubepods.path(),
             &self.policy,
             &self.scratch,
-            // Loopback, any free port: never the host's 0.0.0.0:9090.
-            &["--metrics-addr", "127.0.0.1:0"],
+            &args,
         )
         .context("start the node agent")?;
         let wall = i0.elapsed();
@@ -92,6 +94,8 @@ impl Node<'_> {
             attached: line("programs in place").and_then(since_t0),
             // Without a parsable timestamp: the wall time, 10 ms coarser.
             ready: since_t0(ready).unwrap_or(wall),
+            // Where the time went, when the build logs it.
+            phases: ["list_ms", "compute_ms", "write_ms"].map(|k| ready[k].as_u64()),
             pods: ready["pods"].as_u64().unwrap_or(0),
             entries: ready["entries"].as_u64().unwrap_or(0),
             waiting: ready["waiting_for_cgroup"].as_u64().unwrap_or(0),

@@ -24,7 +24,10 @@ pub(super) fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<S
     let base = node.pods.len();
     wait_for_entries(node, base)?;
     let rss0 = rss_kib(pid)?;
-    let interval = Duration::from_secs((o.soak_secs / 12).max(5));
+    // About 60 samples (every minute of a one-hour soak), at least 5 s apart.
+    let interval = Duration::from_secs((o.soak_secs / 60).max(5));
+    // With a churn rate, the n-th pod is created n / rate after the start.
+    let pace = (o.churn_per_min > 0).then(|| Duration::from_secs(60) / o.churn_per_min);
     let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
     let end = t0 + Duration::from_secs(o.soak_secs);
     let mut alive: VecDeque<(String, TestCgroup)> = VecDeque::new();
@@ -39,6 +42,20 @@ pub(super) fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<S
     };
     let reconciles0 = reconciles(agent);
     while Instant::now() < end {
+        if let Some(pace) = pace {
+            let due = (t0 + pace.mul_f64(created as f64)).min(end);
+            while let Some(wait) = due.checked_duration_since(Instant::now()) {
+                // Sampling goes on while waiting.
+                std::thread::sleep(wait.min(next_sample.saturating_duration_since(Instant::now())));
+                if Instant::now() >= next_sample {
+                    samples.push(sample(pid, t0, created, deleted)?);
+                    next_sample += interval;
+                }
+            }
+            if Instant::now() >= end {
+                break;
+            }
+        }
         let name = format!("churn-{created}");
         let uid = node.cluster.create_pod(NS, &name, app_of(&name));
         alive.push_back((name, TestCgroup::create(node.pod_dir(&uid))?));
@@ -51,7 +68,7 @@ pub(super) fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<S
             deleted += 1;
         }
         if Instant::now() >= next_sample {
-            samples.push((t0.elapsed(), rss_kib(pid)?));
+            samples.push(sample(pid, t0, created, deleted)?);
             next_sample += interval;
         }
     }
@@ -73,11 +90,15 @@ pub(super) fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<S
     let _ = writeln!(
         out,
         "\n## Soak: pod churn at {} pods\n\n\
-         For {:.0} s, pods are created (API object, then cgroup) and the oldest deleted \
+         For {:.0} s, pods are created (API object, then cgroup) {} and the oldest deleted \
          (API object, then cgroup) so that {} churn pods stay alive; then the rest are deleted \
          and the agent converges. Issue target: no RSS growth.\n",
         o.pods[0],
         churn_secs.as_secs_f64(),
+        match o.churn_per_min {
+            0 => "as fast as the API server takes them".to_string(),
+            n => format!("at {n} a minute"),
+        },
         o.churn_pods
     );
     let _ = writeln!(
@@ -105,4 +126,16 @@ pub(super) fn soak(node: &Node, agent: &Daemon, o: &Options) -> anyhow::Result<S
             .join(", ")
     );
     Ok(out)
+}
+
+/// One point of the RSS curve, also printed as it is taken so that a long
+/// soak can be followed (and its curve read) while it runs.
+fn sample(pid: u32, t0: Instant, created: u64, deleted: u64) -> anyhow::Result<(Duration, u64)> {
+    let (t, kib) = (t0.elapsed(), rss_kib(pid)?);
+    eprintln!(
+        "soak: {:.0} s, VmRSS {:.1} MiB, {created} pods created, {deleted} deleted",
+        t.as_secs_f64(),
+        kib as f64 / 1024.0
+    );
+    Ok((t, kib))
 }

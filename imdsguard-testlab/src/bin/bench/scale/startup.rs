@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{max, ms, node::Node};
+use super::{Build, max, ms, node::Node};
 use imdsguard::bpf::uninstall::uninstall;
 use imdsguard_testlab::stats::median;
 
@@ -14,6 +14,9 @@ use imdsguard_testlab::stats::median;
 pub(super) struct Startup {
     pub(super) attached: Option<Duration>,
     pub(super) ready: Duration,
+    /// From the ready line, when the build logs them: the wait for the
+    /// lists, the policy and cgroup lookups, the map writes (ms).
+    pub(super) phases: [Option<u64>; 3],
     /// From the ready line: pods in the store, map entries, pods whose
     /// cgroup was missing.
     pub(super) pods: u64,
@@ -22,37 +25,49 @@ pub(super) struct Startup {
 }
 
 pub(super) struct StartupRow {
+    pub(super) build: &'static str,
     pub(super) pods: u32,
     pub(super) kind: &'static str,
     pub(super) runs: Vec<Startup>,
 }
 
-pub(super) fn startup(node: &Node, size: u32, repeats: u32) -> anyhow::Result<[StartupRow; 2]> {
-    let mut cold = Vec::new();
-    let mut restart = Vec::new();
+/// Cold starts and restarts of each build, the builds alternating within
+/// each repeat so that a change in the machine's load hits them alike.
+pub(super) fn startup(
+    node: &Node,
+    size: u32,
+    repeats: u32,
+    builds: &[Build],
+) -> anyhow::Result<Vec<StartupRow>> {
+    let mut runs = vec![(Vec::new(), Vec::new()); builds.len()];
     for _ in 0..repeats {
-        // Cold: nothing pinned, as on a fresh node.
-        drop(uninstall(&node.pins())?);
-        let (agent, s) = node.start_agent()?;
-        cold.push(s);
-        // SIGKILL: the pins stay, as after a crash or a rolling update.
-        agent.kill();
-        let (agent, s) = node.start_agent()?;
-        restart.push(s);
-        agent.kill();
+        for (b, (cold, restart)) in builds.iter().zip(&mut runs) {
+            // Cold: nothing pinned, as on a fresh node.
+            drop(uninstall(&node.pins())?);
+            let (agent, s) = node.start_agent(b)?;
+            cold.push(s);
+            // SIGKILL: the pins stay, as after a crash or a rolling update.
+            agent.kill();
+            let (agent, s) = node.start_agent(b)?;
+            restart.push(s);
+            agent.kill();
+        }
     }
-    Ok([
-        StartupRow {
-            pods: size,
-            kind: "cold (no pins)",
-            runs: cold,
-        },
-        StartupRow {
-            pods: size,
-            kind: "restart (pins adopted)",
-            runs: restart,
-        },
-    ])
+    let mut rows = Vec::new();
+    for (b, (cold, restart)) in builds.iter().zip(runs) {
+        for (kind, runs) in [
+            ("cold (no pins)", cold),
+            ("restart (pins adopted)", restart),
+        ] {
+            rows.push(StartupRow {
+                build: b.label,
+                pods: size,
+                kind,
+                runs,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 pub(super) fn print_startup(
@@ -70,7 +85,7 @@ pub(super) fn print_startup(
     );
     let _ = writeln!(
         out,
-        "| pods on the node | start | runs | programs in place | ready: median | ready: max | pods seen / map entries / waiting for cgroup |\n|---|---|---|---|---|---|---|"
+        "| pods on the node | build | start | runs | programs in place | ready: median | ready: max | lists / compute / map writes (median ms) | pods seen / map entries / waiting for cgroup |\n|---|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let ready: Vec<f64> = r.runs.iter().map(|s| ms(s.ready)).collect();
@@ -78,8 +93,9 @@ pub(super) fn print_startup(
         let last = r.runs.last().copied();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} | {} |",
             r.pods,
+            r.build,
             r.kind,
             r.runs.len(),
             if attached.is_empty() {
@@ -89,6 +105,7 @@ pub(super) fn print_startup(
             },
             median(ready.clone()),
             max(&ready),
+            phases(&r.runs),
             last.map_or_else(
                 || "-".into(),
                 |s| format!("{} / {} / {}", s.pods, s.entries, s.waiting)
@@ -104,6 +121,26 @@ pub(super) fn print_startup(
             .collect::<Vec<_>>()
             .join("; ")
     );
+}
+
+/// The median of each phase the ready lines carry, `a / b / c` ms; `-`
+/// for a build that does not log them.
+fn phases(runs: &[Startup]) -> String {
+    let each: Vec<String> = (0..3)
+        .map(|i| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|s| s.phases[i])
+                .map(|ms| ms as f64)
+                .collect();
+            if v.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.0}", median(v))
+            }
+        })
+        .collect();
+    each.join(" / ")
 }
 
 /// Parses tracing-subscriber's JSON timestamps, e.g.
