@@ -336,22 +336,6 @@ fn io_uring_connect_and_sendmsg_are_judged() {
 
 const ALL_HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
-/// (hook, link id, programs on the hook) from `status`.
-fn links(st: &Value) -> Vec<(String, u64, usize)> {
-    st["links"]
-        .as_array()
-        .expect("links")
-        .iter()
-        .map(|l| {
-            (
-                l["hook"].as_str().unwrap().to_string(),
-                l["link_id"].as_u64().unwrap(),
-                l["programs_on_hook"].as_array().unwrap().len(),
-            )
-        })
-        .collect()
-}
-
 fn removed_link_pins_are_noticed_and_reattached() {
     let lab = lab("unpinned");
     let (prod, test) = pods(&lab);
@@ -393,10 +377,13 @@ fn removed_link_pins_are_noticed_and_reattached() {
         assert!(Instant::now() < deadline, "not re-attached: {now:?}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    for ((hook0, id0, _), (hook1, id1, on_hook)) in before.iter().zip(&after) {
-        assert_eq!(hook0, hook1);
-        assert_ne!(id0, id1, "{hook1}: a new link, the old one is gone");
-        assert_eq!(*on_hook, 1, "{hook1}: only the new program on the hook");
+    for (hook, old) in &before {
+        let new = after[hook];
+        assert_ne!(
+            old.link_id, new.link_id,
+            "{hook}: a new link, the old one is gone"
+        );
+        assert_eq!(new.on_hook, 1, "{hook}: only the new program on the hook");
     }
     for target in [IMDS, "[fd00:ec2::254]:80"] {
         judged(&lab, &prod, &test, "tcp", target);

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use imdsguard_testlab::probe::{self, LoopReport};
 use libtest_mimic::Trial;
-use serde_json::Value;
 
 use crate::{support::*, trial};
 
@@ -98,28 +97,13 @@ fn enforcement_survives_sigkill() {
     assert_eq!(hooks(&status(&lab)), ["connect4", "connect6"]);
 }
 
-fn link_ids(st: &Value) -> Vec<(u64, u64, usize)> {
-    st["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["link_id"].as_u64().unwrap(),
-                l["program_id"].as_u64().unwrap(),
-                l["programs_on_hook"].as_array().unwrap().len(),
-            )
-        })
-        .collect()
-}
-
 fn restart_readopts_pins_without_a_gap() {
     let lab = lab("restart");
     let prod = lab.cgroup("imds/prod").unwrap();
     let test = lab.cgroup("imds/test").unwrap();
     let late = lab.cgroup("imds/late").unwrap();
     let a = start(&lab, &flag("allow-cgroup", &prod));
-    let before = link_ids(&status(&lab));
+    let before = links(&status(&lab));
 
     // Both pods hammer the metadata service while the daemon is killed and a
     // new one (with one more allowed cgroup) re-adopts the pins.
@@ -133,12 +117,19 @@ fn restart_readopts_pins_without_a_gap() {
     );
     loops.check("SIGKILL + restart with re-adoption");
 
-    let after = link_ids(&status(&lab));
+    let after = links(&status(&lab));
     assert_eq!(before.len(), 2);
-    for ((l0, p0, _), (l1, p1, on_hook)) in before.iter().zip(&after) {
-        assert_eq!(l0, l1, "the pinned link is re-adopted, not re-created");
-        assert_ne!(p0, p1, "the new program is swapped in with BPF_LINK_UPDATE");
-        assert_eq!(*on_hook, 1, "no leftover program on the hook");
+    for (hook, old) in &before {
+        let new = after[hook];
+        assert_eq!(
+            old.link_id, new.link_id,
+            "{hook}: the pinned link is re-adopted, not re-created"
+        );
+        assert_ne!(
+            old.program_id, new.program_id,
+            "{hook}: the new program is swapped in with BPF_LINK_UPDATE"
+        );
+        assert_eq!(new.on_hook, 1, "{hook}: no leftover program on the hook");
     }
     assert_reached(&lab, Some(&late), "tcp", "169.254.169.254:80");
 }

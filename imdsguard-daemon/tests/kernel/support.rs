@@ -296,3 +296,31 @@ pub fn node_agent_start(lab: &Lab, extra: &[&str]) -> imdsguard::standalone::Pla
     plan.desired.allowed = None;
     plan
 }
+
+/// One pinned link as `status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkRow {
+    pub link_id: u64,
+    pub program_id: u64,
+    /// How many programs the hook has on the attach point.
+    pub on_hook: usize,
+}
+
+/// hook -> its pinned link, from `status`.
+pub fn links(st: &Value) -> std::collections::BTreeMap<String, LinkRow> {
+    st["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| {
+            (
+                l["hook"].as_str().unwrap().to_string(),
+                LinkRow {
+                    link_id: l["link_id"].as_u64().unwrap(),
+                    program_id: l["program_id"].as_u64().unwrap(),
+                    on_hook: l["programs_on_hook"].as_array().unwrap().len(),
+                },
+            )
+        })
+        .collect()
+}

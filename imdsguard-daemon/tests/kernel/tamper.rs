@@ -17,7 +17,6 @@ use imdsguard::{
 };
 use imdsguard_testlab::{daemon, lab::Lab, tamper};
 use libtest_mimic::Trial;
-use serde_json::Value;
 
 use crate::{support::*, syscalls, trial};
 
@@ -39,25 +38,6 @@ const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
 fn detach(pin: &Path) {
     tamper::detach_link(pin).unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// hook -> (link id, program id, programs on the hook) from `status`.
-fn links(st: &Value) -> BTreeMap<String, (u64, u64, usize)> {
-    st["links"]
-        .as_array()
-        .expect("links")
-        .iter()
-        .map(|l| {
-            (
-                l["hook"].as_str().unwrap().to_string(),
-                (
-                    l["link_id"].as_u64().unwrap(),
-                    l["program_id"].as_u64().unwrap(),
-                    l["programs_on_hook"].as_array().unwrap().len(),
-                ),
-            )
-        })
-        .collect()
 }
 
 /// With the full pin check made hourly, only the watch of the held links
@@ -96,11 +76,14 @@ fn detached_links_are_caught_by_the_watch_and_relinked() {
     assert_eq!(done["how"], "relinked", "{done}");
     let after = links(&status(&lab));
     assert_eq!(after.len(), 4, "{after:?}");
-    for (hook, (link0, prog0, _)) in &before {
-        let (link1, prog1, on_hook) = after[hook];
-        assert_ne!(*link0, link1, "{hook}: a new link");
-        assert_eq!(*prog0, prog1, "{hook}: the same program, not reloaded");
-        assert_eq!(on_hook, 1, "{hook}: only the new link on the hook");
+    for (hook, old) in &before {
+        let new = after[hook];
+        assert_ne!(old.link_id, new.link_id, "{hook}: a new link");
+        assert_eq!(
+            old.program_id, new.program_id,
+            "{hook}: the same program, not reloaded"
+        );
+        assert_eq!(new.on_hook, 1, "{hook}: only the new link on the hook");
     }
     for target in [IMDS, "[fd00:ec2::254]:80"] {
         for kind in ["tcp", "udp-sendto"] {

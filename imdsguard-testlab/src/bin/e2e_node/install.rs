@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::{
     AGENT_IMAGE, Args,
     kube::Kube,
-    scenarios::{AGENT, CONFIGMAP_TIMEOUT, FLIP_TIMEOUT, NS, POD_TIMEOUT, SYSTEM},
+    scenarios::{AGENT, CONFIGMAP_TIMEOUT, FLIP_TIMEOUT, NS, POD_TIMEOUT, SYSTEM, policy_file},
     workloads,
 };
 
@@ -164,15 +164,7 @@ pub fn first_install(
         "180s",
     ])?;
     k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
-    let policy = k.kubectl(&[
-        "-n",
-        SYSTEM,
-        "get",
-        "configmap",
-        "imdsguard-policy",
-        "-o",
-        "jsonpath={.data.policy\\.yaml}",
-    ])?;
+    let policy = policy_file(k)?;
     ensure!(
         policy.contains("include: [eks]") && policy.contains("defaultMode: audit"),
         "the chart's default policy is not the EKS preset in audit:\n{policy}"

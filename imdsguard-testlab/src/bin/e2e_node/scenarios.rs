@@ -19,8 +19,8 @@ use crate::{
 
 mod steps;
 
-pub(crate) use steps::deny_to_allow;
 use steps::*;
+pub(crate) use steps::{deny_to_allow, policy_file};
 
 /// New allowed pods per start-up race round.
 pub const RACE_BATCH: u32 = 10;
@@ -258,15 +258,7 @@ pub fn run(node: &mut RealNode, args: &Args, imds: &FakeImds) -> anyhow::Result<
     // 6. A policy ConfigMap edit reaches the agent through kubelet's
     //    symlink swap.
     println!("\n== policy ConfigMap edit: test-denied -> allow, and back");
-    let policy = k.kubectl(&[
-        "-n",
-        SYSTEM,
-        "get",
-        "configmap",
-        "imdsguard-policy",
-        "-o",
-        "jsonpath={.data.policy\\.yaml}",
-    ])?;
+    let policy = policy_file(&k)?;
     let allowing = deny_to_allow(&policy);
     ensure!(
         allowing != policy,

@@ -157,6 +157,19 @@ pub(crate) fn deny_to_allow(policy: &str) -> String {
     out.join("\n") + "\n"
 }
 
+/// The policy file in the chart's ConfigMap.
+pub(crate) fn policy_file(k: &Kube) -> anyhow::Result<String> {
+    k.kubectl(&[
+        "-n",
+        SYSTEM,
+        "get",
+        "configmap",
+        "imdsguard-policy",
+        "-o",
+        "jsonpath={.data.policy\\.yaml}",
+    ])
+}
+
 pub(super) fn patch_policy(k: &Kube, policy: &str) -> anyhow::Result<()> {
     let patch = json!({"data": {"policy.yaml": policy}}).to_string();
     k.kubectl(&[
