@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(size_of::<PortRange>(), 8);
         assert_eq!(size_of::<Protected>(), 8 * MAX_PORT_RANGES);
         assert_eq!(size_of::<AllowEntry>(), 8);
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 20);
         assert_eq!(size_of::<Event>(), 8 + 8 + 16 + 16 + 8 * 4);
         assert_eq!(size_of::<ReportKey>(), 8 + 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ReportBucket>(), 32 + 16);

@@ -136,6 +136,12 @@ impl<A: Attributor> Reporter<A> {
         self.attributor.reported(d, who);
     }
 
+    /// Whether anything waits for [`Self::retry`]: an idle agent then does
+    /// not wake up for it.
+    pub fn waiting(&self) -> bool {
+        !self.held.is_empty() || !self.naming.is_empty()
+    }
+
     /// Releases what waited: held decisions once the store has synced (or
     /// the wait is over), log lines once the container has a name (or the
     /// wait is over).
@@ -203,6 +209,10 @@ pub async fn report(
     let mut reporter = Reporter::new(attributor, metrics, Instant::now());
     let mut flush = tokio::time::interval(WINDOW);
     let mut retry = tokio::time::interval(RETRY_EVERY);
+    // The retry tick runs only while something waits (an idle agent would
+    // otherwise wake five times a second for nothing); after a pause it
+    // fires once, not once per missed period.
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -215,7 +225,7 @@ pub async fn report(
                 }
                 guard.clear_ready();
             }
-            _ = retry.tick() => reporter.retry(Instant::now()),
+            _ = retry.tick(), if reporter.waiting() => reporter.retry(Instant::now()),
             _ = flush.tick() => reporter.flush(Instant::now()),
         }
     }
@@ -347,15 +357,18 @@ mod tests {
     #[test]
     fn the_backlog_before_the_first_sync_is_attributed_after_it() {
         let (fake, m, mut r, t0) = setup(false);
+        assert!(!r.waiting(), "nothing to retry: no wake-ups");
         for _ in 0..3 {
             r.on_event(decision(7, 80), t0);
         }
+        assert!(r.waiting());
         r.retry(t0 + Duration::from_secs(1));
         assert!(fake.reported().is_empty(), "nothing before the sync");
         assert_eq!(counted(&m, ""), 0);
         assert_eq!(counted(&m, UNATTRIBUTED), 0);
         fake.set(|s| s.synced = true);
         r.retry(t0 + Duration::from_secs(2));
+        assert!(!r.waiting(), "released");
         assert_eq!(counted(&m, "imds"), 3);
         assert_eq!(counted(&m, UNATTRIBUTED), 0);
         let reported = fake.reported();
@@ -400,8 +413,10 @@ mod tests {
         assert_eq!(counted(&m, "imds"), 1);
         r.retry(t0 + Duration::from_secs(1));
         assert!(fake.reported().is_empty(), "the line waits for the name");
+        assert!(r.waiting());
         fake.set(|s| s.container_listed = true);
         r.retry(t0 + Duration::from_secs(2));
+        assert!(!r.waiting());
         let reported = fake.reported();
         assert_eq!(reported.len(), 1);
         assert_eq!(reported[0].1.container.as_deref(), Some("app"));
