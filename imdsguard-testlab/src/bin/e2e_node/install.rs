@@ -16,7 +16,9 @@ use serde_json::Value;
 use crate::{
     AGENT_IMAGE, Args,
     kube::Kube,
-    scenarios::{AGENT, CONFIGMAP_TIMEOUT, FLIP_TIMEOUT, NS, POD_TIMEOUT, SYSTEM, policy_file},
+    scenarios::{
+        AGENT, CONFIGMAP_TIMEOUT, FLIP_TIMEOUT, NS, POD_TIMEOUT, SYSTEM, helm_upgrade, policy_file,
+    },
     workloads,
 };
 
@@ -175,19 +177,7 @@ pub fn first_install(
     println!("  {other}: ok (audited), {audited} audit hits in `imdsguard report`");
 
     println!("\n== values change: --set defaultMode=enforce");
-    k.helm(&[
-        "upgrade",
-        "imdsguard",
-        chart,
-        "-n",
-        SYSTEM,
-        "--reuse-values",
-        "--set",
-        "defaultMode=enforce",
-        "--wait",
-        "--timeout",
-        "180s",
-    ])?;
+    helm_upgrade(k, chart, "defaultMode=enforce")?;
     let took = k.wait_verdict(NS, other, "denied", CONFIGMAP_TIMEOUT)?;
     components_read(k)?;
     let denied = wait_report(k, args, other, "denied")?;

@@ -20,7 +20,7 @@ use crate::{
 mod steps;
 
 use steps::*;
-pub(crate) use steps::{deny_to_allow, policy_file};
+pub(crate) use steps::{deny_to_allow, helm_upgrade, policy_file};
 
 /// New allowed pods per start-up race round.
 pub const RACE_BATCH: u32 = 10;

@@ -88,6 +88,13 @@ pub(super) fn wait_replaced(
 /// is replaced by a Ready one (running `image`, if given).
 pub(super) fn upgrade(k: &Kube, chart: &str, set: &str, image: Option<&str>) -> anyhow::Result<()> {
     let old = k.wait_ready(SYSTEM, AGENT, 1, POD_TIMEOUT)?;
+    helm_upgrade(k, chart, set)?;
+    wait_agent_replaced(k, &old[0].name, image)
+}
+
+/// `helm upgrade --reuse-values --set SET --wait`. A change that leaves the
+/// DaemonSet's template alone (a policy value) replaces no agent pod.
+pub(crate) fn helm_upgrade(k: &Kube, chart: &str, set: &str) -> anyhow::Result<()> {
     k.helm(&[
         "upgrade",
         "imdsguard",
@@ -101,7 +108,7 @@ pub(super) fn upgrade(k: &Kube, chart: &str, set: &str, image: Option<&str>) -> 
         "--timeout",
         "180s",
     ])?;
-    wait_agent_replaced(k, &old[0].name, image)
+    Ok(())
 }
 
 /// Waits until the agent pod `old` is gone and a new one (running `image`,
